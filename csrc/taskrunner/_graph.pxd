@@ -1,0 +1,175 @@
+# The dependency graph and ready queue: the scheduler core's contract.
+#
+# A run is a slot number.  Its record (state, count of unfinished upstreams,
+# first successor edge) lives in C arrays; successor edges live in one edge
+# pool; ready runs wait in a FIFO ring.  One mutex guards all of it, so
+# every method here may be called without the GIL.  The graph never
+# dereferences a payload: each run carries one opaque pointer for its owner.
+#
+# Methods named *_locked expect the caller to hold the mutex (lock()/unlock());
+# the others take it themselves.  A caller must never wait for the GIL, or run
+# Python code that could (allocation, decref to zero), while it holds the mutex.
+
+from libc.stdint cimport int32_t, int64_t, uint8_t
+
+cdef extern from "sync.h" nogil:
+    ctypedef struct tr_mutex_t:
+        pass
+    ctypedef struct tr_cond_t:
+        pass
+    int tr_mutex_init(tr_mutex_t*)
+    void tr_mutex_destroy(tr_mutex_t*)
+    void tr_mutex_lock(tr_mutex_t*)
+    void tr_mutex_unlock(tr_mutex_t*)
+    int tr_cond_init(tr_cond_t*)
+    void tr_cond_destroy(tr_cond_t*)
+    void tr_cond_signal(tr_cond_t*)
+    void tr_cond_broadcast(tr_cond_t*)
+    int tr_cond_wait_until(tr_cond_t*, tr_mutex_t*, double deadline)
+    double tr_monotonic()
+
+# Run states.  Every state >= COMPLETED is final.
+cdef enum:
+    PENDING = 0      # waiting for upstreams, or held by the code creating it
+    READY = 1        # in the ready queue
+    RUNNING = 2      # taken by a consumer
+    COMPLETED = 3
+    FAILED = 4       # the task raised
+    NOT_READY = 5    # an upstream did not complete, so the task never ran
+    CANCELLED = 6
+    CRASHED = 7      # whatever ran it died
+    FREE_SLOT = 8
+
+# Run flags.
+cdef enum:
+    F_WAITED = 1     # someone sleeps on done_cond for this run
+    F_DROPPED = 2    # the owner let go; the slot is reused once nothing points at it
+    F_QUEUED = 4     # an entry for it sits in the ready ring
+
+# The cause of a run made NOT_READY by an upstream outside this graph.
+cdef enum:
+    CAUSE_OUTSIDE = -2
+
+# What add_edge_locked found.
+cdef enum:
+    EDGE_ADDED = 0      # the downstream now waits for the upstream
+    EDGE_SATISFIED = 1  # nothing to wait for: upstream done, or its failure allowed
+    EDGE_BROKEN = 2     # the upstream ended badly and failure is not allowed
+
+# What take() returns when it hands out no run.
+cdef enum:
+    TAKE_CLOSED = -1
+    TAKE_TIMEOUT = -2
+    TAKE_NONE = -3
+
+ctypedef struct Run:
+    int32_t npending    # unfired upstream edges, plus one while held
+    int32_t succ        # first successor edge (-1: none); next free slot when free
+    int32_t cause       # NOT_READY: the upstream that did not complete
+    uint8_t state
+    uint8_t flags
+
+ctypedef struct Edge:
+    int32_t target      # (downstream << 1) | allow_failure
+    int32_t next
+
+# A run that an operation finalised besides the one it was asked about:
+# cancelled (cause -1), or NOT_READY because of `cause`.  The payloads are
+# copied out so the owner can reach its objects without taking the lock.
+ctypedef struct Ended:
+    int32_t run
+    int32_t cause
+    void* payload
+    void* cause_payload
+
+ctypedef struct RunVec:
+    Ended* items
+    Py_ssize_t len
+    Py_ssize_t cap
+
+cdef void runvec_clear(RunVec* v) noexcept nogil
+cdef void runvec_free(RunVec* v) noexcept nogil
+
+
+cdef class Graph:
+    cdef tr_mutex_t mutex
+    cdef tr_cond_t work_cond      # consumers sleep here for ready runs
+    cdef tr_cond_t done_cond      # waiters sleep here for final states
+    cdef Run* runs
+    cdef void** payloads
+    cdef int32_t run_cap
+    cdef int32_t free_run
+    cdef Edge* edges
+    cdef int32_t edge_cap
+    cdef int32_t edge_top
+    cdef int32_t free_edge
+    cdef int32_t* ring
+    cdef int32_t ring_mask
+    cdef int32_t ring_head
+    cdef int32_t ring_len
+
+    cdef readonly int64_t n_unfinished   # runs not yet visibly final
+    cdef readonly int32_t n_ready        # runs in state READY
+    cdef readonly int32_t n_live         # slots in use
+
+    # Consumers: whoever takes ready runs and runs them.  At most
+    # max_running of them hold a run at once; one blocked in a nested wait
+    # secedes and gives its place up until it rejoins.
+    cdef readonly int32_t max_running
+    cdef readonly int32_t n_running
+    cdef readonly int32_t n_idle
+    cdef readonly int32_t n_seceded
+    cdef readonly int32_t n_consumers
+    cdef int32_t n_starting
+    cdef int32_t wake_tokens
+    cdef int32_t spawn_wanted
+    cdef int32_t quiet_waiters
+    cdef readonly bint closed
+
+    cdef inline void lock(self) noexcept nogil:
+        tr_mutex_lock(&self.mutex)
+
+    cdef inline void unlock(self) noexcept nogil:
+        tr_mutex_unlock(&self.mutex)
+
+    # Building runs: add (held), add its edges, then release.
+    cdef int32_t add_run_locked(self, void* payload, uint8_t flags) noexcept nogil
+    cdef int add_edge_locked(self, int32_t up, int32_t down, bint allow) noexcept nogil
+    cdef void release_locked(self, int32_t run, int32_t cause, RunVec* out) noexcept nogil
+    cdef void hold_locked(self, int32_t run) noexcept nogil
+
+    # Consuming ready runs.
+    cdef int32_t take_locked(self, void** payload) noexcept nogil
+    cdef int32_t take(self, void** payload, double deadline) noexcept nogil
+    cdef void complete_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil
+    cdef int32_t complete_and_take(self, int32_t run, uint8_t state, RunVec* out,
+                                   void** payload, int32_t* spawn) noexcept nogil
+    cdef int32_t consumer_enter(self) noexcept nogil
+    cdef void consumer_exit(self) noexcept nogil
+    cdef int32_t secede(self) noexcept nogil
+    cdef void rejoin(self) noexcept nogil
+    cdef int32_t pop_spawn_wanted_locked(self) noexcept nogil
+
+    # Ending runs from outside.
+    cdef bint cancel_locked(self, int32_t run, RunVec* out) noexcept nogil
+    cdef void cancel_all_locked(self, RunVec* out) noexcept nogil
+    cdef void drop(self, int32_t run) noexcept nogil
+    cdef void close(self) noexcept nogil
+    cdef bint close_if_quiet(self) noexcept nogil
+
+    # Reading and waiting.
+    cdef uint8_t state_of(self, int32_t run) noexcept nogil
+    cdef void* cause_payload_locked(self, int32_t run) noexcept nogil
+    cdef bint wait_final(self, int32_t run, double deadline) noexcept nogil
+    cdef bint wait_quiet(self, double deadline) noexcept nogil
+
+    # Internals.
+    cdef int _grow_runs(self) noexcept nogil
+    cdef int32_t _new_edge(self) noexcept nogil
+    cdef int _push_ready(self, int32_t run) noexcept nogil
+    cdef void _demand(self) noexcept nogil
+    cdef void _maybe_free(self, int32_t run) noexcept nogil
+    cdef void _fire_edges(self, int32_t run, bint ok, RunVec* out) noexcept nogil
+    cdef void _fail_downstream(self, Py_ssize_t start, RunVec* out) noexcept nogil
+    cdef void _finish(self, int32_t run, uint8_t state) noexcept nogil
+    cdef void _end_downstream(self, int32_t run, int32_t cause, RunVec* out) noexcept nogil

@@ -1,0 +1,599 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The dependency graph and ready queue of the scheduler core.
+
+Plain C data behind one mutex (see graph.pxd for the contract).  A run is
+built held: add_run_locked() gives it one extra pending count, so no edge
+added while it is being built can release it early; release_locked() drops
+the hold.  A run whose count reaches zero goes to the ready ring.  A
+completion fires its successor edges in the order they were added; a failure
+makes every downstream that does not allow failure NOT_READY, transitively,
+and reports those runs so their owner can let go of what it keeps for them.
+
+The Python-level methods at the end exist for tests: they drive the same C
+paths with no payloads, so a reference model can be checked against them.
+"""
+
+from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdlib cimport abort, free, malloc, realloc
+from libc.stdio cimport fprintf, stderr
+from libc.string cimport memcpy
+
+cdef int32_t MAX_RUNS = 1 << 30      # targets are stored shifted left by one
+cdef int32_t MAX_EDGES = 0x7ffffff0
+
+
+cdef void runvec_push(RunVec* v, int32_t run, int32_t cause,
+                      void* payload, void* cause_payload) noexcept nogil:
+    cdef Py_ssize_t cap
+    cdef Ended* items
+    if v.len == v.cap:
+        cap = v.cap * 2 if v.cap else 16
+        items = <Ended*>realloc(v.items, <size_t>cap * sizeof(Ended))
+        if items == NULL:
+            # Losing track of a finalised run would leave its owner's
+            # references dangling; there is no safe way back from here.
+            fprintf(stderr, b"taskrunner: out of memory in the scheduler core\n")
+            abort()
+        v.items = items
+        v.cap = cap
+    v.items[v.len].run = run
+    v.items[v.len].cause = cause
+    v.items[v.len].payload = payload
+    v.items[v.len].cause_payload = cause_payload
+    v.len += 1
+
+
+cdef void runvec_clear(RunVec* v) noexcept nogil:
+    v.len = 0
+
+
+cdef void runvec_free(RunVec* v) noexcept nogil:
+    free(v.items)
+    v.items = NULL
+    v.len = 0
+    v.cap = 0
+
+
+cdef class Graph:
+    """Runs, their edges and the ready ring, for one runner."""
+
+    def __cinit__(self, int max_running=1):
+        if max_running < 1:
+            raise ValueError("max_running must be at least 1")
+        if tr_mutex_init(&self.mutex) or tr_cond_init(&self.work_cond) or tr_cond_init(&self.done_cond):
+            raise MemoryError("cannot create the scheduler's locks")
+        self.free_run = -1
+        self.free_edge = -1
+        self.max_running = max_running
+        self.ring = <int32_t*>malloc(sizeof(int32_t))
+        if self.ring == NULL:
+            raise MemoryError()
+        self.ring_mask = 0
+
+    def __dealloc__(self):
+        tr_cond_destroy(&self.done_cond)
+        tr_cond_destroy(&self.work_cond)
+        tr_mutex_destroy(&self.mutex)
+        free(self.runs)
+        free(self.payloads)
+        free(self.edges)
+        free(self.ring)
+
+    # -- storage ---------------------------------------------------------
+
+    cdef int _grow_runs(self) noexcept nogil:
+        cdef int32_t old = self.run_cap
+        cdef int32_t cap = old * 2 if old else 1024
+        cdef int32_t ring_cap, i, j
+        cdef Run* runs
+        cdef void** payloads
+        cdef int32_t* ring
+        if old >= MAX_RUNS:
+            return -1
+        if cap > MAX_RUNS:
+            cap = MAX_RUNS
+        runs = <Run*>realloc(self.runs, <size_t>cap * sizeof(Run))
+        if runs == NULL:
+            return -1
+        self.runs = runs
+        payloads = <void**>realloc(self.payloads, <size_t>cap * sizeof(void*))
+        if payloads == NULL:
+            return -1
+        self.payloads = payloads
+        # Every live run has at most one ring entry, so a ring as large as
+        # the run table never has to grow inside a completion.
+        ring_cap = self.ring_mask + 1
+        if ring_cap < cap:
+            while ring_cap < cap:
+                ring_cap *= 2
+            ring = <int32_t*>malloc(<size_t>ring_cap * sizeof(int32_t))
+            if ring == NULL:
+                return -1
+            for i in range(self.ring_len):
+                j = (self.ring_head + i) & self.ring_mask
+                ring[i] = self.ring[j]
+            free(self.ring)
+            self.ring = ring
+            self.ring_head = 0
+            self.ring_mask = ring_cap - 1
+        for i in range(old, cap):
+            runs[i].state = FREE_SLOT
+            runs[i].flags = 0
+            runs[i].npending = 0
+            runs[i].cause = -1
+            runs[i].succ = i + 1
+            payloads[i] = NULL
+        runs[cap - 1].succ = self.free_run
+        self.free_run = old
+        self.run_cap = cap
+        return 0
+
+    cdef int32_t _new_edge(self) noexcept nogil:
+        cdef int32_t e = self.free_edge
+        cdef int32_t cap
+        cdef Edge* edges
+        if e >= 0:
+            self.free_edge = self.edges[e].next
+            return e
+        if self.edge_top == self.edge_cap:
+            if self.edge_cap >= MAX_EDGES:
+                return -1
+            cap = self.edge_cap * 2 if self.edge_cap else 1024
+            if cap > MAX_EDGES:
+                cap = MAX_EDGES
+            edges = <Edge*>realloc(self.edges, <size_t>cap * sizeof(Edge))
+            if edges == NULL:
+                return -1
+            self.edges = edges
+            self.edge_cap = cap
+        e = self.edge_top
+        self.edge_top += 1
+        return e
+
+    cdef void _maybe_free(self, int32_t run) noexcept nogil:
+        cdef Run* r = &self.runs[run]
+        if (r.state >= COMPLETED and r.state != FREE_SLOT and r.npending == 0
+                and (r.flags & (F_DROPPED | F_QUEUED)) == F_DROPPED):
+            r.state = FREE_SLOT
+            r.flags = 0
+            r.succ = self.free_run
+            self.free_run = run
+            self.payloads[run] = NULL
+            self.n_live -= 1
+
+    # -- building runs ---------------------------------------------------
+
+    cdef int32_t add_run_locked(self, void* payload, uint8_t flags) noexcept nogil:
+        cdef int32_t run
+        if self.free_run < 0 and self._grow_runs() < 0:
+            return -1
+        run = self.free_run
+        self.free_run = self.runs[run].succ
+        self.runs[run].npending = 1
+        self.runs[run].succ = -1
+        self.runs[run].cause = -1
+        self.runs[run].state = PENDING
+        self.runs[run].flags = flags
+        self.payloads[run] = payload
+        self.n_live += 1
+        self.n_unfinished += 1
+        return run
+
+    cdef int add_edge_locked(self, int32_t up, int32_t down, bint allow) noexcept nogil:
+        cdef uint8_t state = self.runs[up].state
+        cdef int32_t e
+        if state >= COMPLETED:
+            return EDGE_SATISFIED if (state == COMPLETED or allow) else EDGE_BROKEN
+        if self.runs[down].state >= COMPLETED:
+            return EDGE_SATISFIED
+        e = self._new_edge()
+        if e < 0:
+            return -1
+        self.edges[e].target = (down << 1) | (1 if allow else 0)
+        self.edges[e].next = self.runs[up].succ
+        self.runs[up].succ = e
+        self.runs[down].npending += 1
+        return EDGE_ADDED
+
+    cdef void hold_locked(self, int32_t run) noexcept nogil:
+        """One more thing to wait for, released by release_locked(): an
+        upstream outside this graph, say."""
+        if self.runs[run].state == PENDING:
+            self.runs[run].npending += 1
+
+    cdef void release_locked(self, int32_t run, int32_t cause, RunVec* out) noexcept nogil:
+        cdef Run* r = &self.runs[run]
+        r.npending -= 1
+        if r.state >= COMPLETED:
+            # Finalised while held (an upstream failed, or cancel_all).
+            self._maybe_free(run)
+            return
+        if cause != -1:
+            self._end_downstream(run, cause, out)
+            self._fail_downstream(out.len - 1, out)
+            return
+        if r.npending == 0:
+            self._push_ready(run)
+            self._demand()
+
+    # -- the ready ring and its consumers --------------------------------
+
+    cdef int _push_ready(self, int32_t run) noexcept nogil:
+        self.runs[run].state = READY
+        self.runs[run].flags |= F_QUEUED
+        self.ring[(self.ring_head + self.ring_len) & self.ring_mask] = run
+        self.ring_len += 1
+        self.n_ready += 1
+        return 0
+
+    cdef void _demand(self) noexcept nogil:
+        # Wake one idle consumer at a time (a woken one wakes the next if
+        # work remains), and ask for a new consumer only when none is idle.
+        # Waking every sleeper on every push costs a syscall each and a
+        # scramble for the GIL.
+        cdef int32_t uncovered
+        if self.closed or self.n_ready <= 0:
+            return
+        uncovered = self.n_ready - self.wake_tokens - self.n_starting
+        if uncovered <= 0:
+            return
+        if self.n_idle > self.wake_tokens:
+            if self.wake_tokens == 0 and self.n_running < self.max_running:
+                self.wake_tokens += 1
+                tr_cond_signal(&self.work_cond)
+        elif self.n_consumers - self.n_seceded < self.max_running:
+            self.n_consumers += 1
+            self.n_starting += 1
+            self.spawn_wanted += 1
+
+    cdef int32_t take_locked(self, void** payload) noexcept nogil:
+        cdef int32_t run
+        if self.closed:
+            return TAKE_CLOSED
+        while self.n_ready > 0 and self.n_running < self.max_running:
+            run = self.ring[self.ring_head]
+            self.ring_head = (self.ring_head + 1) & self.ring_mask
+            self.ring_len -= 1
+            self.runs[run].flags &= ~F_QUEUED
+            if self.runs[run].state != READY:
+                self._maybe_free(run)       # cancelled while queued
+                continue
+            self.runs[run].state = RUNNING
+            self.n_ready -= 1
+            self.n_running += 1
+            payload[0] = self.payloads[run]
+            if self.n_ready > 0:
+                self._demand()
+            return run
+        return TAKE_NONE
+
+    cdef int32_t take(self, void** payload, double deadline) noexcept nogil:
+        """Take a ready run, sleeping until one comes, the deadline passes
+        (TAKE_TIMEOUT) or the graph closes (TAKE_CLOSED)."""
+        cdef int32_t run
+        cdef bint timed_out
+        self.lock()
+        while True:
+            run = self.take_locked(payload)
+            if run != TAKE_NONE:
+                break
+            self.n_idle += 1
+            timed_out = False
+            while self.wake_tokens == 0 and not self.closed:
+                if tr_cond_wait_until(&self.work_cond, &self.mutex, deadline):
+                    timed_out = True
+                    break
+            self.n_idle -= 1
+            # Whoever leaves the idle set takes a token if one is out, so
+            # tokens never outnumber sleepers.
+            if self.wake_tokens > 0:
+                self.wake_tokens -= 1
+            if timed_out:
+                run = self.take_locked(payload)
+                if run == TAKE_NONE:
+                    self._demand()
+                    run = TAKE_TIMEOUT
+                break
+        self.unlock()
+        return run
+
+    cdef void _finish(self, int32_t run, uint8_t state) noexcept nogil:
+        cdef Run* r = &self.runs[run]
+        r.state = state
+        self.n_unfinished -= 1
+        if (r.flags & F_WAITED) or (self.n_unfinished == 0 and self.quiet_waiters):
+            tr_cond_broadcast(&self.done_cond)
+
+    cdef void _end_downstream(self, int32_t run, int32_t cause, RunVec* out) noexcept nogil:
+        self.runs[run].cause = cause
+        self._finish(run, NOT_READY)
+        runvec_push(out, run, cause, self.payloads[run],
+                    self.payloads[cause] if cause >= 0 else NULL)
+
+    cdef void _fire_edges(self, int32_t run, bint ok, RunVec* out) noexcept nogil:
+        cdef int32_t e = self.runs[run].succ
+        cdef int32_t prev = -1
+        cdef int32_t nxt, target
+        cdef Run* t
+        self.runs[run].succ = -1
+        # Edges are pushed at the head; fire them in the order they were
+        # added so a fan-out releases its runs in submission order.
+        while e >= 0:
+            nxt = self.edges[e].next
+            self.edges[e].next = prev
+            prev = e
+            e = nxt
+        e = prev
+        while e >= 0:
+            target = self.edges[e].target
+            nxt = self.edges[e].next
+            self.edges[e].next = self.free_edge
+            self.free_edge = e
+            t = &self.runs[target >> 1]
+            t.npending -= 1
+            if t.state >= COMPLETED:
+                self._maybe_free(target >> 1)
+            elif ok or (target & 1):
+                if t.npending == 0:
+                    self._push_ready(target >> 1)
+            else:
+                self._end_downstream(target >> 1, run, out)
+            e = nxt
+
+    cdef void _fail_downstream(self, Py_ssize_t start, RunVec* out) noexcept nogil:
+        # `out` doubles as the work list: each NOT_READY run fires its own
+        # edges as a failure, which may append more.
+        cdef Py_ssize_t i = start
+        while i < out.len:
+            self._fire_edges(out.items[i].run, False, out)
+            i += 1
+
+    cdef void complete_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil:
+        """End a run as COMPLETED, FAILED or CRASHED and release or fail its
+        downstream runs; those that fail land in `out`."""
+        cdef Py_ssize_t start = out.len
+        self._finish(run, state)
+        self._fire_edges(run, state == COMPLETED, out)
+        self._fail_downstream(start, out)
+        self._maybe_free(run)
+        self._demand()
+
+    cdef int32_t complete_and_take(self, int32_t run, uint8_t state, RunVec* out,
+                                   void** payload, int32_t* spawn) noexcept nogil:
+        """A consumer's step: end its run and take the next in one lock."""
+        cdef Py_ssize_t start = out.len
+        cdef int32_t nxt
+        self.lock()
+        self.n_running -= 1
+        self._finish(run, state)
+        self._fire_edges(run, state == COMPLETED, out)
+        self._fail_downstream(start, out)
+        # Take before waking anyone: the runs this completion released are
+        # best run here, while their inputs are warm.
+        nxt = self.take_locked(payload)
+        if nxt < 0:
+            self._demand()
+        spawn[0] = self.pop_spawn_wanted_locked()
+        self.unlock()
+        return nxt
+
+    cdef int32_t consumer_enter(self) noexcept nogil:
+        self.lock()
+        if self.n_starting > 0:
+            self.n_starting -= 1
+        else:
+            self.n_consumers += 1
+        self.unlock()
+        return 0
+
+    cdef void consumer_exit(self) noexcept nogil:
+        self.lock()
+        self.n_consumers -= 1
+        self._demand()
+        self.unlock()
+
+    cdef int32_t secede(self) noexcept nogil:
+        """A consumer is about to block in a nested wait: free its place.
+        Returns how many new consumers are wanted."""
+        cdef int32_t wanted
+        self.lock()
+        self.n_running -= 1
+        self.n_seceded += 1
+        self._demand()
+        wanted = self.pop_spawn_wanted_locked()
+        self.unlock()
+        return wanted
+
+    cdef void rejoin(self) noexcept nogil:
+        # May exceed max_running for a moment; the surplus drains as the
+        # consumers finish, since take_locked honours the limit.
+        self.lock()
+        self.n_seceded -= 1
+        self.n_running += 1
+        self.unlock()
+
+    cdef int32_t pop_spawn_wanted_locked(self) noexcept nogil:
+        cdef int32_t wanted = self.spawn_wanted
+        self.spawn_wanted = 0
+        return wanted
+
+    # -- ending runs from outside ----------------------------------------
+
+    cdef bint cancel_locked(self, int32_t run, RunVec* out) noexcept nogil:
+        """Cancel a run that has not started.  False if it has."""
+        cdef Py_ssize_t start = out.len
+        cdef uint8_t state = self.runs[run].state
+        if state != PENDING and state != READY:
+            return False
+        if state == READY:
+            self.n_ready -= 1
+        self._finish(run, CANCELLED)
+        runvec_push(out, run, -1, self.payloads[run], NULL)
+        self._fire_edges(run, False, out)
+        self._fail_downstream(start + 1, out)
+        return True
+
+    cdef void cancel_all_locked(self, RunVec* out) noexcept nogil:
+        # Mark every unstarted run first, then fire: so each of them ends
+        # CANCELLED, none NOT_READY because of a sibling.
+        cdef Py_ssize_t start = out.len
+        cdef Py_ssize_t i
+        cdef int32_t run
+        cdef uint8_t state
+        for run in range(self.run_cap):
+            state = self.runs[run].state
+            if state == PENDING or state == READY:
+                if state == READY:
+                    self.n_ready -= 1
+                self._finish(run, CANCELLED)
+                runvec_push(out, run, -1, self.payloads[run], NULL)
+        for i in range(start, out.len):
+            self._fire_edges(out.items[i].run, False, out)
+
+    cdef void drop(self, int32_t run) noexcept nogil:
+        self.lock()
+        self.runs[run].flags |= F_DROPPED
+        self._maybe_free(run)
+        self.unlock()
+
+    cdef void close(self) noexcept nogil:
+        self.lock()
+        self.closed = True
+        tr_cond_broadcast(&self.work_cond)
+        self.unlock()
+
+    cdef bint close_if_quiet(self) noexcept nogil:
+        """Close, but only if no run is unfinished: so a run added from
+        outside at the last moment is refused, never stranded."""
+        cdef bint quiet
+        self.lock()
+        quiet = self.n_unfinished == 0
+        if quiet:
+            self.closed = True
+            tr_cond_broadcast(&self.work_cond)
+        self.unlock()
+        return quiet
+
+    # -- reading and waiting ---------------------------------------------
+
+    cdef uint8_t state_of(self, int32_t run) noexcept nogil:
+        cdef uint8_t state
+        self.lock()
+        state = self.runs[run].state
+        self.unlock()
+        return state
+
+    cdef void* cause_payload_locked(self, int32_t run) noexcept nogil:
+        # Valid only while the cause's owner still holds it (see Ended).
+        cdef int32_t cause = self.runs[run].cause
+        return self.payloads[cause] if cause >= 0 else NULL
+
+    cdef bint wait_final(self, int32_t run, double deadline) noexcept nogil:
+        cdef bint final
+        self.lock()
+        self.runs[run].flags |= F_WAITED
+        while self.runs[run].state < COMPLETED:
+            if tr_cond_wait_until(&self.done_cond, &self.mutex, deadline):
+                break
+        final = self.runs[run].state >= COMPLETED
+        self.unlock()
+        return final
+
+    cdef bint wait_quiet(self, double deadline) noexcept nogil:
+        """Wait until no run is unfinished."""
+        cdef bint quiet
+        self.lock()
+        self.quiet_waiters += 1
+        while self.n_unfinished > 0:
+            if tr_cond_wait_until(&self.done_cond, &self.mutex, deadline):
+                break
+        self.quiet_waiters -= 1
+        quiet = self.n_unfinished == 0
+        self.unlock()
+        return quiet
+
+    # -- a Python view, for tests ----------------------------------------
+
+    def add(self, upstreams=(), allow=()):
+        """Add a run waiting for `upstreams` (run numbers); `allow` holds
+        those whose failure it tolerates.  Returns (run, not_ready_runs)."""
+        cdef RunVec out = RunVec(NULL, 0, 0)
+        cdef int32_t run, cause = -1
+        cdef int rc
+        allowed = set(allow)
+        ups = [int(u) for u in upstreams]
+        for u in ups:
+            self._check(u)
+        self.lock()
+        run = self.add_run_locked(NULL, 0)
+        if run < 0:
+            self.unlock()
+            raise MemoryError()
+        for u in ups:
+            rc = self.add_edge_locked(u, run, u in allowed)
+            if rc == EDGE_BROKEN and cause < 0:
+                cause = u
+        self.release_locked(run, cause, &out)
+        self.unlock()
+        return run, _drain(&out)
+
+    def take_ready(self):
+        """Take the next ready run (None if none), as a consumer would."""
+        cdef void* payload
+        cdef int32_t run
+        self.lock()
+        run = self.take_locked(&payload)
+        self.unlock()
+        return run if run >= 0 else None
+
+    def finish(self, int32_t run, int state):
+        """End a taken run; returns the runs that became NOT_READY."""
+        cdef RunVec out = RunVec(NULL, 0, 0)
+        self._check(run)
+        if self.runs[run].state != RUNNING:
+            raise ValueError(f"run {run} is not running")
+        if state not in (COMPLETED, FAILED, CRASHED):
+            raise ValueError(f"bad final state {state}")
+        self.lock()
+        self.n_running -= 1
+        self.complete_locked(run, <uint8_t>state, &out)
+        self.unlock()
+        return _drain(&out)
+
+    def cancel(self, int32_t run):
+        """Cancel a run; returns (cancelled, not_ready_runs)."""
+        cdef RunVec out = RunVec(NULL, 0, 0)
+        cdef bint done
+        self._check(run)
+        self.lock()
+        done = self.cancel_locked(run, &out)
+        self.unlock()
+        return done, _drain(&out)
+
+    def cancel_all(self):
+        """Cancel every unstarted run; returns the runs cancelled."""
+        cdef RunVec out = RunVec(NULL, 0, 0)
+        self.lock()
+        self.cancel_all_locked(&out)
+        self.unlock()
+        return _drain(&out)
+
+    def state(self, int32_t run):
+        self._check(run)
+        return self.state_of(run)
+
+    def forget(self, int32_t run):
+        """Let go of a run (its future died): its slot may be reused."""
+        self._check(run)
+        self.drop(run)
+
+    def _check(self, run):
+        if not 0 <= run < self.run_cap or self.runs[run].state == FREE_SLOT:
+            raise ValueError(f"no run {run}")
+
+
+
+cdef list _drain(RunVec* out):
+    result = [out.items[i].run for i in range(out.len)]
+    runvec_free(out)
+    return result

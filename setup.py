@@ -1,0 +1,25 @@
+"""Build the compiled scheduler core (csrc/) into taskrunner's private
+extension modules.  Everything else is in pyproject.toml."""
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+CORE = ["_graph", "_engine"]
+
+extensions = [
+    Extension(
+        f"taskrunner.{name}",
+        [f"csrc/taskrunner/{name}.pyx"],
+        include_dirs=["csrc/taskrunner"],
+        extra_compile_args=["-O2"],
+    )
+    for name in CORE
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        include_path=["csrc"],
+        compiler_directives={"language_level": "3"},
+    ),
+)

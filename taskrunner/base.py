@@ -1,0 +1,98 @@
+"""The abstract TaskRunner, and the part every built-in runner shares."""
+
+import abc
+
+from taskrunner._engine import Engine
+
+__all__ = ["TaskRunner"]
+
+
+class TaskRunner(abc.ABC):
+    """Runs tasks and returns futures of their results.
+
+    A runner is used as a context manager: `submit` and `map` work only
+    inside the `with` block.  A normal exit waits for every run; an exit by
+    exception cancels the runs not yet started and waits for the others.
+    """
+
+    @property
+    @abc.abstractmethod
+    def name(self):
+        """A short name for the kind of runner: "threadpool", ..."""
+
+    @abc.abstractmethod
+    def duplicate(self):
+        """A new, unstarted runner with the same configuration."""
+
+    @abc.abstractmethod
+    def submit(self, task, parameters=None, wait_for=None, dependencies=None):
+        """Run `task` with `parameters` once the futures among them and in
+        `wait_for` have completed; returns a TaskFuture."""
+
+    @abc.abstractmethod
+    def map(self, task, parameters, wait_for=None):
+        """Submit `task` once per item of the iterable parameters; returns a
+        FutureList in input order."""
+
+    @abc.abstractmethod
+    def cancel_all(self):
+        """Cancel every run that has not started."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        return None
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+class EngineTaskRunner(TaskRunner):
+    """A runner scheduled by the compiled engine.  Subclasses say how runs
+    are executed: `_start()` returns the Engine, `_stop()` tears down."""
+
+    _engine = None
+
+    def _start(self):
+        raise NotImplementedError
+
+    def _stop(self):
+        """Called after the engine has shut down (no run is unfinished)."""
+
+    def _started(self):
+        engine = self._engine
+        if engine is None:
+            raise RuntimeError(
+                f"{type(self).__name__} is not started: use it in a `with` block "
+                f"before calling submit or map")
+        return engine
+
+    def __enter__(self):
+        if self._engine is not None:
+            raise RuntimeError(f"{type(self).__name__} is already started")
+        self._engine = self._start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        engine = self._engine
+        if engine is None:
+            return None
+        try:
+            engine.shutdown(exc_type is not None)
+        finally:
+            engine.close()
+            self._engine = None
+            self._stop()
+        return None
+
+    def submit(self, task, parameters=None, wait_for=None, dependencies=None):
+        return self._started().submit(task, parameters, wait_for, dependencies)
+
+    def map(self, task, parameters, wait_for=None):
+        return self._started().map(task, parameters, wait_for)
+
+    def cancel_all(self):
+        engine = self._engine
+        if engine is not None:
+            engine.cancel_all()

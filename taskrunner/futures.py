@@ -1,0 +1,60 @@
+"""Task futures, and waiting on many of them.
+
+TaskFuture and FutureList are implemented in the compiled core; this module
+is where they are documented and imported from.
+"""
+
+import collections
+import queue
+
+from taskrunner._engine import FutureList, TaskFuture
+
+__all__ = ["TaskFuture", "FutureList", "wait", "as_completed", "DoneAndNotDoneFutures"]
+
+DoneAndNotDoneFutures = collections.namedtuple("DoneAndNotDoneFutures", "done not_done")
+
+
+def _deadline(timeout):
+    import time
+
+    return None if timeout is None else time.monotonic() + max(0.0, float(timeout))
+
+
+def _remaining(deadline):
+    import time
+
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def wait(futures, timeout=None):
+    """Wait until every future is final or `timeout` seconds pass.
+
+    Returns a named tuple of two sets, (done, not_done).
+    """
+    futures = set(futures)
+    deadline = _deadline(timeout)
+    for future in futures:
+        future.wait(_remaining(deadline))
+        if deadline is not None and _remaining(deadline) == 0:
+            break
+    done = {f for f in futures if f.done()}
+    return DoneAndNotDoneFutures(done, futures - done)
+
+
+def as_completed(futures, timeout=None):
+    """Yield each future once, as it becomes final.
+
+    Raises TimeoutError if some are still unfinished after `timeout` seconds
+    from the call.
+    """
+    deadline = _deadline(timeout)
+    futures = list(dict.fromkeys(futures))
+    finished = queue.SimpleQueue()
+    for future in futures:
+        future.add_done_callback(finished.put)
+    for count in range(len(futures)):
+        try:
+            yield finished.get(timeout=_remaining(deadline))
+        except queue.Empty:
+            raise TimeoutError(
+                f"{len(futures) - count} (of {len(futures)}) futures unfinished") from None

@@ -1,0 +1,93 @@
+"""ThreadPoolTaskRunner: runs tasks on a pool of threads in this process."""
+
+import asyncio
+import os
+import threading
+
+from taskrunner._engine import Engine
+from taskrunner.base import EngineTaskRunner
+
+__all__ = ["ThreadPoolTaskRunner"]
+
+
+class _WorkerLoop:
+    """The event loop of one worker thread, made for its first async task."""
+
+    __slots__ = ("loop",)
+
+    def __init__(self):
+        self.loop = None
+
+    def run_coroutine(self, coro):
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+        return self.loop.run_until_complete(coro)
+
+    def close(self):
+        if self.loop is not None:
+            try:
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            finally:
+                self.loop.close()
+                self.loop = None
+
+
+class ThreadPoolTaskRunner(EngineTaskRunner):
+    """Runs tasks on up to `max_workers` threads at once.
+
+    Threads start as work arrives.  A run waiting for its upstreams holds
+    no thread, and a task that blocks on another future gives its thread's
+    place up until it resumes, so nested submits cannot deadlock the pool.
+    """
+
+    def __init__(self, max_workers=None):
+        if max_workers is None:
+            max_workers = min(32, (os.cpu_count() or 1) + 4)
+        elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
+            raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
+        elif max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        self._max_workers = max_workers
+        self._threads = []
+        self._threads_lock = threading.Lock()
+
+    @property
+    def name(self):
+        return "threadpool"
+
+    @property
+    def max_workers(self):
+        return self._max_workers
+
+    def duplicate(self):
+        return type(self)(max_workers=self._max_workers)
+
+    def _start(self):
+        return Engine(self._max_workers, self._start_worker)
+
+    def _start_worker(self):
+        engine = self._engine
+        thread = threading.Thread(
+            target=self._work, args=(engine,), daemon=True,
+            name=f"taskrunner-worker-{len(self._threads)}")
+        thread.start()
+        with self._threads_lock:
+            self._threads.append(thread)
+
+    @staticmethod
+    def _work(engine):
+        loop = _WorkerLoop()
+        try:
+            engine.work(loop)
+        finally:
+            loop.close()
+
+    def _stop(self):
+        with self._threads_lock:
+            threads, self._threads = self._threads, []
+        for thread in threads:
+            if thread is not threading.current_thread():
+                thread.join()
+
+    def __repr__(self):
+        return f"ThreadPoolTaskRunner(max_workers={self._max_workers})"
