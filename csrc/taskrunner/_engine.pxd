@@ -14,6 +14,7 @@ cdef class CallSpec:
     cdef readonly object fn
     cdef readonly str name
     cdef readonly bint is_async
+    cdef bint may_cycle         # the callable can refer back to futures
     cdef tuple pos_names        # bound by position, in order
     cdef tuple pos_defaults     # a default per positional name, or _MISSING
     cdef tuple kw_names         # keyword-only

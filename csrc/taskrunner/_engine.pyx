@@ -51,13 +51,17 @@ cdef extern from "Python.h":
     bint PyAnySet_Check(object)
     PyObject* PyDict_GetItem(object, object)
     Py_ssize_t PyDict_Size(object)
+    void PyObject_GC_Track(object)
+    void PyObject_GC_UnTrack(object)
+    int PyObject_GC_IsTracked(object)
+    bint PyObject_IS_GC(object)
 
 _log = logging.getLogger("taskrunner")
 
 cdef object _MISSING = object()
 cdef object _CoroutineType = types.CoroutineType
 cdef object _Annotation = allow_failure.__mro__[1]
-cdef object _current = threading.local()       # .engine: the engine this thread consumes for
+cdef object _current = threading.local()       # .consumer: this thread's _Consumer, if any
 cdef unsigned long _main_thread = threading.main_thread().ident
 cdef double _SIGNAL_SLICE = 0.1                 # how often a blocked main thread checks signals
 cdef int _MAX_DEPTH = 1000                      # nesting of containers searched for futures
@@ -115,17 +119,32 @@ cdef bint _wait_final(Graph graph, int32_t run, double deadline) except -1:
         PyErr_CheckSignals()
 
 
-cdef object _secede():
-    """If this thread is a consumer, give its place up while it blocks.
-    Returns the engine to rejoin afterwards, or None."""
-    cdef Engine engine = getattr(_current, "engine", None)
+@cython.final
+cdef class _Consumer:
+    """A thread running Engine.work(): its engine, and whether it holds one
+    of the engine's running places right now."""
+    cdef Engine engine
+    cdef bint holding
+
+
+cdef _Consumer _secede():
+    """If this thread holds a consumer's place, give it up while it blocks.
+    Returns the consumer to rejoin afterwards, or None."""
+    cdef _Consumer consumer = getattr(_current, "consumer", None)
     cdef int32_t wanted
-    if engine is None:
+    if consumer is None or not consumer.holding:
         return None
-    wanted = engine.graph.secede()
+    consumer.holding = False
+    wanted = consumer.engine.graph.secede()
     if wanted:
-        engine._spawn(wanted)
-    return engine
+        consumer.engine._spawn(wanted)
+    return consumer
+
+
+cdef void _rejoin(_Consumer consumer):
+    if consumer is not None:
+        consumer.engine.graph.rejoin()
+        consumer.holding = True
 
 
 # -- binding ------------------------------------------------------------------
@@ -152,6 +171,11 @@ cdef class CallSpec:
             raise TypeError(
                 f"task must be a callable or a Task, not {type(task).__name__} ({task!r:.60})")
         spec.is_async = _is_async_callable(spec.fn)
+        # A function with no closure reaches nothing but its module (alive
+        # anyway) and its defaults; anything else may hold a future.
+        spec.may_cycle = not (
+            isinstance(spec.fn, types.BuiltinFunctionType)
+            or (type(spec.fn) is types.FunctionType and spec.fn.__closure__ is None))
         try:
             signature = inspect.signature(spec.fn)
         except (TypeError, ValueError):
@@ -499,8 +523,7 @@ cdef class TaskFuture:
         try:
             return _wait_final(self._engine.graph, self._run, deadline)
         finally:
-            if consumer is not None:
-                (<Engine>consumer).graph.rejoin()
+            _rejoin(consumer)
 
     cdef object _error(self, uint8_t state):
         """The exception that stands for a run ending in `state`, made on
@@ -699,6 +722,32 @@ cdef class FutureList(list):
         return f"FutureList({list.__repr__(self)})"
 
 
+cdef inline void _hold(TaskFuture fut) noexcept:
+    """Take the engine's reference to an unfinished run's future.
+
+    The engine keeps it alive until the run ends, so the cyclic GC has no
+    reason to visit it meanwhile (with a million runs pending that is most
+    of the GC's work); any cycle through its arguments or callbacks is
+    broken when the run ends, and it is tracked again then."""
+    Py_INCREF(fut)
+    PyObject_GC_UnTrack(fut)
+
+
+cdef inline void _let_go(TaskFuture fut) noexcept:
+    """Drop the engine's reference when the run has ended.
+
+    An ended future refers only to its engine (which lets go of callables
+    and the runner when it closes), its call spec, its value, its run id
+    and its extras.  If none of those can lead back to a future, it cannot
+    be on a reference cycle and the GC need never visit it; otherwise it is
+    tracked again."""
+    if not PyObject_GC_IsTracked(fut) and (
+            fut._spec.may_cycle or PyObject_IS_GC(fut._value)
+            or (fut._extra is not None and fut._extra.dependencies is not None)):
+        PyObject_GC_Track(fut)
+    Py_DECREF(fut)
+
+
 cdef object _remaining(double deadline):
     cdef double left = deadline - tr_monotonic()
     return left if left > 0 else 0.0
@@ -787,7 +836,7 @@ cdef class Engine:
         if run < 0:
             graph.unlock()
             raise MemoryError("the scheduler cannot hold another run")
-        Py_INCREF(fut)      # the engine's reference, until the run ends
+        _hold(fut)
         fut._run = run
         if ups is not None:
             cause = self._add_edges_locked(run, ups, -1, &outside)
@@ -960,7 +1009,7 @@ cdef class Engine:
             if run < 0:
                 oom = True
                 break
-            Py_INCREF(fut)
+            _hold(fut)
             fut._run = run
             added += 1
             cause = -1
@@ -1014,8 +1063,10 @@ cdef class Engine:
         cdef int32_t run = TAKE_NONE, spawn = 0
         cdef uint8_t state
         cdef TaskFuture fut
+        cdef _Consumer consumer = _Consumer.__new__(_Consumer)
+        consumer.engine = self
         graph.consumer_enter()
-        _current.engine = self
+        _current.consumer = consumer
         try:
             while True:
                 if run < 0:
@@ -1023,18 +1074,20 @@ cdef class Engine:
                         run = graph.take(&payload, -1.0)
                     if run < 0:
                         break
+                consumer.holding = True
                 fut = <TaskFuture>payload
                 state = self._execute(fut, context)
                 run = graph.complete_and_take(fut._run, state, &out, &payload, &spawn)
+                consumer.holding = run >= 0
                 if spawn:
                     self._spawn(spawn)
                 if out.len:
                     self._ended(&out)
                 fut._fire_callbacks()
-                Py_DECREF(fut)      # the engine's reference
+                _let_go(fut)
                 fut = None
         finally:
-            _current.engine = None
+            _current.consumer = None
             runvec_free(&out)
             graph.consumer_exit()
 
@@ -1074,12 +1127,14 @@ cdef class Engine:
         for i in range(out.len):
             fut = <TaskFuture>out.items[i].payload
             fut._fire_callbacks()
-            Py_DECREF(fut)
+            _let_go(fut)
         fut = None
         runvec_clear(out)
 
     cdef void _spawn(self, int32_t n):
         cdef int32_t i
+        if self._spawn_consumer is None:
+            return
         for i in range(n):
             try:
                 self._spawn_consumer()
@@ -1140,8 +1195,12 @@ cdef class Engine:
             PyErr_CheckSignals()
 
     def close(self):
-        """Stop the consumers now, whatever is unfinished."""
+        """Stop the consumers now, whatever is unfinished, and let go of the
+        callables and the runner: ended futures keep the engine alive, and
+        must not keep those alive through it."""
         self.graph.close()
+        self._specs.clear()
+        self._spawn_consumer = None
 
     @property
     def unfinished(self):

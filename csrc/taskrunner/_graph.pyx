@@ -597,3 +597,10 @@ cdef list _drain(RunVec* out):
     result = [out.items[i].run for i in range(out.len)]
     runvec_free(out)
     return result
+
+
+# State numbers as the Python view reports them.
+STATES = {
+    "PENDING": PENDING, "READY": READY, "RUNNING": RUNNING, "COMPLETED": COMPLETED,
+    "FAILED": FAILED, "NOT_READY": NOT_READY, "CANCELLED": CANCELLED, "CRASHED": CRASHED,
+}
