@@ -508,7 +508,7 @@ cdef class TaskFuture:
         raise TypeError("TaskFuture objects are made by a runner's submit() and map()")
 
     def __dealloc__(self):
-        if self._run >= 0 and self._engine is not None:
+        if self._run >= 0 and self._engine is not None and self._engine.graph is not None:
             self._engine.graph.drop(self._run)
 
     cdef uint8_t _state(self):
@@ -756,6 +756,7 @@ cdef object _remaining(double deadline):
 # -- the engine ---------------------------------------------------------------
 
 @cython.final
+@cython.no_gc_clear     # futures being collected with it still give slots back
 cdef class Engine:
     """Scheduling for one entered runner.
 
