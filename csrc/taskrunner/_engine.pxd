@@ -11,6 +11,7 @@ from taskrunner._graph cimport Graph, RunVec
 cdef class CallSpec:
     """How to call one task: the callable, its name, and a plan for binding
     a parameters mapping to its signature."""
+    cdef readonly object task       # what the user passed: a Task or the callable
     cdef readonly object fn
     cdef readonly str name
     cdef readonly bint is_async
@@ -59,10 +60,12 @@ cdef class FutureList(list):
 cdef class Engine:
     cdef readonly Graph graph
     cdef dict _specs
+    cdef CallSpec _last_spec    # the spec of the last task seen: most calls repeat it
     cdef object _spawn_consumer
     cdef bint _cancel_new
 
     cdef CallSpec _spec_for(self, object task)
+    cdef CallSpec _find_spec(self, object task)
     cdef int _register_one(self, TaskFuture fut, list ups) except -1
     cdef int _register_many(self, list futs, list shared_ups, list parked) except -1
     cdef int32_t _add_edges_locked(self, int32_t run, list ups, int32_t cause,

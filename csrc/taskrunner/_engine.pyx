@@ -51,6 +51,7 @@ cdef extern from "Python.h":
     bint PyAnySet_Check(object)
     PyObject* PyDict_GetItem(object, object)
     Py_ssize_t PyDict_Size(object)
+    bint PyDict_Next(object, Py_ssize_t*, PyObject**, PyObject**)
     void PyObject_GC_Track(object)
     void PyObject_GC_UnTrack(object)
     int PyObject_GC_IsTracked(object)
@@ -161,6 +162,7 @@ cdef class CallSpec:
     def of(task):
         """Build the plan for `task`, a Task or any callable."""
         cdef CallSpec spec = CallSpec.__new__(CallSpec)
+        spec.task = task
         if isinstance(task, Task):
             spec.fn = task.fn
             spec.name = task.name
@@ -211,8 +213,10 @@ cdef class CallSpec:
         would bind them; a TypeError names any missing or unknown one.  A
         value for the *args parameter is spread, as Prefect does."""
         cdef Py_ssize_t n = len(self.pos_names) if self.checked else 0
-        cdef Py_ssize_t i, matched = 0
+        cdef Py_ssize_t i, matched = 0, pos = 0
         cdef PyObject* found
+        cdef PyObject* key
+        cdef PyObject* item
         cdef tuple args, spread = ()
         cdef dict kwargs = None
         cdef object value
@@ -234,7 +238,14 @@ cdef class CallSpec:
                         f"not {type(<object>found).__name__}") from None
         args = PyTuple_New(n + len(spread))
         for i in range(n):
-            found = PyDict_GetItem(params, <object>PyTuple_GET_ITEM(self.pos_names, i))
+            name = <object>PyTuple_GET_ITEM(self.pos_names, i)
+            # Parameters usually come in signature order, with interned
+            # names: match the dict's next key by identity before hashing.
+            if PyDict_Next(params, &pos, &key, &item) and key == <PyObject*>name:
+                found = item
+            else:
+                pos = PyDict_Size(params)      # out of order: hash from here on
+                found = PyDict_GetItem(params, name)
             if found == NULL:
                 value = <object>PyTuple_GET_ITEM(self.pos_defaults, i)
                 if value is _MISSING:
@@ -771,6 +782,14 @@ cdef class Engine:
         self._spawn_consumer = spawn_consumer
 
     cdef CallSpec _spec_for(self, object task):
+        cdef CallSpec spec = self._last_spec
+        if spec is not None and spec.task is task:
+            return spec
+        spec = self._find_spec(task)
+        self._last_spec = spec
+        return spec
+
+    cdef CallSpec _find_spec(self, object task):
         cdef CallSpec spec
         try:
             found = self._specs.get(task)
@@ -1201,6 +1220,7 @@ cdef class Engine:
         must not keep those alive through it."""
         self.graph.close()
         self._specs.clear()
+        self._last_spec = None
         self._spawn_consumer = None
 
     @property
