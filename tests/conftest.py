@@ -1,0 +1,142 @@
+"""Shared fixtures for the conformance suite.
+
+``runner_factory`` is parametrised over every runner class the suite applies
+to.  To run the suite against another runner, add ONE line to ``RUNNERS``
+below (the factory functions for the later runners are already here).
+
+``inprocess_runner_factory`` is the same but restricted to runners that run
+tasks inside the test process (closures over threading objects, tasks that
+capture the runner itself and submit to it, identity of passed objects).
+"""
+
+import os
+import threading
+import uuid
+
+import pytest
+
+
+class RunnerSpec:
+    """How to build one kind of runner for the suite.
+
+    Calling the spec returns a new, unentered runner.  ``max_workers`` is the
+    number of tasks that may run at once (translated for runners that spell it
+    differently).  ``name`` is the expected ``TaskRunner.name``.
+    """
+
+    def __init__(self, id, make, name, in_process):
+        self.id = id
+        self._make = make
+        self.name = name
+        self.in_process = in_process
+
+    def __call__(self, max_workers=None):
+        return self._make(max_workers)
+
+    def __repr__(self):
+        return f"RunnerSpec({self.id})"
+
+
+def _threadpool(max_workers):
+    from taskrunner import ThreadPoolTaskRunner
+
+    return ThreadPoolTaskRunner(max_workers=max_workers)
+
+
+def _processpool(max_workers):  # issue 3
+    from taskrunner import ProcessPoolTaskRunner
+
+    return ProcessPoolTaskRunner(max_workers=max_workers or 2)
+
+
+def _dask_local(max_workers):  # issue 4 (embedded LocalCluster)
+    from taskrunner import DaskTaskRunner
+
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": 1,
+            "threads_per_worker": max_workers or 4,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )
+
+
+RUNNERS = [
+    RunnerSpec("threadpool", _threadpool, "threadpool", in_process=True),
+    # RunnerSpec("processpool", _processpool, "processpool", in_process=False),
+    # RunnerSpec("dask", _dask_local, "dask", in_process=False),
+]
+
+
+@pytest.fixture(params=RUNNERS, ids=lambda spec: spec.id)
+def runner_factory(request):
+    """A callable ``(max_workers=None) -> new unentered runner``."""
+    return request.param
+
+
+@pytest.fixture(
+    params=[spec for spec in RUNNERS if spec.in_process], ids=lambda spec: spec.id
+)
+def inprocess_runner_factory(request):
+    """Like runner_factory, only for runners whose tasks run in this process."""
+    return request.param
+
+
+# ---------------------------------------------------------------- file gates
+
+
+class Gate:
+    """A one-shot gate that tasks in any process can wait on (a file).
+
+    Usable as a context manager whose exit opens the gate, so that
+    ``with runner_factory() as r, make_gate() as g:`` opens the gate before the
+    runner's exit waits for the runs (exit runs right to left).
+    """
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def open(self):
+        with open(self.path, "a"):
+            pass
+
+    def open_after(self, seconds):
+        timer = threading.Timer(seconds, self.open)
+        timer.daemon = True
+        timer.start()
+        return timer
+
+    def is_open(self):
+        return os.path.exists(self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.open()
+        return False
+
+
+@pytest.fixture
+def make_gate(tmp_path):
+    gates = []
+
+    def factory():
+        gate = Gate(tmp_path / f"gate-{uuid.uuid4().hex}")
+        gates.append(gate)
+        return gate
+
+    yield factory
+    for gate in gates:  # never leave a task waiting after the test
+        gate.open()
+
+
+@pytest.fixture
+def make_path(tmp_path):
+    """Fresh, not yet existing file paths (markers, logs)."""
+
+    def factory(stem="f"):
+        return str(tmp_path / f"{stem}-{uuid.uuid4().hex}")
+
+    return factory
