@@ -7,7 +7,7 @@ is where they are documented and imported from.
 import collections
 import queue
 
-from taskrunner._engine import FutureList, TaskFuture
+from taskrunner._futures import FutureList, TaskFuture
 
 __all__ = ["TaskFuture", "FutureList", "wait", "as_completed", "DoneAndNotDoneFutures"]
 

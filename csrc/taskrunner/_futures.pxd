@@ -1,0 +1,118 @@
+# Task futures, and the engine interface they rely on.
+#
+# A TaskFuture is the bound call of one run plus what the run produced.  It
+# reads its state from the graph (the core), and asks its engine only to
+# cancel it or, when a consumer thread blocks on it, for another consumer.
+
+from cpython.ref cimport Py_DECREF, Py_INCREF
+from libc.stdint cimport int32_t, uint8_t
+
+from cpython.object cimport PyObject
+
+from taskrunner._calls cimport CallSpec
+from taskrunner._graph cimport Graph
+
+cdef extern from "Python.h":
+    void PyObject_GC_Track(object)
+    void PyObject_GC_UnTrack(object)
+    int PyObject_GC_IsTracked(object)
+    bint PyObject_IS_GC(object)
+
+# TaskFuture._flags
+cdef enum:
+    NEEDS_RESOLVE = 1     # its arguments hold futures or annotations to replace
+    CALLBACKS_FIRED = 2   # done callbacks ran (or are running): later ones run at once
+    HAS_OUTSIDE = 4       # waits for a future of another runner
+
+cdef class TaskFuture
+
+
+cdef class EngineBase:
+    """What futures need of the engine that made them."""
+    cdef readonly Graph graph
+
+    cdef void _spawn(self, int32_t n)
+    cdef bint _cancel(self, TaskFuture fut) except -1
+
+
+cdef class _Extra:
+    cdef list callbacks
+    cdef dict dependencies
+
+
+cdef class TaskFuture:
+    cdef EngineBase _engine
+    cdef CallSpec _spec
+    cdef object _args           # a tuple; None once the run started or ended
+    cdef object _kwargs         # a dict, or None
+    cdef object _value          # result; exception; for NOT_READY the cause
+    cdef object _uuid
+    cdef _Extra _extra
+    cdef int32_t _run
+    cdef uint8_t _flags
+
+    cdef uint8_t _state(self)
+    cdef bint _wait(self, object timeout) except -1
+    cdef object _error(self, uint8_t state)
+    cdef object _cause(self)
+    cdef object _input_value(self, bint allow)
+    cdef _Extra _get_extra(self)
+    cdef void _fire_callbacks(self)
+
+
+cdef class FutureList(list):
+    pass
+
+
+cdef class Consumer:
+    """A thread running an engine's work loop: its engine, and whether it
+    holds one of the engine's running places right now."""
+    cdef EngineBase engine
+    cdef bint holding
+
+
+cdef Consumer consumer_begin(EngineBase engine)
+cdef void consumer_end()
+cdef double until_signal_check(double deadline)
+cdef double deadline_of(object timeout) except? -3.0
+cdef object remaining(double deadline)
+
+
+cdef inline TaskFuture new_future(EngineBase engine, CallSpec spec, dict params):
+    """A future for a call of `spec` with `params`, not yet a run."""
+    cdef TaskFuture fut = TaskFuture.__new__(TaskFuture)
+    cdef PyObject* kwargs = NULL
+    fut._engine = engine
+    fut._spec = spec
+    fut._run = -1
+    fut._args = spec.bind(params, &kwargs)
+    if kwargs != NULL:
+        fut._kwargs = <object>kwargs
+        Py_DECREF(<object>kwargs)
+    return fut
+
+
+cdef inline void hold(TaskFuture fut) noexcept:
+    """Take the engine's reference to an unfinished run's future.
+
+    The engine keeps it alive until the run ends, so the cyclic GC has no
+    reason to visit it meanwhile (with a million runs pending that is most
+    of the GC's work); any cycle through its arguments or callbacks is
+    broken when the run ends, and it is tracked again then if need be."""
+    Py_INCREF(fut)
+    PyObject_GC_UnTrack(fut)
+
+
+cdef inline void let_go(TaskFuture fut) noexcept:
+    """Drop the engine's reference when the run has ended.
+
+    An ended future refers only to its engine (which lets go of callables
+    and the runner when it closes), its call spec, its value, its run id
+    and its extras.  If none of those can lead back to a future, it cannot
+    be on a reference cycle and the GC need never visit it."""
+    if not PyObject_GC_IsTracked(fut) and (
+            fut._spec.may_cycle or PyObject_IS_GC(fut._value)
+            or (fut._extra is not None and fut._extra.dependencies is not None)):
+        PyObject_GC_Track(fut)
+    Py_DECREF(fut)
+

@@ -1,0 +1,381 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Task futures.
+
+A future reads its run's state from the graph under the graph's lock; a
+blocked reader sleeps on the graph's condition variable without the GIL (on
+the main thread it wakes every SIGNAL_SLICE seconds so Ctrl-C gets through).
+Nothing is made for a run until someone asks: the run id (a UUID), the State
+object, the exception of a run that never ran, the list of done callbacks.
+"""
+
+cimport cython
+from cpython.exc cimport PyErr_CheckSignals
+from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.pythread cimport PyThread_get_thread_ident
+from libc.stdint cimport int32_t, uint8_t
+
+from taskrunner._graph cimport (
+    CANCELLED, COMPLETED, CRASHED, FAILED, Graph, NOT_READY, PENDING, READY, RUNNING,
+    tr_monotonic,
+)
+
+import logging
+import threading
+import uuid
+
+from taskrunner.exceptions import CancelledRun, UpstreamTaskError
+from taskrunner.states import State, StateType
+
+_log = logging.getLogger("taskrunner")
+
+cdef double _SIGNAL_SLICE = 0.1                 # how often a blocked main thread checks signals
+cdef object _current = threading.local()       # .consumer: this thread's Consumer, if any
+cdef unsigned long _main_thread = threading.main_thread().ident
+
+_STATE_TYPES = {
+    PENDING: StateType.PENDING, READY: StateType.PENDING, RUNNING: StateType.RUNNING,
+    COMPLETED: StateType.COMPLETED, FAILED: StateType.FAILED, NOT_READY: StateType.FAILED,
+    CANCELLED: StateType.CANCELLED, CRASHED: StateType.CRASHED,
+}
+
+
+# -- time ---------------------------------------------------------------------
+
+cdef double deadline_of(object timeout) except? -3.0:
+    """A tr_monotonic() deadline `timeout` seconds from now; -1 for None."""
+    cdef double t
+    if timeout is None:
+        return -1.0
+    try:
+        t = timeout
+    except TypeError:
+        raise TypeError(
+            f"timeout must be a number of seconds or None, not {type(timeout).__name__}") from None
+    if t != t:
+        raise ValueError("timeout must not be NaN")
+    if t < 0:
+        t = 0
+    return tr_monotonic() + t
+
+
+cdef object remaining(double deadline):
+    """Seconds left until `deadline` (-1: None, no deadline)."""
+    cdef double left
+    if deadline < 0:
+        return None
+    left = deadline - tr_monotonic()
+    return left if left > 0 else 0.0
+
+
+cdef double until_signal_check(double deadline):
+    """`deadline`, or sooner on the main thread: a thread sleeping without
+    the GIL never sees Ctrl-C, so the main thread wakes now and then to let
+    signal handlers run."""
+    cdef double soon
+    if PyThread_get_thread_ident() != _main_thread:
+        return deadline
+    soon = tr_monotonic() + _SIGNAL_SLICE
+    return soon if deadline < 0 or soon < deadline else deadline
+
+
+cdef bint _wait_final(Graph graph, int32_t run, double deadline) except -1:
+    """Block (without the GIL) until `run` is final or the deadline passes."""
+    cdef double until
+    cdef bint final
+    while True:
+        until = until_signal_check(deadline)
+        with nogil:
+            final = graph.wait_final(run, until)
+        if final:
+            return True
+        if deadline >= 0 and tr_monotonic() >= deadline:
+            return False
+        PyErr_CheckSignals()
+
+
+# -- consumers ----------------------------------------------------------------
+
+@cython.final
+cdef class Consumer:
+    pass
+
+
+cdef Consumer consumer_begin(EngineBase engine):
+    """Mark this thread as a consumer of `engine` (see _secede)."""
+    cdef Consumer consumer = Consumer.__new__(Consumer)
+    consumer.engine = engine
+    _current.consumer = consumer
+    return consumer
+
+
+cdef void consumer_end():
+    _current.consumer = None
+
+
+cdef Consumer _secede():
+    """If this thread holds a consumer's place, give it up while it blocks,
+    so a task waiting on another never holds the pool hostage.  Returns the
+    consumer to rejoin afterwards, or None."""
+    cdef Consumer consumer = getattr(_current, "consumer", None)
+    cdef int32_t wanted
+    if consumer is None or not consumer.holding:
+        return None
+    consumer.holding = False
+    wanted = consumer.engine.graph.secede()
+    if wanted:
+        consumer.engine._spawn(wanted)
+    return consumer
+
+
+cdef void _rejoin(Consumer consumer):
+    if consumer is not None:
+        consumer.engine.graph.rejoin()
+        consumer.holding = True
+
+
+# -- futures ------------------------------------------------------------------
+
+cdef class EngineBase:
+
+    cdef void _spawn(self, int32_t n):
+        pass
+
+    cdef bint _cancel(self, TaskFuture fut) except -1:
+        return False
+
+
+@cython.final
+cdef class _Extra:
+    """What few futures need: done callbacks and recorded dependencies."""
+
+    def __cinit__(self):
+        self.callbacks = []
+
+
+@cython.final
+@cython.freelist(256)
+@cython.auto_pickle(False)
+@cython.no_gc_clear     # __dealloc__ needs _engine to give the run's slot back
+cdef class TaskFuture:
+    """The future result of one task run.
+
+    Futures are hashable by identity.  `result()` blocks until the run is
+    final; a run that never ran because an upstream did not complete ends
+    FAILED with the state name "NotReady".
+    """
+
+    def __init__(self):
+        raise TypeError("TaskFuture objects are made by a runner's submit() and map()")
+
+    def __dealloc__(self):
+        if self._run >= 0 and self._engine is not None and self._engine.graph is not None:
+            self._engine.graph.drop(self._run)
+
+    cdef uint8_t _state(self):
+        return self._engine.graph.state_of(self._run)
+
+    cdef bint _wait(self, object timeout) except -1:
+        cdef double deadline
+        if self._engine.graph.state_of(self._run) >= COMPLETED:
+            return True
+        deadline = deadline_of(timeout)
+        consumer = _secede()
+        try:
+            return _wait_final(self._engine.graph, self._run, deadline)
+        finally:
+            _rejoin(consumer)
+
+    cdef object _error(self, uint8_t state):
+        """The exception that stands for a run ending in `state`, made on
+        first use and kept, so every caller sees the same object."""
+        cdef object value = self._value
+        if state == FAILED or state == CRASHED:
+            return value
+        if isinstance(value, BaseException):
+            return value
+        if state == NOT_READY:
+            cause = value if value is not None else self._cause()
+            if isinstance(cause, TaskFuture):
+                error = UpstreamTaskError(
+                    f"Upstream task run {cause.task_name!r} ({cause.task_run_id}) did not "
+                    f"reach a 'COMPLETED' state (it ended {cause.state.name}), "
+                    f"so task run {self.task_name!r} ({self.task_run_id}) never ran.",
+                    cause)
+            else:
+                error = UpstreamTaskError(
+                    f"An upstream of task run {self.task_name!r} ({self.task_run_id}) did not "
+                    f"reach a 'COMPLETED' state, so it never ran.")
+        else:
+            error = CancelledRun(
+                f"Task run {self.task_name!r} ({self.task_run_id}) was cancelled before it started.")
+        if not isinstance(self._value, BaseException):
+            self._value = error
+        return self._value
+
+    cdef object _cause(self):
+        # Between the core ending a run NOT_READY and the engine keeping a
+        # reference to the cause, the core's record still names it.
+        cdef Graph graph = self._engine.graph
+        cdef void* payload
+        graph.lock()
+        payload = graph.cause_payload_locked(self._run)
+        graph.unlock()
+        return <object>payload if payload != NULL else None
+
+    cdef object _input_value(self, bint allow):
+        """This future as a downstream run's argument."""
+        cdef uint8_t state = self._state()
+        if state == COMPLETED:
+            return self._value
+        if allow and state >= COMPLETED:
+            return self._error(state)
+        raise UpstreamTaskError(
+            f"Upstream task run {self.task_name!r} ({self.task_run_id}) is not completed", self)
+
+    cdef _Extra _get_extra(self):
+        if self._extra is None:
+            self._extra = _Extra()
+        return self._extra
+
+    cdef void _fire_callbacks(self):
+        cdef list callbacks
+        self._flags |= CALLBACKS_FIRED
+        if self._extra is None or not self._extra.callbacks:
+            return
+        callbacks = self._extra.callbacks
+        self._extra.callbacks = None
+        for fn in callbacks:
+            _call_callback(fn, self)
+
+    @property
+    def task_run_id(self):
+        """A uuid.UUID, unique to this run, made when first read."""
+        if self._uuid is None:
+            run_id = uuid.uuid4()
+            if self._uuid is None:
+                self._uuid = run_id
+        return self._uuid
+
+    @property
+    def task_name(self):
+        return self._spec.name
+
+    @property
+    def state(self):
+        """A State snapshot of this run."""
+        cdef uint8_t state = self._state()
+        kind = _STATE_TYPES[state]
+        if state == COMPLETED:
+            return State(kind)
+        if state == FAILED:
+            return State(kind, message=repr(self._value))
+        if state == NOT_READY:
+            return State(kind, "NotReady", str(self._error(state)))
+        if state >= COMPLETED:
+            return State(kind, message=str(self._error(state)))
+        return State(kind)
+
+    @property
+    def dependencies(self):
+        """The lineage given to submit(dependencies=...): name -> set of futures."""
+        if self._extra is None or self._extra.dependencies is None:
+            return {}
+        return self._extra.dependencies
+
+    def done(self):
+        """True once the run is final."""
+        return self._state() >= COMPLETED
+
+    def wait(self, timeout=None):
+        """Block until the run is final or `timeout` seconds pass."""
+        self._wait(timeout)
+
+    def result(self, timeout=None, raise_on_failure=True):
+        """The task's return value.  If the run did not complete, raise its
+        exception (with raise_on_failure=False, return it).  TimeoutError if
+        the run is not final within `timeout` seconds."""
+        cdef uint8_t state = self._state()
+        if state == COMPLETED:
+            return self._value
+        if state < COMPLETED:
+            if not self._wait(timeout):
+                raise TimeoutError(
+                    f"task run {self.task_name!r} did not finish within {timeout} seconds")
+            state = self._state()
+            if state == COMPLETED:
+                return self._value
+        error = self._error(state)
+        if raise_on_failure:
+            raise error
+        return error
+
+    def exception(self, timeout=None):
+        """The run's exception, or None if it completed."""
+        cdef uint8_t state = self._state()
+        if state < COMPLETED:
+            if not self._wait(timeout):
+                raise TimeoutError(
+                    f"task run {self.task_name!r} did not finish within {timeout} seconds")
+            state = self._state()
+        if state == COMPLETED:
+            return None
+        return self._error(state)
+
+    def add_done_callback(self, fn):
+        """Call fn(future) once the run is final; at once if it is."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, not {type(fn).__name__}")
+        extra = self._get_extra()
+        # No Python code may run between this test and the append: the
+        # consumer sets the flag and takes the list as one step too.
+        if self._flags & CALLBACKS_FIRED:
+            _call_callback(fn, self)
+        else:
+            extra.callbacks.append(fn)
+
+    def cancel(self):
+        """Cancel the run if it has not started.  True if it is now CANCELLED."""
+        return self._engine._cancel(self)
+
+    def __repr__(self):
+        return f"<TaskFuture {self._spec.name} {self.state.name}>"
+
+
+cdef void _call_callback(fn, TaskFuture fut):
+    try:
+        fn(fut)
+    except BaseException:
+        _log.exception("done callback %r of task run %r raised", fn, fut.task_name)
+
+
+@cython.final
+cdef class FutureList(list):
+    """A list of futures, as map() returns them, in input order."""
+
+    def wait(self, timeout=None):
+        """Block until every future is final or `timeout` seconds pass."""
+        cdef double deadline = deadline_of(timeout)
+        for fut in self:
+            fut.wait(remaining(deadline))
+            if deadline >= 0 and tr_monotonic() >= deadline:
+                return
+
+    def result(self, timeout=None, raise_on_failure=True):
+        """The results, in input order.  Raises the first failure met (unless
+        raise_on_failure=False), or TimeoutError after `timeout` seconds."""
+        cdef double deadline = deadline_of(timeout)
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(self)
+        cdef list results = [None] * n
+        cdef TaskFuture tf
+        for i in range(n):
+            fut = <object>PyList_GET_ITEM(self, i)
+            if type(fut) is TaskFuture:
+                tf = <TaskFuture>fut
+                if tf._state() == COMPLETED:
+                    results[i] = tf._value
+                    continue
+            results[i] = fut.result(remaining(deadline), raise_on_failure)
+        return results
+
+    def __repr__(self):
+        return f"FutureList({list.__repr__(self)})"
