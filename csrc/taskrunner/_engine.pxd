@@ -7,7 +7,10 @@ from libc.stdint cimport int32_t, uint8_t
 
 from taskrunner._calls cimport CallSpec
 from taskrunner._futures cimport EngineBase, TaskFuture
+from cpython.object cimport PyObject
+
 from taskrunner._graph cimport RunVec
+from taskrunner._params cimport Upstream, Upstreams
 
 
 cdef class Engine(EngineBase):
@@ -18,11 +21,11 @@ cdef class Engine(EngineBase):
 
     cdef CallSpec _spec_for(self, object task)
     cdef CallSpec _find_spec(self, object task)
-    cdef int _register_one(self, TaskFuture fut, list ups) except -1
-    cdef int _register_many(self, list futs, list shared_ups, list parked) except -1
-    cdef int32_t _add_edges_locked(self, int32_t run, list ups, int32_t cause,
-                                   bint* outside) noexcept
-    cdef int _hook_outside(self, TaskFuture fut, list ups) except -1
+    cdef int _register(self, PyObject** futs, Py_ssize_t n, Upstreams* shared,
+                       Upstreams* own, Py_ssize_t* first) except -1
+    cdef int32_t _add_edges_locked(self, int32_t run, Upstream* ups, Py_ssize_t n,
+                                   int32_t cause, bint* outside) noexcept
+    cdef int _hook_outside(self, TaskFuture fut, Upstream* ups, Py_ssize_t n) except -1
     cdef uint8_t _execute(self, TaskFuture fut, object context)
     cdef void _ended(self, RunVec* out)
     cdef void _settle(self, RunVec* out, int32_t spawn)

@@ -16,6 +16,9 @@ payload in the graph), and lets go when the run ends.
 cimport cython
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.list cimport PyList_Append, PyList_GET_ITEM, PyList_GET_SIZE
+from cpython.object cimport PyObject
+from cpython.sequence cimport PySequence_Fast_ITEMS
+from libc.stdlib cimport calloc, free
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 from libc.stdint cimport int32_t, uint8_t
@@ -30,7 +33,8 @@ from taskrunner._graph cimport (
     runvec_clear, runvec_free, tr_monotonic,
 )
 from taskrunner._params cimport (
-    checked_dependencies, is_plain, resolve, resolve_args, scan, scan_call, wait_for_upstreams,
+    Upstream, Upstreams, checked_dependencies, is_plain, resolve, resolve_args, scan, scan_call,
+    upstreams_free, upstreams_init, wait_for_upstreams,
 )
 
 import io
@@ -92,76 +96,107 @@ cdef class Engine(EngineBase):
         cdef CallSpec spec = self._spec_for(task)
         cdef dict params = as_params(parameters)
         cdef TaskFuture fut = new_future(self, spec, params)
-        cdef list ups
-        ups = scan_call(fut)
-        if wait_for is not None:
-            ups = wait_for_upstreams(wait_for, ups)
-        if dependencies is not None:
-            fut._get_extra().dependencies = checked_dependencies(dependencies)
-        self._register_one(fut, ups)
+        cdef PyObject* one = <PyObject*>fut
+        cdef Upstreams ups
+        upstreams_init(&ups)
+        try:
+            scan_call(fut, &ups)
+            if wait_for is not None:
+                keep = wait_for_upstreams(wait_for, &ups)
+            if dependencies is not None:
+                fut._get_extra().dependencies = checked_dependencies(dependencies)
+            self._register(&one, 1, &ups, NULL, NULL)
+        finally:
+            upstreams_free(&ups)
         return fut
 
-    cdef int32_t _add_edges_locked(self, int32_t run, list ups, int32_t cause,
-                                   bint* outside) noexcept:
-        """Add run's edges from the flat [future, allow, ...] list.  Returns
-        the first upstream that already failed (-1 if none, -3 if out of
-        memory); upstreams of other runners become holds."""
+    cdef int32_t _add_edges_locked(self, int32_t run, Upstream* ups, Py_ssize_t n,
+                                   int32_t cause, bint* outside) noexcept:
+        """Add run's edges from `n` upstreams.  Returns the first upstream
+        that already failed (`cause` if none, -3 if out of memory);
+        upstreams of other runners become holds."""
         cdef Py_ssize_t i
         cdef TaskFuture up
         cdef int rc
-        for i in range(0, PyList_GET_SIZE(ups), 2):
-            up = <TaskFuture>PyList_GET_ITEM(ups, i)
+        for i in range(n):
+            up = <TaskFuture>ups[i].future
             if up._engine is not self:
                 self.graph.hold_locked(run)
                 outside[0] = True
                 continue
-            rc = self.graph.add_edge_locked(up._run, run, <object>PyList_GET_ITEM(ups, i + 1) is True)
+            rc = self.graph.add_edge_locked(up._run, run, ups[i].allow)
             if rc == EDGE_BROKEN and cause == -1:
                 cause = up._run
             elif rc < 0:
                 return -3
         return cause
 
-    cdef int _register_one(self, TaskFuture fut, list ups) except -1:
+    cdef int _register(self, PyObject** futs, Py_ssize_t n, Upstreams* shared,
+                       Upstreams* own, Py_ssize_t* first) except -1:
+        """Add the runs of `futs`, held, with their edges, then release them
+        all in the same critical section: a failure part-way schedules
+        nothing.  `shared` are upstreams of every run; run i's own are
+        own.items[first[i]:first[i + 1]], if `first` is given."""
         cdef Graph graph = self.graph
         cdef RunVec out = RunVec(NULL, 0, 0)
-        cdef int32_t run, cause = -1, spawn
-        cdef bint outside = False
+        cdef Py_ssize_t i, added = 0
+        cdef int32_t run, cause, spawn
+        cdef TaskFuture fut
+        cdef bint outside = False, any_outside = False, oom = False
         graph.lock()
         if graph.closed:
             graph.unlock()
             raise RuntimeError("the task runner has shut down; enter it again to submit")
-        run = graph.add_run_locked(<void*>fut, 0)
-        if run < 0:
-            graph.unlock()
-            raise MemoryError("the scheduler cannot hold another run")
-        hold(fut)
-        fut._run = run
-        if ups is not None:
-            cause = self._add_edges_locked(run, ups, -1, &outside)
+        for i in range(n):
+            fut = <TaskFuture>futs[i]
+            run = graph.add_run_locked(<void*>fut, 0)
+            if run < 0:
+                oom = True
+                break
+            hold(fut)
+            fut._run = run
+            added += 1
+            cause = self._add_edges_locked(run, shared.items, shared.len, -1, &outside)
+            if first != NULL and cause != -3:
+                cause = self._add_edges_locked(run, own.items + first[i], first[i + 1] - first[i],
+                                               cause, &outside)
             if cause == -3:
+                oom = True
+                break
+            if outside:
+                fut._flags |= HAS_OUTSIDE
+                any_outside = True
+                outside = False
+            graph.runs[run].cause = cause     # kept until the release below
+        for i in range(added):
+            run = (<TaskFuture>futs[i])._run
+            cause = graph.runs[run].cause
+            graph.runs[run].cause = -1
+            if oom or self._cancel_new:
                 graph.cancel_locked(run, &out)
-                cause = -1
-        if self._cancel_new:
-            graph.cancel_locked(run, &out)
-        graph.release_locked(run, cause, &out)
+            graph.release_locked(run, cause, &out)
         spawn = graph.pop_spawn_wanted_locked()
         graph.unlock()
-        if outside:
-            fut._flags |= HAS_OUTSIDE
-            self._hook_outside(fut, ups)
+        if any_outside and not oom:
+            for i in range(n):
+                fut = <TaskFuture>futs[i]
+                if fut._flags & HAS_OUTSIDE:
+                    self._hook_outside(fut, shared.items, shared.len)
+                    if first != NULL:
+                        self._hook_outside(fut, own.items + first[i], first[i + 1] - first[i])
         self._settle(&out, spawn)
-        if cause == -3:
-            raise MemoryError("the scheduler cannot hold more dependency edges")
+        if oom:
+            raise MemoryError("the scheduler cannot hold this many runs or edges")
         return 0
 
-    cdef int _hook_outside(self, TaskFuture fut, list ups) except -1:
+    cdef int _hook_outside(self, TaskFuture fut, Upstream* ups, Py_ssize_t n) except -1:
         # Each upstream of another runner holds the run until its own done
         # callback lets go.
-        for i in range(0, len(ups), 2):
-            up = ups[i]
-            if (<TaskFuture>up)._engine is not self:
-                up.add_done_callback(_OutsideRelease(self, fut, ups[i + 1]))
+        cdef Py_ssize_t i
+        for i in range(n):
+            up = <TaskFuture>ups[i].future
+            if up._engine is not self:
+                up.add_done_callback(_OutsideRelease(self, fut, ups[i].allow))
         return 0
 
     def _release_outside(self, TaskFuture fut, TaskFuture up, bint allow):
@@ -182,9 +217,10 @@ cdef class Engine(EngineBase):
     def map(self, task, parameters, wait_for=None):
         cdef CallSpec spec = self._spec_for(task)
         cdef TaskFuture template, fut
-        cdef list shared = None, names = [], columns = []
-        cdef list slot_positions = []
+        cdef list names = [], columns = [], slot_positions = []
         cdef Py_ssize_t n, i, k, nargs, ncols
+        cdef Py_ssize_t* first = NULL      # run i's own upstreams: own.items[first[i]:first[i+1]]
+        cdef Upstreams shared, own
         cdef tuple args
         cdef int static_flags
         cdef FutureList futures
@@ -217,9 +253,6 @@ cdef class Engine(EngineBase):
                 f"map of task {spec.name!r}: the iterable parameters differ in length ({sizes})")
         n = lengths[0]
         ncols = len(names)
-        if wait_for is not None:
-            shared = wait_for_upstreams(wait_for, None)
-
         # Bind once with a marker per mapped name; each call then copies
         # the bound arguments and puts its items where the markers are.
         markers = {name: _Slot(k) for k, name in enumerate(names)}
@@ -234,109 +267,54 @@ cdef class Engine(EngineBase):
         if len(slot_positions) + len(kw_slots) != ncols:
             raise TypeError(f"map of task {spec.name!r}: cannot map over the "
                             f"*{spec.var_pos_name} parameter; pass it whole with unmapped()")
-        static_ups = []
-        static_flags = 0
-        for value in list(args) + list((template._kwargs or {}).values()):
-            if type(value) is not _Slot and not is_plain(value):
-                static_flags |= scan(value, static_ups, False, 0)
-        if static_ups:
-            shared = static_ups + (shared or [])
-
-        futures = FutureList()
-        parked = None           # each run's own upstreams, when its items hold futures
-        iterators = [iter(c) for c in columns]
-        row = [None] * ncols
         column_at = [-1] * nargs
         for position, column in slot_positions:
             column_at[position] = column
-        for i in range(n):
-            for k in range(ncols):
-                row[k] = next(iterators[k])
-            fut = TaskFuture.__new__(TaskFuture)
-            fut._engine = self
-            fut._spec = spec
-            fut._run = -1
-            fut._flags = static_flags
-            fut._args = _fill_args(args, column_at, row)
-            if kw_slots:
-                kwargs = dict(template._kwargs)
-                for key, k in kw_slots:
-                    kwargs[key] = row[k]
-                fut._kwargs = kwargs
-            else:
-                fut._kwargs = template._kwargs
-            item_ups = None
-            for k in range(ncols):
-                if not is_plain(row[k]):
-                    if item_ups is None:
-                        item_ups = []
-                    fut._flags |= scan(row[k], item_ups, False, 0)
-            if item_ups:
-                if parked is None:
-                    parked = [None] * n
-                parked[i] = item_ups
-            PyList_Append(futures, fut)
-        self._register_many(futures, shared, parked)
-        return futures
 
-    cdef int _register_many(self, list futs, list shared_ups, list parked) except -1:
-        """Add every run held, then release them all: so a failure part-way
-        schedules nothing.  `shared_ups` are upstreams of every run;
-        parked[i], if given, those of run i alone."""
-        cdef Graph graph = self.graph
-        cdef RunVec out = RunVec(NULL, 0, 0)
-        cdef Py_ssize_t i, n = PyList_GET_SIZE(futs), added = 0
-        cdef int32_t run, cause, spawn
-        cdef TaskFuture fut
-        cdef bint outside, any_outside = False, oom = False
-        graph.lock()
-        if graph.closed:
-            graph.unlock()
-            raise RuntimeError("the task runner has shut down; enter it again to submit")
-        for i in range(n):
-            fut = <TaskFuture>PyList_GET_ITEM(futs, i)
-            run = graph.add_run_locked(<void*>fut, 0)
-            if run < 0:
-                oom = True
-                break
-            hold(fut)
-            fut._run = run
-            added += 1
-            cause = -1
-            outside = False
-            if shared_ups is not None:
-                cause = self._add_edges_locked(run, shared_ups, cause, &outside)
-            if parked is not None and cause != -3:
-                own = <object>PyList_GET_ITEM(parked, i)
-                if own is not None:
-                    cause = self._add_edges_locked(run, <list>own, cause, &outside)
-            if cause == -3:
-                oom = True
-                break
-            if outside:
-                fut._flags |= HAS_OUTSIDE
-                any_outside = True
-            graph.runs[run].cause = cause     # kept until the release below
-        for i in range(added):
-            fut = <TaskFuture>PyList_GET_ITEM(futs, i)
-            run = fut._run
-            cause = graph.runs[run].cause
-            graph.runs[run].cause = -1
-            if oom or self._cancel_new:
-                graph.cancel_locked(run, &out)
-            graph.release_locked(run, cause, &out)
-        spawn = graph.pop_spawn_wanted_locked()
-        graph.unlock()
-        if any_outside and not oom:
+        upstreams_init(&shared)
+        upstreams_init(&own)
+        try:
+            static_flags = 0
+            for value in list(args) + list((template._kwargs or {}).values()):
+                if type(value) is not _Slot and not is_plain(value):
+                    static_flags |= scan(value, &shared, False, 0)
+            if wait_for is not None:
+                keep = wait_for_upstreams(wait_for, &shared)
+            futures = FutureList()
+            iterators = [iter(c) for c in columns]
+            row = [None] * ncols
             for i in range(n):
-                fut = <TaskFuture>PyList_GET_ITEM(futs, i)
-                if fut._flags & HAS_OUTSIDE:
-                    own = parked[i] if parked is not None and parked[i] is not None else []
-                    self._hook_outside(fut, (shared_ups or []) + own)
-        self._settle(&out, spawn)
-        if oom:
-            raise MemoryError("the scheduler cannot hold this many runs")
-        return 0
+                for k in range(ncols):
+                    row[k] = next(iterators[k])
+                fut = TaskFuture.__new__(TaskFuture)
+                fut._engine = self
+                fut._spec = spec
+                fut._run = -1
+                fut._flags = static_flags
+                fut._args = _fill_args(args, column_at, row)
+                if kw_slots:
+                    kwargs = dict(template._kwargs)
+                    for key, k in kw_slots:
+                        kwargs[key] = row[k]
+                    fut._kwargs = kwargs
+                else:
+                    fut._kwargs = template._kwargs
+                for k in range(ncols):
+                    if not is_plain(row[k]):
+                        if first == NULL:
+                            first = <Py_ssize_t*>calloc(n + 1, sizeof(Py_ssize_t))
+                            if first == NULL:
+                                raise MemoryError()
+                        fut._flags |= scan(row[k], &own, False, 0)
+                if first != NULL:
+                    first[i + 1] = own.len
+                PyList_Append(futures, fut)
+            self._register(PySequence_Fast_ITEMS(futures), n, &shared, &own, first)
+        finally:
+            upstreams_free(&shared)
+            upstreams_free(&own)
+            free(first)
+        return futures
 
     # -- running ----------------------------------------------------------
 

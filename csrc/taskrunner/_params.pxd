@@ -1,7 +1,26 @@
 # Finding the futures inside parameter values, and replacing them by their
 # results when the run starts.
 
+from cpython.object cimport PyObject
+
 from taskrunner._futures cimport TaskFuture
+
+
+# The upstream futures of a run as found at submit, in C memory.  The
+# pointers are borrowed: each future is held by the arguments (or the
+# wait_for sequence) it was found in, which live until the run is added.
+ctypedef struct Upstream:
+    PyObject* future
+    bint allow
+
+ctypedef struct Upstreams:
+    Upstream* items
+    Py_ssize_t len
+    Py_ssize_t cap
+    Upstream local[4]       # most runs have few upstreams: no allocation
+
+cdef void upstreams_init(Upstreams* ups) noexcept
+cdef void upstreams_free(Upstreams* ups) noexcept
 
 
 cdef inline bint is_plain(object value):
@@ -10,9 +29,9 @@ cdef inline bint is_plain(object value):
     return t is int or t is str or t is float or value is None or t is bool or t is bytes
 
 
-cdef int scan(object value, list ups, bint allow, int depth) except -1
-cdef list scan_call(TaskFuture fut)
-cdef list wait_for_upstreams(object wait_for, list ups)
+cdef int scan(object value, Upstreams* ups, bint allow, int depth) except -1
+cdef int scan_call(TaskFuture fut, Upstreams* ups) except -1
+cdef list wait_for_upstreams(object wait_for, Upstreams* ups)
 cdef dict checked_dependencies(object dependencies)
 cdef object resolve(object value, bint allow, int depth)
 cdef tuple resolve_args(tuple args)

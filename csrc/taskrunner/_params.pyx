@@ -1,14 +1,17 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Futures inside parameter values.
 
-At submit, scan() walks a value once and collects the futures in it as a flat
-[future, allow_failure, ...] list: these become the run's upstream edges.  A
+At submit, scan() walks a value once and collects the futures in it into a C
+buffer (Upstreams): these become the run's upstream edges.  A
 value that needs no change (the common case: no futures, no annotations) is
 passed to the task as it is.  When the run starts, resolve() rebuilds only
 the containers that hold futures or annotations, with their own types.
 """
 
+from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
+from libc.stdlib cimport free, malloc, realloc
+from libc.string cimport memcpy
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 
 from taskrunner._futures cimport NEEDS_RESOLVE, TaskFuture
@@ -28,15 +31,45 @@ cdef object _Annotation = allow_failure.__mro__[1]
 cdef int _MAX_DEPTH = 1000      # nesting of containers searched for futures
 
 
-cdef int scan(object value, list ups, bint allow, int depth) except -1:
-    """Append the futures inside `value` to `ups` as [future, allow, ...].
-    Returns NEEDS_RESOLVE if the value must be rebuilt before the call."""
+cdef void upstreams_init(Upstreams* ups) noexcept:
+    ups.items = ups.local
+    ups.len = 0
+    ups.cap = 4
+
+
+cdef void upstreams_free(Upstreams* ups) noexcept:
+    if ups.items != ups.local:
+        free(ups.items)
+    upstreams_init(ups)
+
+
+cdef int _push(Upstreams* ups, object future, bint allow) except -1:
+    cdef Upstream* items
+    if ups.len == ups.cap:
+        if ups.items == ups.local:
+            items = <Upstream*>malloc(ups.cap * 2 * sizeof(Upstream))
+            if items != NULL:
+                memcpy(items, ups.local, ups.len * sizeof(Upstream))
+        else:
+            items = <Upstream*>realloc(ups.items, ups.cap * 2 * sizeof(Upstream))
+        if items == NULL:
+            raise MemoryError()
+        ups.items = items
+        ups.cap *= 2
+    ups.items[ups.len].future = <PyObject*>future
+    ups.items[ups.len].allow = allow
+    ups.len += 1
+    return 0
+
+
+cdef int scan(object value, Upstreams* ups, bint allow, int depth) except -1:
+    """Add the futures inside `value` to `ups`.  Returns NEEDS_RESOLVE if
+    the value must be rebuilt before the call."""
     cdef int found = 0
     if is_plain(value):
         return 0
     if isinstance(value, TaskFuture):
-        ups.append(value)
-        ups.append(allow)
+        _push(ups, value, allow)
         return NEEDS_RESOLVE
     if depth >= _MAX_DEPTH:
         raise ValueError(
@@ -60,31 +93,27 @@ cdef int scan(object value, list ups, bint allow, int depth) except -1:
     return 0
 
 
-cdef list scan_call(TaskFuture fut):
-    """The futures in a bound call's arguments, or None; flags the future
-    if its arguments need resolving."""
-    cdef list ups = None
+cdef int scan_call(TaskFuture fut, Upstreams* ups) except -1:
+    """Add the futures in a bound call's arguments to `ups`; flag the
+    future if its arguments need resolving."""
     cdef int flags = 0
     cdef tuple args = fut._args
     cdef Py_ssize_t i
     for i in range(PyTuple_GET_SIZE(args)):
         value = <object>PyTuple_GET_ITEM(args, i)
         if not is_plain(value):
-            if ups is None:
-                ups = []
             flags |= scan(value, ups, False, 0)
     if fut._kwargs is not None:
         for value in (<dict>fut._kwargs).values():
             if not is_plain(value):
-                if ups is None:
-                    ups = []
                 flags |= scan(value, ups, False, 0)
     fut._flags |= flags
-    return ups if ups else None
+    return 0
 
 
-cdef list wait_for_upstreams(object wait_for, list ups):
-    """Add the `wait_for` futures to `ups`; a TypeError for anything else."""
+cdef list wait_for_upstreams(object wait_for, Upstreams* ups):
+    """Add the `wait_for` futures to `ups`; a TypeError for anything else.
+    Returns the list that holds them: keep it until the run is added."""
     if isinstance(wait_for, TaskFuture):
         wait_for = (wait_for,)
     try:
@@ -93,19 +122,17 @@ cdef list wait_for_upstreams(object wait_for, list ups):
         raise TypeError(
             f"wait_for must be an iterable of futures, not {type(wait_for).__name__}") from None
     for item in items:
-        allow = False
-        if isinstance(item, allow_failure):
-            item = (<object>item).value
-            allow = True
-        if not isinstance(item, TaskFuture):
+        future = (<object>item).value if isinstance(item, allow_failure) else item
+        if not isinstance(future, TaskFuture):
             raise TypeError(
                 f"wait_for items must be futures returned by submit or map, "
-                f"not {type(item).__name__} ({item!r:.60})")
-        if ups is None:
-            ups = []
-        ups.append(item)
-        ups.append(allow)
-    return ups
+                f"not {type(future).__name__} ({future!r:.60})")
+    for item in items:
+        if isinstance(item, allow_failure):
+            _push(ups, (<object>item).value, True)
+        else:
+            _push(ups, item, False)
+    return items
 
 
 cdef dict checked_dependencies(object dependencies):
