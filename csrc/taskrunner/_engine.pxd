@@ -28,4 +28,4 @@ cdef class Engine(EngineBase):
     cdef int _hook_outside(self, TaskFuture fut, Upstream* ups, Py_ssize_t n) except -1
     cdef uint8_t _execute(self, TaskFuture fut, object context)
     cdef void _ended(self, RunVec* out)
-    cdef void _settle(self, RunVec* out, int32_t spawn)
+    cdef inline void _settle(self, RunVec* out, int32_t spawn)

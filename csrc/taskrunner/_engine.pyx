@@ -156,7 +156,9 @@ cdef class Engine(EngineBase):
             hold(fut)
             fut._run = run
             added += 1
-            cause = self._add_edges_locked(run, shared.items, shared.len, -1, &outside)
+            cause = -1
+            if shared.len:
+                cause = self._add_edges_locked(run, shared.items, shared.len, -1, &outside)
             if first != NULL and cause != -3:
                 cause = self._add_edges_locked(run, own.items + first[i], first[i + 1] - first[i],
                                                cause, &outside)
@@ -393,12 +395,13 @@ cdef class Engine(EngineBase):
         fut = None
         runvec_clear(out)
 
-    cdef void _settle(self, RunVec* out, int32_t spawn):
+    cdef inline void _settle(self, RunVec* out, int32_t spawn):
         """After a critical section: let go of the runs it ended, free the
         vector, and start the consumers the graph asked for."""
         if out.len:
             self._ended(out)
-        runvec_free(out)
+        if out.items != NULL:
+            runvec_free(out)
         if spawn:
             self._spawn(spawn)
 

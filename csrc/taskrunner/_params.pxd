@@ -2,6 +2,7 @@
 # results when the run starts.
 
 from cpython.object cimport PyObject
+from libc.stdlib cimport free
 
 from taskrunner._futures cimport TaskFuture
 
@@ -19,8 +20,16 @@ ctypedef struct Upstreams:
     Py_ssize_t cap
     Upstream local[4]       # most runs have few upstreams: no allocation
 
-cdef void upstreams_init(Upstreams* ups) noexcept
-cdef void upstreams_free(Upstreams* ups) noexcept
+cdef inline void upstreams_init(Upstreams* ups) noexcept:
+    ups.items = ups.local
+    ups.len = 0
+    ups.cap = 4
+
+
+cdef inline void upstreams_free(Upstreams* ups) noexcept:
+    if ups.items != ups.local:
+        free(ups.items)
+    upstreams_init(ups)
 
 
 cdef inline bint is_plain(object value):

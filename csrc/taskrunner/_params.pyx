@@ -31,18 +31,6 @@ cdef object _Annotation = allow_failure.__mro__[1]
 cdef int _MAX_DEPTH = 1000      # nesting of containers searched for futures
 
 
-cdef void upstreams_init(Upstreams* ups) noexcept:
-    ups.items = ups.local
-    ups.len = 0
-    ups.cap = 4
-
-
-cdef void upstreams_free(Upstreams* ups) noexcept:
-    if ups.items != ups.local:
-        free(ups.items)
-    upstreams_init(ups)
-
-
 cdef int _push(Upstreams* ups, object future, bint allow) except -1:
     cdef Upstream* items
     if ups.len == ups.cap:
