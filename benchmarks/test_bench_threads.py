@@ -1,0 +1,46 @@
+"""The thread-runner workloads of taskrunner.bench (ours and every peer)
+under pytest-benchmark: `python -m pytest benchmarks/ --benchmark-only`."""
+
+import gc
+import statistics
+
+import pytest
+
+from taskrunner import bench
+
+CASES = [pytest.param(workload, variant, id=f"{workload.name}-{variant.name}")
+         for workload in bench.WORKLOADS.values() for variant in workload.variants]
+ROUNDS = 3
+
+
+@pytest.mark.parametrize("workload, variant", CASES)
+def test_workload(benchmark, workload, variant, workers, full_size):
+    """Each round does the whole job and must give the expected answer.
+    Timed workloads are timed by pytest-benchmark; the others (memory)
+    record their own figure, median of the rounds, in extra_info."""
+    if not variant.available():
+        pytest.skip(f"{variant.name} needs {', '.join(variant.requires)}")
+    size = workload.size if full_size else workload.quick_size
+    data = workload.prepare(size)
+    expected = workload.expected(data)
+    benchmark.group = workload.name
+    benchmark.extra_info.update(size=size, workers=workers)
+    figures = []
+
+    def timed_round():
+        assert variant.run(data, workers) == expected
+
+    def measured_round():
+        try:
+            figures.append(bench.measure(workload, variant, data, size, workers, expected))
+        except bench.NotFinished as error:
+            benchmark.extra_info["not_finished"] = str(error)
+
+    def setup():
+        gc.collect()
+
+    timed = (variant.measure or workload.measure) is bench.measure_time
+    benchmark.pedantic(timed_round if timed else measured_round, setup=setup,
+                       rounds=min(ROUNDS, variant.max_repeat or ROUNDS), iterations=1)
+    if figures:
+        benchmark.extra_info[workload.unit] = statistics.median(figures)
