@@ -2,6 +2,28 @@
 # parameters mapping to its signature once per callable, not once per call.
 
 from cpython.object cimport PyObject
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE
+
+cdef extern from "Python.h":
+    bint PyTuple_CheckExact(object)
+    bint PyObject_IS_GC(object)
+    int PyObject_GC_IsTracked(object)
+    void PyObject_GC_UnTrack(object)
+
+
+cdef inline tuple untracked_if_atomic(tuple args):
+    """`args`, out of the cyclic GC's sight if it holds only values that
+    cannot refer to anything (ints, strings, ...).  The GC would untrack such
+    a tuple itself, but only after visiting it once; a million pending runs
+    make that visit the bulk of its work."""
+    cdef Py_ssize_t i
+    cdef object item
+    for i in range(PyTuple_GET_SIZE(args)):
+        item = <object>PyTuple_GET_ITEM(args, i)
+        if PyObject_IS_GC(item) and (not PyTuple_CheckExact(item) or PyObject_GC_IsTracked(item)):
+            return args
+    PyObject_GC_UnTrack(args)
+    return args
 
 
 cdef class CallSpec:

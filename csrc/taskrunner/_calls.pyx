@@ -10,7 +10,7 @@ then a walk over the plan that fills a tuple (and, rarely, a dict).
 cimport cython
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
-from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_New, PyTuple_SET_ITEM
+from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 
 import inspect
 import types
@@ -182,7 +182,7 @@ cdef class CallSpec:
         if kwargs is not None:
             Py_INCREF(kwargs)
             kwargs_out[0] = <PyObject*>kwargs
-        return args
+        return untracked_if_atomic(args)
 
     def _raise_binding_error(self, dict params):
         _check_names(params, self.name)

@@ -23,9 +23,9 @@ from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 from libc.stdint cimport int32_t, uint8_t
 
-from taskrunner._calls cimport CallSpec, as_params, spec_of
+from taskrunner._calls cimport CallSpec, as_params, spec_of, untracked_if_atomic
 from taskrunner._futures cimport (
-    HAS_OUTSIDE, NEEDS_RESOLVE, Consumer, EngineBase, FutureList, TaskFuture,
+    PyObject_GC_UnTrack, HAS_OUTSIDE, NEEDS_RESOLVE, Consumer, EngineBase, FutureList, TaskFuture,
     consumer_begin, consumer_end, hold, let_go, new_future, until_signal_check,
 )
 from taskrunner._graph cimport (
@@ -289,6 +289,7 @@ cdef class Engine(EngineBase):
                 for k in range(ncols):
                     row[k] = next(iterators[k])
                 fut = TaskFuture.__new__(TaskFuture)
+                PyObject_GC_UnTrack(fut)    # see hold(): nothing can refer to it yet
                 fut._engine = self
                 fut._spec = spec
                 fut._run = -1
@@ -516,7 +517,7 @@ cdef tuple _fill_args(tuple template, list column_at, list row):
             value = <object>PyList_GET_ITEM(row, column)
         Py_INCREF(value)
         PyTuple_SET_ITEM(args, i, value)
-    return args
+    return untracked_if_atomic(args)
 
 
 cdef bint _is_mappable(object value):
