@@ -122,49 +122,42 @@ def test_threads_never_exceed_max_workers_without_nested_waits():
     assert 1 <= len(seen) <= 2
 
 
-def test_running_tasks_never_exceed_max_workers():
-    running = 0
-    peak = 0
-    lock = threading.Lock()
+class PeakCounter:
+    """Counts the tasks running at once; `step` is such a task."""
 
-    def step(x):
-        nonlocal running, peak
-        with lock:
-            running += 1
-            peak = max(peak, running)
-        time.sleep(0.002)
-        with lock:
-            running -= 1
+    def __init__(self, seconds):
+        self.seconds = seconds
+        self.running = 0
+        self.peak = 0
+        self.lock = threading.Lock()
+
+    def step(self, x):
+        with self.lock:
+            self.running += 1
+            self.peak = max(self.peak, self.running)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.running -= 1
         return x
 
+
+def test_running_tasks_never_exceed_max_workers():
+    counter = PeakCounter(0.002)
     with ThreadPoolTaskRunner(3) as runner:
-        runner.map(step, {"x": range(150)}).result()
-    assert peak == 3
+        runner.map(counter.step, {"x": range(150)}).result()
+    assert counter.peak == 3
 
 
 def test_done_callbacks_that_block_do_not_break_the_running_limit():
     """A consumer runs done callbacks after giving its place back; a
     callback blocking on a future must not free a place twice."""
-    running = 0
-    peak = 0
-    lock = threading.Lock()
-
-    def step(x):
-        nonlocal running, peak
-        with lock:
-            running += 1
-            peak = max(peak, running)
-        time.sleep(0.003)
-        with lock:
-            running -= 1
-        return x
-
+    counter = PeakCounter(0.003)
     with ThreadPoolTaskRunner(2) as runner:
-        later = runner.submit(step, {"x": -1})
-        first = runner.submit(step, {"x": 0})
+        later = runner.submit(counter.step, {"x": -1})
+        first = runner.submit(counter.step, {"x": 0})
         first.add_done_callback(lambda f: later.result())
-        runner.map(step, {"x": range(60)}).result()
-    assert peak <= 2
+        runner.map(counter.step, {"x": range(60)}).result()
+    assert counter.peak <= 2
 
 
 def test_a_future_of_another_runner_is_an_upstream():

@@ -40,7 +40,6 @@ from taskrunner._params cimport (
 import io
 import logging
 import types
-from collections.abc import Mapping
 
 from taskrunner.annotations import unmapped
 from taskrunner.exceptions import (
@@ -226,12 +225,8 @@ cdef class Engine(EngineBase):
         cdef tuple args
         cdef int static_flags
         cdef FutureList futures
-        if not isinstance(parameters, Mapping):
-            raise TypeError(
-                f"parameters must be a mapping of parameter names to values, "
-                f"not {type(parameters).__name__}")
         statics = {}
-        for name, value in parameters.items():
+        for name, value in as_params(parameters).items():
             if isinstance(value, unmapped):
                 statics[name] = (<object>value).value
                 continue

@@ -53,6 +53,7 @@ cdef class TaskFuture:
 
     cdef uint8_t _state(self)
     cdef bint _wait(self, object timeout) except -1
+    cdef uint8_t _final_state(self, object timeout) except 255
     cdef object _error(self, uint8_t state)
     cdef object _cause(self)
     cdef object _input_value(self, bint allow)

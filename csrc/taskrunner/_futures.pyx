@@ -185,6 +185,17 @@ cdef class TaskFuture:
         finally:
             _rejoin(consumer)
 
+    cdef uint8_t _final_state(self, object timeout) except 255:
+        """The run's final state, waiting for it up to `timeout` seconds;
+        TimeoutError after that."""
+        cdef uint8_t state = self._state()
+        if state < COMPLETED:
+            if not self._wait(timeout):
+                raise TimeoutError(
+                    f"task run {self.task_name!r} did not finish within {timeout} seconds")
+            state = self._state()
+        return state
+
     cdef object _error(self, uint8_t state):
         """The exception that stands for a run ending in `state`, made on
         first use and kept, so every caller sees the same object."""
@@ -294,16 +305,9 @@ cdef class TaskFuture:
         """The task's return value.  If the run did not complete, raise its
         exception (with raise_on_failure=False, return it).  TimeoutError if
         the run is not final within `timeout` seconds."""
-        cdef uint8_t state = self._state()
+        cdef uint8_t state = self._final_state(timeout)
         if state == COMPLETED:
             return self._value
-        if state < COMPLETED:
-            if not self._wait(timeout):
-                raise TimeoutError(
-                    f"task run {self.task_name!r} did not finish within {timeout} seconds")
-            state = self._state()
-            if state == COMPLETED:
-                return self._value
         error = self._error(state)
         if raise_on_failure:
             raise error
@@ -311,15 +315,8 @@ cdef class TaskFuture:
 
     def exception(self, timeout=None):
         """The run's exception, or None if it completed."""
-        cdef uint8_t state = self._state()
-        if state < COMPLETED:
-            if not self._wait(timeout):
-                raise TimeoutError(
-                    f"task run {self.task_name!r} did not finish within {timeout} seconds")
-            state = self._state()
-        if state == COMPLETED:
-            return None
-        return self._error(state)
+        cdef uint8_t state = self._final_state(timeout)
+        return None if state == COMPLETED else self._error(state)
 
     def add_done_callback(self, fn):
         """Call fn(future) once the run is final; at once if it is."""
