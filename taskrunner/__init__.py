@@ -12,6 +12,7 @@ from taskrunner.exceptions import (
     UpstreamTaskError,
 )
 from taskrunner.futures import FutureList, TaskFuture, as_completed, wait
+from taskrunner.processes import ProcessPoolTaskRunner
 from taskrunner.states import State, StateType
 from taskrunner.tasks import Task, task
 from taskrunner.threads import ThreadPoolTaskRunner
@@ -19,6 +20,7 @@ from taskrunner.threads import ThreadPoolTaskRunner
 __all__ = [
     "TaskRunner",
     "ThreadPoolTaskRunner",
+    "ProcessPoolTaskRunner",
     "TaskFuture",
     "FutureList",
     "wait",

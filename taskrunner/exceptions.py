@@ -24,6 +24,10 @@ class UpstreamTaskError(TaskRunnerError):
         super().__init__(message)
         self.upstream = upstream
 
+    def __reduce__(self):
+        # A future stays in its process: pickled, the error keeps its message.
+        return type(self), (str(self),)
+
 
 class MappingLengthMismatch(TaskRunnerError, ValueError):
     """The iterables given to `map` have different lengths."""

@@ -64,7 +64,7 @@ def _dask_local(max_workers):  # issue 4 (embedded LocalCluster)
 
 RUNNERS = [
     RunnerSpec("threadpool", _threadpool, "threadpool", in_process=True),
-    # RunnerSpec("processpool", _processpool, "processpool", in_process=False),
+    RunnerSpec("processpool", _processpool, "processpool", in_process=False),
     # RunnerSpec("dask", _dask_local, "dask", in_process=False),
 ]
 

@@ -81,6 +81,12 @@ cdef CallSpec spec_of(object task):
     return spec
 
 
+def call_spec(task):
+    """The call plan of `task`, a Task or any callable; TypeError for
+    anything else."""
+    return spec_of(task)
+
+
 cdef dict as_params(object parameters):
     """`parameters` as a dict; a TypeError if it is not a mapping."""
     if parameters is None:

@@ -17,6 +17,7 @@ cdef class Engine(EngineBase):
     cdef dict _specs            # task -> CallSpec
     cdef CallSpec _last_spec    # the spec of the last task seen: most calls repeat it
     cdef object _spawn_consumer
+    cdef object _recall         # runner hook: un-start taken runs (see cancel())
     cdef bint _cancel_new       # exiting by exception: new runs end CANCELLED at once
 
     cdef CallSpec _spec_for(self, object task)

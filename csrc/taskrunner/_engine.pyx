@@ -18,7 +18,7 @@ from cpython.exc cimport PyErr_CheckSignals
 from cpython.list cimport PyList_Append, PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.sequence cimport PySequence_Fast_ITEMS
-from libc.stdlib cimport calloc, free
+from libc.stdlib cimport calloc, free, malloc
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 from libc.stdint cimport int32_t, uint8_t
@@ -26,11 +26,11 @@ from libc.stdint cimport int32_t, uint8_t
 from taskrunner._calls cimport CallSpec, as_params, spec_of, untracked_if_atomic
 from taskrunner._futures cimport (
     PyObject_GC_UnTrack, HAS_OUTSIDE, NEEDS_RESOLVE, Consumer, EngineBase, FutureList, TaskFuture,
-    consumer_begin, consumer_end, hold, let_go, new_future, until_signal_check,
+    consumer_begin, consumer_end, deadline_of, hold, let_go, new_future, until_signal_check,
 )
 from taskrunner._graph cimport (
-    CAUSE_OUTSIDE, COMPLETED, EDGE_BROKEN, FAILED, Graph, PENDING, RunVec, TAKE_NONE,
-    runvec_clear, runvec_free, tr_monotonic,
+    CAUSE_OUTSIDE, COMPLETED, CRASHED, EDGE_BROKEN, FAILED, Graph, PENDING, RUNNING, RunVec,
+    TAKE_CLOSED, TAKE_NONE, runvec_clear, runvec_free, tr_monotonic,
 )
 from taskrunner._params cimport (
     Upstream, Upstreams, checked_dependencies, is_plain, resolve, resolve_args, scan, scan_call,
@@ -59,13 +59,18 @@ cdef class Engine(EngineBase):
 
     `max_running` bounds the runs executing at once; `spawn_consumer()`, if
     given, is called (with the GIL) each time the graph wants one more
-    consumer thread, which must call work().
+    consumer thread, which must call work().  A runner that executes runs
+    elsewhere takes them with take_ready() and ends them with finish() or
+    give_back(); its `recall(future)` hook is asked to un-start a taken run
+    that cancel() names (True if it could), and `recall(None)`, by
+    cancel_all(), every taken run that has not started.
     """
 
-    def __cinit__(self, int max_running, spawn_consumer=None):
-        self.graph = Graph(max_running)
+    def __cinit__(self, int max_running, spawn_consumer=None, recall=None):
+        self.graph = Graph(max_running, spawn_consumer is not None)
         self._specs = {}
         self._spawn_consumer = spawn_consumer
+        self._recall = recall
 
     cdef CallSpec _spec_for(self, object task):
         cdef CallSpec spec = self._last_spec
@@ -414,6 +419,111 @@ cdef class Engine(EngineBase):
                 self.graph.consumer_exit()
                 _log.exception("could not start a worker for the task runner")
 
+    # -- consumers elsewhere ------------------------------------------------
+
+    def take_ready(self, Py_ssize_t max_n, timeout=None):
+        """Take up to `max_n` ready runs for a consumer that runs them
+        elsewhere: they are RUNNING from now on, until finish() or
+        give_back().  Blocks without the GIL until there is one.  Returns
+        their futures; [] at the timeout; None once the engine has closed."""
+        cdef double deadline = deadline_of(timeout)
+        cdef void** payloads
+        cdef int32_t n
+        if max_n < 1:
+            raise ValueError("max_n must be at least 1")
+        payloads = <void**>malloc(max_n * sizeof(void*))
+        if payloads == NULL:
+            raise MemoryError()
+        try:
+            with nogil:
+                n = self.graph.take_many(payloads, <int32_t>max_n, deadline)
+            if n == TAKE_CLOSED:
+                return None
+            if n < 0:
+                return []
+            return [<object>payloads[i] for i in range(n)]
+        finally:
+            free(payloads)
+
+    def calls_of(self, list futures):
+        """The calls of taken runs, with their upstream futures replaced by
+        their results, grouped: a list of [call spec, [args, ...], [kwargs,
+        ...] or None], one group for each stretch of runs of one task."""
+        cdef list groups = [], args_list = None, kwargs_list = None
+        cdef CallSpec spec = None
+        cdef TaskFuture fut
+        cdef Py_ssize_t i, n = len(futures)
+        for i in range(n):
+            fut = <TaskFuture>PyList_GET_ITEM(futures, i)
+            args = fut._args
+            kwargs = fut._kwargs
+            if args is None:
+                args = ()           # ended meanwhile (cancelled): it will not run
+            elif fut._flags & NEEDS_RESOLVE:
+                args = resolve_args(args)
+                if kwargs is not None:
+                    kwargs = resolve(kwargs, False, 0)
+            if fut._spec is not spec:
+                spec = fut._spec
+                args_list = []
+                kwargs_list = None
+                groups.append([spec, args_list, None])
+            PyList_Append(args_list, args)
+            if kwargs is not None and kwargs_list is None:
+                kwargs_list = [None] * (PyList_GET_SIZE(args_list) - 1)
+                groups[len(groups) - 1][2] = kwargs_list
+            if kwargs_list is not None:
+                PyList_Append(kwargs_list, kwargs)
+        return groups
+
+    def finish(self, list futures, list values, list states):
+        """End taken runs: futures[i] ended in states[i] (COMPLETED, FAILED
+        or CRASHED, as in taskrunner._graph.STATES) with values[i], its
+        result or exception."""
+        cdef Graph graph = self.graph
+        cdef RunVec out = RunVec(NULL, 0, 0)
+        cdef Py_ssize_t i, n = len(futures)
+        cdef int32_t spawn
+        cdef TaskFuture fut
+        cdef uint8_t state
+        if len(values) != n or len(states) != n:
+            raise ValueError("futures, values and states differ in length")
+        for i in range(n):
+            state = states[i]
+            if state != COMPLETED and state != FAILED and state != CRASHED:
+                raise ValueError(f"cannot finish a run as state {state}")
+        for i in range(n):
+            fut = <TaskFuture>futures[i]
+            fut._value = values[i]
+            fut._args = None
+            fut._kwargs = None
+        graph.lock()
+        for i in range(n):
+            fut = <TaskFuture>futures[i]
+            graph.complete_taken_locked(fut._run, <uint8_t>states[i], &out)
+        spawn = graph.pop_spawn_wanted_locked()
+        graph.unlock()
+        self._settle(&out, spawn)
+        for i in range(n):
+            fut = <TaskFuture>futures[i]
+            fut._fire_callbacks()
+            let_go(fut)
+
+    def give_back(self, list futures, bint cancel):
+        """Taken runs that never started: back to the ready queue, or (with
+        `cancel`) cancelled."""
+        cdef Graph graph = self.graph
+        cdef RunVec out = RunVec(NULL, 0, 0)
+        cdef TaskFuture fut
+        cdef int32_t spawn
+        graph.lock()
+        for item in futures:
+            fut = <TaskFuture>item
+            graph.unstart_locked(fut._run, cancel, &out)
+        spawn = graph.pop_spawn_wanted_locked()
+        graph.unlock()
+        self._settle(&out, spawn)
+
     # -- cancelling and shutting down --------------------------------------
 
     cdef bint _cancel(self, TaskFuture fut) except -1:
@@ -424,6 +534,8 @@ cdef class Engine(EngineBase):
         cancelled = graph.cancel_locked(fut._run, &out)
         graph.unlock()
         self._settle(&out, 0)
+        if not cancelled and self._recall is not None and fut._state() == RUNNING:
+            cancelled = bool(self._recall(fut))
         return cancelled
 
     def cancel_all(self):
@@ -434,6 +546,8 @@ cdef class Engine(EngineBase):
         graph.cancel_all_locked(&out)
         graph.unlock()
         self._settle(&out, 0)
+        if self._recall is not None:
+            self._recall(None)
 
     def shutdown(self, bint cancel):
         """Wait until no run is unfinished, then stop the consumers.  With
@@ -468,10 +582,16 @@ cdef class Engine(EngineBase):
         self._specs.clear()
         self._last_spec = None
         self._spawn_consumer = None
+        self._recall = None
 
     @property
     def unfinished(self):
         return self.graph.n_unfinished
+
+    @property
+    def ready_count(self):
+        """Runs ready and not yet taken."""
+        return self.graph.n_ready
 
 
 @cython.final

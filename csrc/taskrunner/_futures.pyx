@@ -376,3 +376,6 @@ cdef class FutureList(list):
 
     def __repr__(self):
         return f"FutureList({list.__repr__(self)})"
+
+    def __reduce__(self):
+        return FutureList, (list(self),)

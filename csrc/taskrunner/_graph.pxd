@@ -124,6 +124,7 @@ cdef class Graph:
     cdef int32_t wake_tokens
     cdef int32_t spawn_wanted
     cdef int32_t quiet_waiters
+    cdef bint spawns            # the owner starts consumers when asked (spawn_wanted)
     cdef readonly bint closed
 
     cdef inline void lock(self) noexcept nogil:
@@ -141,7 +142,10 @@ cdef class Graph:
     # Consuming ready runs.
     cdef int32_t take_locked(self, void** payload) noexcept nogil
     cdef int32_t take(self, void** payload, double deadline) noexcept nogil
+    cdef int32_t take_many(self, void** payloads, int32_t max_n, double deadline) noexcept nogil
+    cdef void unstart_locked(self, int32_t run, bint cancel, RunVec* out) noexcept nogil
     cdef void complete_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil
+    cdef void complete_taken_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil
     cdef int32_t complete_and_take(self, int32_t run, uint8_t state, RunVec* out,
                                    void** payload, int32_t* spawn) noexcept nogil
     cdef int32_t consumer_enter(self) noexcept nogil
@@ -173,3 +177,4 @@ cdef class Graph:
     cdef void _fail_downstream(self, Py_ssize_t start, RunVec* out) noexcept nogil
     cdef void _finish(self, int32_t run, uint8_t state) noexcept nogil
     cdef void _end_downstream(self, int32_t run, int32_t cause, RunVec* out) noexcept nogil
+    cdef void _cancel(self, int32_t run, RunVec* out) noexcept nogil

@@ -57,9 +57,10 @@ cdef void runvec_free(RunVec* v) noexcept nogil:
 cdef class Graph:
     """Runs, their edges and the ready ring, for one runner."""
 
-    def __cinit__(self, int max_running=1):
+    def __cinit__(self, int max_running=1, bint spawns=True):
         if max_running < 1:
             raise ValueError("max_running must be at least 1")
+        self.spawns = spawns
         if tr_mutex_init(&self.mutex) or tr_cond_init(&self.work_cond) or tr_cond_init(&self.done_cond):
             raise MemoryError("cannot create the scheduler's locks")
         self.free_run = -1
@@ -241,7 +242,7 @@ cdef class Graph:
             if self.wake_tokens == 0 and self.n_running < self.max_running:
                 self.wake_tokens += 1
                 tr_cond_signal(&self.work_cond)
-        elif self.n_consumers - self.n_seceded < self.max_running:
+        elif self.spawns and self.n_consumers - self.n_seceded < self.max_running:
             self.n_consumers += 1
             self.n_starting += 1
             self.spawn_wanted += 1
@@ -266,6 +267,20 @@ cdef class Graph:
                 self._demand()
             return run
         return TAKE_NONE
+
+    cdef int32_t take_many(self, void** payloads, int32_t max_n, double deadline) noexcept nogil:
+        """Take up to `max_n` ready runs, sleeping until there is one, the
+        deadline passes (TAKE_TIMEOUT) or the graph closes (TAKE_CLOSED).
+        Returns how many were taken; their payloads land in `payloads`."""
+        cdef int32_t n
+        if self.take(payloads, deadline) < 0:
+            return TAKE_CLOSED if self.closed else TAKE_TIMEOUT
+        n = 1
+        self.lock()
+        while n < max_n and self.take_locked(&payloads[n]) >= 0:
+            n += 1
+        self.unlock()
+        return n
 
     cdef int32_t take(self, void** payload, double deadline) noexcept nogil:
         """Take a ready run, sleeping until one comes, the deadline passes
@@ -358,6 +373,11 @@ cdef class Graph:
         self._maybe_free(run)
         self._demand()
 
+    cdef void complete_taken_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil:
+        """complete_locked() for a run a consumer took: its place is free."""
+        self.n_running -= 1
+        self.complete_locked(run, state, out)
+
     cdef int32_t complete_and_take(self, int32_t run, uint8_t state, RunVec* out,
                                    void** payload, int32_t* spawn) noexcept nogil:
         """A consumer's step: end its run and take the next in one lock."""
@@ -421,17 +441,30 @@ cdef class Graph:
 
     cdef bint cancel_locked(self, int32_t run, RunVec* out) noexcept nogil:
         """Cancel a run that has not started.  False if it has."""
-        cdef Py_ssize_t start = out.len
         cdef uint8_t state = self.runs[run].state
         if state != PENDING and state != READY:
             return False
         if state == READY:
             self.n_ready -= 1
+        self._cancel(run, out)
+        return True
+
+    cdef void _cancel(self, int32_t run, RunVec* out) noexcept nogil:
+        cdef Py_ssize_t start = out.len
         self._finish(run, CANCELLED)
         runvec_push(out, run, -1, self.payloads[run], NULL)
         self._fire_edges(run, False, out)
         self._fail_downstream(start + 1, out)
-        return True
+
+    cdef void unstart_locked(self, int32_t run, bint cancel, RunVec* out) noexcept nogil:
+        """A consumer gives back a run it took but never started: to the
+        ready ring again, or cancelled."""
+        self.n_running -= 1
+        if cancel:
+            self._cancel(run, out)
+        else:
+            self._push_ready(run)
+            self._demand()
 
     cdef void cancel_all_locked(self, RunVec* out) noexcept nogil:
         # Mark every unstarted run first, then fire: so each of them ends

@@ -14,7 +14,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 
-from taskrunner._futures cimport NEEDS_RESOLVE, TaskFuture
+from taskrunner._futures cimport NEEDS_RESOLVE, FutureList, TaskFuture
 
 import copy
 from collections.abc import Mapping
@@ -171,7 +171,7 @@ cdef object resolve(object value, bint allow, int depth):
             items.append(new)
         if not changed:
             return value
-        if t is list:
+        if t is list or t is FutureList:    # a list of results, no longer of futures
             return items
         if t is tuple:
             return tuple(items)

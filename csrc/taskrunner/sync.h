@@ -68,4 +68,16 @@ static inline int tr_cond_wait_until(tr_cond_t *c, tr_mutex_t *m, double deadlin
     return pthread_cond_timedwait(c, m, &ts) == ETIMEDOUT;
 }
 
+/* Sequentially consistent loads and stores of 64-bit words in memory shared
+ * between processes: a worker announces the run it starts, then checks
+ * whether it was told to stop; the parent says stop, then reads what was
+ * started.  With both sides sequentially consistent, at least one of them
+ * sees the other's store. */
+static inline void tr_store64(volatile long long *p, long long v) {
+    __atomic_store_n(p, v, __ATOMIC_SEQ_CST);
+}
+static inline long long tr_load64(volatile long long *p) {
+    return __atomic_load_n(p, __ATOMIC_SEQ_CST);
+}
+
 #endif

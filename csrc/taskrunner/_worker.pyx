@@ -1,0 +1,305 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The loop a ProcessPoolTaskRunner worker process runs, and the control
+block it shares with the parent.
+
+The parent sends batches of runs, each run numbered (its sequence number,
+increasing per worker).  The worker runs them in order and sends results
+back in batches, at least every FLUSH_SECONDS while a batch is long, so
+results stream.  Before starting a run it writes the run's number into its
+control block as started and checks the block's stop window: a run inside
+the window is not started but reported as skipped.  After the run it writes
+the number as finished.  So the parent knows, if the worker dies, which run
+killed it (started, not finished) and which runs to run again; and it can
+take back runs it sent that have not started.
+"""
+
+from libc.stdint cimport int64_t
+
+cdef extern from "sync.h" nogil:
+    void tr_store64(volatile long long*, long long)
+    long long tr_load64(volatile long long*)
+    double tr_monotonic()
+
+import asyncio
+import ctypes
+import os
+import pickle
+import threading
+import time
+import traceback
+import types
+
+cdef Py_ssize_t _BLOCK_WORDS = 8    # a 64-byte cache line per worker: no false sharing
+BLOCK_WORDS = _BLOCK_WORDS
+cdef double FLUSH_SECONDS = 0.02
+cdef object _CoroutineType = types.CoroutineType
+
+cdef enum:
+    STARTED = 0                 # the run it started last
+    FINISHED = 1                # the run it finished (or skipped) last
+    STOP_FROM = 2               # it must not start runs STOP_FROM <= n < STOP_TO
+    STOP_TO = 3
+
+
+cdef class ControlBlock:
+    """One worker's words in memory shared with the parent (a RawArray of
+    int64, BLOCK_WORDS per worker)."""
+    cdef volatile long long* words
+    cdef object shared          # keeps the shared memory mapped
+
+    def __cinit__(self, shared, Py_ssize_t index):
+        if index < 0 or (index + 1) * _BLOCK_WORDS > len(shared):
+            raise IndexError(f"no control block {index} in shared memory of {len(shared)} words")
+        self.shared = shared
+        self.words = <volatile long long*><size_t>ctypes.addressof(shared) + index * _BLOCK_WORDS
+
+    def reset(self):
+        tr_store64(&self.words[STARTED], -1)
+        tr_store64(&self.words[FINISHED], -1)
+        tr_store64(&self.words[STOP_FROM], 0)
+        tr_store64(&self.words[STOP_TO], 0)
+
+    @property
+    def started(self):
+        return tr_load64(&self.words[STARTED])
+
+    @property
+    def finished(self):
+        return tr_load64(&self.words[FINISHED])
+
+    @property
+    def stop_window(self):
+        return tr_load64(&self.words[STOP_FROM]), tr_load64(&self.words[STOP_TO])
+
+    def stop(self, long long first, long long end):
+        """Tell the worker not to start runs first <= n < end.  Returns the
+        run it started last, read after: a run after that one, inside the
+        window, is sure never to start."""
+        tr_store64(&self.words[STOP_TO], end)
+        tr_store64(&self.words[STOP_FROM], first)
+        return tr_load64(&self.words[STARTED])
+
+    cdef bint may_start(self, long long seq) noexcept:
+        cdef long long first, end
+        tr_store64(&self.words[STARTED], seq)
+        first = tr_load64(&self.words[STOP_FROM])
+        end = tr_load64(&self.words[STOP_TO])
+        return not (first <= seq < end)
+
+    cdef void finish(self, long long seq) noexcept:
+        tr_store64(&self.words[FINISHED], seq)
+
+
+def _describe(exc):
+    """An exception and its traceback text, as the parent will get them."""
+    return exc, "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+
+
+cdef class _Results:
+    """Results of consecutive runs, waiting to be sent.
+
+    The main loop adds results; they leave at the end of each batch, every
+    FLUSH_SECONDS during a long stretch of quick runs, and, from a flusher
+    thread, when a run takes long while earlier results wait.  Each change
+    the main loop makes, and the flusher's taking of what is held, runs with
+    no allocation and no Python call in between, so under the GIL neither
+    sees the other half done.
+    """
+    cdef object conn
+    cdef object send_lock
+    cdef long long first        # the number of the first run held
+    cdef list values            # one per run; None where it failed or was skipped
+    cdef dict errors            # run -> (exception, traceback text)
+    cdef list skipped
+    cdef double busy            # seconds spent in tasks
+    cdef list spans             # (first run, task name) of each group held
+    cdef double last_send
+    cdef bint stopped
+
+    def __cinit__(self, conn):
+        self.conn = conn
+        self.send_lock = threading.Lock()
+        self.values = []
+        self.errors = {}
+        self.skipped = []
+        self.spans = []
+        self.last_send = tr_monotonic()
+
+    cdef void start_group(self, long long first, str name):
+        if not self.values:
+            self.first = first
+        self.spans.append((first, name))
+
+    cdef void add(self, object value):
+        self.values.append(value)
+
+    cdef void add_error(self, object run, tuple described):
+        self.values.append(None)
+        self.errors[run] = described
+
+    cdef void add_skipped(self, object run):
+        self.values.append(None)
+        self.skipped.append(run)
+
+    cdef tuple _take(self):
+        """What is held, as a message, leaving nothing held."""
+        cdef list values = [], skipped = [], spans = []
+        cdef dict errors = {}
+        cdef list old_values, old_skipped, old_spans
+        cdef dict old_errors
+        cdef long long first
+        cdef double busy
+        if self.spans:
+            spans.append(self.spans[len(self.spans) - 1])
+        # No allocation from here to the end of the swap.
+        first = self.first
+        busy = self.busy
+        old_values, old_errors, old_skipped, old_spans = (
+            self.values, self.errors, self.skipped, self.spans)
+        self.values, self.errors, self.skipped, self.spans = values, errors, skipped, spans
+        self.first = first + len(old_values)
+        self.busy = 0.0
+        return first, old_values, old_errors, old_skipped, busy, old_spans
+
+    cdef flush(self):
+        """Send what is held, if anything."""
+        if not self.values:
+            return
+        first, values, errors, skipped, busy, spans = self._take()
+        message = ("done", first, values, errors, skipped, busy)
+        try:
+            data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            data = pickle.dumps(_picklable(message, spans), pickle.HIGHEST_PROTOCOL)
+        with self.send_lock:
+            self.conn.send_bytes(data)
+            self.last_send = tr_monotonic()
+
+    def flush_late(self):
+        """The flusher thread: send results that wait behind a long run."""
+        while not self.stopped:
+            time.sleep(FLUSH_SECONDS)
+            if self.values and tr_monotonic() - self.last_send >= FLUSH_SECONDS:
+                self.flush()
+
+
+cdef str _name_of(list spans, long long run):
+    for first, name in reversed(spans):
+        if run >= first:
+            return name
+    return "?"
+
+
+cdef tuple _picklable(tuple message, list spans):
+    """The message with each value or exception that cannot be pickled (or
+    unpickled) replaced by an error saying so: that run fails alone."""
+    _, first, values, errors, skipped, busy = message
+    cdef Py_ssize_t i
+    for i in range(len(values)):
+        run = first + i
+        try:
+            pickle.dumps(values[i], pickle.HIGHEST_PROTOCOL)
+        except Exception as err:
+            errors[run] = (pickle.PicklingError(
+                f"the result of task {_name_of(spans, run)!r}, a {type(values[i]).__name__}, "
+                f"cannot be pickled: {err}"), "")
+            values[i] = None
+    for run, (exc, text) in list(errors.items()):
+        try:
+            pickle.loads(pickle.dumps(exc, pickle.HIGHEST_PROTOCOL))
+        except Exception as err:
+            errors[run] = (pickle.PicklingError(
+                f"task {_name_of(spans, run)!r} raised {exc!r}, which cannot be pickled: "
+                f"{err}"), text)
+    return ("done", first, values, errors, skipped, busy)
+
+
+cdef class _Loop:
+    """The worker's event loop, made for its first async task."""
+    cdef object loop
+
+    cdef object run(self, coro):
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+        return self.loop.run_until_complete(coro)
+
+
+def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup):
+    """The main loop of worker `index`: run the initializer, then the
+    batches that come through `task_conn`, until None or EOF."""
+    cdef ControlBlock block = ControlBlock(shared, index)
+    cdef _Results results = _Results(result_conn)
+    cdef _Loop loop = _Loop()
+    cdef dict functions = {}
+    flusher = threading.Thread(target=results.flush_late, name="taskrunner-flusher", daemon=True)
+    try:
+        initializer, initargs = pickle.loads(setup)
+        if initializer is not None:
+            initializer(*initargs)
+    except BaseException as exc:
+        result_conn.send_bytes(pickle.dumps(("init-failed", _describe(exc)[1])))
+        return
+    result_conn.send_bytes(pickle.dumps(("ready", os.getpid())))
+    flusher.start()
+    while True:
+        try:
+            data = task_conn.recv_bytes()
+        except (EOFError, OSError):
+            break
+        message = pickle.loads(data)
+        if message is None:
+            break
+        new_functions, runs = message
+        for function_id, name, blob, is_async in new_functions:
+            try:
+                functions[function_id] = (pickle.loads(blob), is_async, name, None)
+            except BaseException as exc:
+                # Every run of it fails with the reason, not the worker.
+                functions[function_id] = (None, False, name, exc)
+        try:
+            groups = pickle.loads(runs)
+        except BaseException as exc:
+            with results.send_lock:
+                result_conn.send_bytes(pickle.dumps(("bad-batch", _describe(exc)[1])))
+            continue
+        for function_id, first, args_list, kwargs_list in groups:
+            _run_group(functions[function_id], first, args_list, kwargs_list,
+                       block, results, loop)
+        results.flush()
+    results.stopped = True
+    if loop.loop is not None:
+        loop.loop.close()
+
+
+cdef _run_group(tuple function, long long first, list args_list, list kwargs_list,
+                ControlBlock block, _Results results, _Loop loop):
+    fn, is_async, name, load_error = function
+    cdef Py_ssize_t i, n = len(args_list)
+    cdef long long run
+    cdef double start, now
+    results.start_group(first, name)
+    for i in range(n):
+        run = first + i
+        if not block.may_start(run):
+            results.add_skipped(run)
+            block.finish(run)
+            continue
+        start = tr_monotonic()
+        try:
+            if load_error is not None:
+                raise load_error
+            if kwargs_list is None or kwargs_list[i] is None:
+                value = fn(*args_list[i])
+            else:
+                value = fn(*args_list[i], **kwargs_list[i])
+            if is_async or type(value) is _CoroutineType:
+                value = loop.run(value)
+        except BaseException as exc:
+            results.add_error(run, _describe(exc))
+        else:
+            results.add(value)
+        now = tr_monotonic()
+        results.busy += now - start
+        block.finish(run)
+        if now - results.last_send >= FLUSH_SECONDS:
+            results.flush()

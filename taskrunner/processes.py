@@ -1,0 +1,785 @@
+"""ProcessPoolTaskRunner: runs tasks in worker processes.
+
+The dependency graph stays in this process: only ready runs are sent, with
+their upstream results in place of the futures.  Three kinds of threads
+serve the pool here.  The feeder takes ready runs from the engine as workers
+have room and splits them into batches, sized so that a batch takes about
+BATCH_SECONDS of the workers' time (from the task durations they report) and
+no worker is left idle while runs wait.  One sender per worker writes its
+batches to the worker's pipe, so a slow reader never holds the others up.
+The receiver reads results as they stream back and completes their runs;
+it also watches the worker processes and replaces any that dies, running
+again what the dead one had not finished, except the run that killed it,
+which ends CRASHED.
+
+Each worker shares a control block with this process (see _worker.pyx): the
+run it started last, the run it finished last, and a window of runs it must
+not start.  That is how a dead worker's runs are told apart, and how runs
+sent but not started are taken back (cancel() and cancel_all()).
+"""
+
+import collections
+import itertools
+import logging
+import multiprocessing
+import os
+import pickle
+import queue
+import signal
+import threading
+import time
+from multiprocessing import connection
+
+import cloudpickle
+
+from taskrunner._calls import call_spec
+from taskrunner._engine import Engine
+from taskrunner._graph import STATES
+from taskrunner._worker import BLOCK_WORDS, ControlBlock, serve
+from taskrunner.base import EngineTaskRunner
+from taskrunner.exceptions import CrashedRun, TaskRunnerError
+from taskrunner.futures import TaskFuture
+
+__all__ = ["ProcessPoolTaskRunner"]
+
+_log = logging.getLogger("taskrunner")
+
+_COMPLETED, _FAILED, _CRASHED = STATES["COMPLETED"], STATES["FAILED"], STATES["CRASHED"]
+
+BATCH_SECONDS = 0.01        # worker time one batch aims to take
+MAX_BATCH = 20_000          # runs in one batch at most
+_FIRST_GUESS = 0.001        # seconds a run takes, before any was timed
+_UNLIMITED = 2**30          # the engine's running limit: the feeder sets the pace
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of an exception raised in a worker process, attached
+    as that exception's __cause__."""
+
+    def __init__(self, text):
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self):
+        return f'\n"""\n{self.text}"""'
+
+
+class ProcessPoolTaskRunner(EngineTaskRunner):
+    """Runs tasks in up to `max_workers` worker processes (default: the
+    number of CPUs).
+
+    `initializer(*initargs)` runs once in each worker before its first task;
+    `mp_context` is a start method name or a multiprocessing context
+    ("spawn" by default).  Tasks, their parameters and results travel with
+    cloudpickle, so lambdas and closures work; each task function is
+    serialised once per runner.
+    """
+
+    def __init__(self, max_workers=None, initializer=None, initargs=(), mp_context=None):
+        if max_workers is None:
+            max_workers = os.cpu_count() or 1
+        elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
+            raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
+        elif max_workers < 1:
+            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        if initializer is not None and not callable(initializer):
+            raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
+        try:
+            initargs = tuple(initargs)
+        except TypeError:
+            raise TypeError(
+                f"initargs must be a tuple of arguments, not {type(initargs).__name__}") from None
+        self._max_workers = max_workers
+        self._initializer = initializer
+        self._initargs = initargs
+        self._mp_context = mp_context
+        self._context = _context_of(mp_context)
+        self._setup = _dumps_checked((initializer, initargs), "initializer and initargs")
+        self._pool = None
+
+    @property
+    def name(self):
+        return "processpool"
+
+    @property
+    def max_workers(self):
+        return self._max_workers
+
+    def duplicate(self):
+        return type(self)(max_workers=self._max_workers, initializer=self._initializer,
+                          initargs=self._initargs, mp_context=self._mp_context)
+
+    def submit(self, task, parameters=None, wait_for=None, dependencies=None):
+        engine = self._started()
+        self._pool.function_of(task)
+        if parameters is not None and hasattr(parameters, "items"):
+            for name, value in parameters.items():
+                _check_picklable(value, f"parameter {name!r}")
+        return engine.submit(task, parameters, wait_for, dependencies)
+
+    def map(self, task, parameters, wait_for=None):
+        engine = self._started()
+        self._pool.function_of(task)
+        if hasattr(parameters, "items"):
+            parameters = {name: _checked_map_value(name, value)
+                          for name, value in parameters.items()}
+        return engine.map(task, parameters, wait_for)
+
+    def _start(self):
+        engine = Engine(_UNLIMITED, None, self._recall)
+        self._pool = _Pool(engine, self._context, self._max_workers, self._setup)
+        try:
+            self._pool.start()
+        except BaseException:
+            self._pool.stop()
+            self._pool = None
+            engine.close()
+            raise
+        return engine
+
+    def _recall(self, future):
+        return self._pool.recall(future)
+
+    def _stop(self):
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.stop()
+
+    def __repr__(self):
+        return f"ProcessPoolTaskRunner(max_workers={self._max_workers})"
+
+
+def _context_of(mp_context):
+    if mp_context is None:
+        return multiprocessing.get_context("spawn")
+    if isinstance(mp_context, str):
+        try:
+            return multiprocessing.get_context(mp_context)
+        except ValueError:
+            raise ValueError(
+                f"mp_context {mp_context!r} is not a start method here; use one of "
+                f"{multiprocessing.get_all_start_methods()}") from None
+    if not hasattr(mp_context, "Process"):
+        raise TypeError(
+            f"mp_context must be a start method name or a multiprocessing context, "
+            f"not {type(mp_context).__name__}")
+    return mp_context
+
+
+# -- what crosses to the workers ------------------------------------------------
+
+def _dumps(value):
+    """Pickle by reference where possible (fast), by value where needed
+    (lambdas, closures, classes of __main__)."""
+    try:
+        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+
+def _check_picklable(value, what):
+    """TypeError naming `what` if `value` (futures aside) cannot be pickled."""
+    if type(value) is TaskFuture:
+        return
+    try:
+        _dumps(value)
+    except Exception:
+        try:
+            _FutureStub(_Discard(), pickle.HIGHEST_PROTOCOL).dump(value)
+        except Exception as error:
+            raise TypeError(
+                f"{what} cannot be pickled to go to a worker process: {error}") from error
+
+
+class _Discard:
+    def write(self, data):
+        return len(data)
+
+
+class _FutureStub(cloudpickle.CloudPickler):
+    """Pickles a value with its futures left out: they are replaced by their
+    results before the run is sent."""
+
+    def persistent_id(self, obj):
+        return id(obj) if isinstance(obj, TaskFuture) else None
+
+
+def _dumps_checked(value, what):
+    try:
+        return cloudpickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception as error:
+        raise TypeError(f"{what} cannot be pickled to go to a worker process: {error}") from error
+
+
+def _checked_map_value(name, value):
+    """A mapped parameter, checked for pickling before anything is scheduled;
+    an iterator is read into a list so it can be checked and then mapped."""
+    from taskrunner.annotations import unmapped
+
+    if isinstance(value, unmapped):
+        _check_picklable(value.value, f"parameter {name!r}")
+        return value
+    if isinstance(value, (str, bytes, range, TaskFuture)) or not hasattr(value, "__iter__"):
+        _check_picklable(value, f"parameter {name!r}")
+        return value
+    if not isinstance(value, (list, tuple)):
+        value = list(value)
+    try:
+        _dumps(value)
+    except Exception:
+        for index, item in enumerate(value):
+            _check_picklable(item, f"item {index} of parameter {name!r}")
+    return value
+
+
+# -- the pool -------------------------------------------------------------------
+
+class _Worker:
+    """This process's view of one worker process."""
+
+    def __init__(self, index, process, tasks, results, block):
+        self.index = index
+        self.process = process
+        self.tasks = tasks                  # our end of the pipe runs go down
+        self.results = results              # our end of the pipe results come up
+        self.block = block
+        self.outbox = queue.SimpleQueue()   # pickled batches for the sender
+        self.functions = set()              # function ids it has
+        self.next_run = 0                   # number of the next run sent
+        self.in_flight = collections.deque()    # [first run, futures, taken] per batch
+        self.count = 0                      # runs in flight
+        self.given_back = set()             # runs in flight no longer ours
+        self.cancel_if_skipped = set()      # given back if it skips them: cancelled
+        self.ready = False
+        self.by_value = False               # its batches go pickled by value
+        self.sender = None
+
+    def enter_flight(self, futures):
+        """Number a batch and count it in flight; returns its first run."""
+        first = self.next_run
+        self.next_run += len(futures)
+        self.in_flight.append([first, futures, 0])
+        self.count += len(futures)
+        return first
+
+    def take_range(self, first, count):
+        """The futures of runs first .. first+count-1, leaving flight."""
+        out = []
+        while count:
+            batch = self.in_flight[0]
+            start, futures, taken = batch
+            if start + taken != first:
+                raise AssertionError(f"worker {self.index}: results out of order")
+            n = min(count, len(futures) - taken)
+            out.extend(futures[taken:taken + n])
+            batch[2] += n
+            if batch[2] == len(futures):
+                self.in_flight.popleft()
+            first += n
+            count -= n
+        self.count -= len(out)
+        return out
+
+    def run_of(self, future):
+        """The number of `future`'s run if it is in flight here and ours."""
+        return next((run for run, f in self.runs_from(0)
+                     if f is future and run not in self.given_back), None)
+
+    def runs_from(self, first):
+        """(run, future) for every run in flight numbered `first` or later."""
+        for start, futures, taken in self.in_flight:
+            for i in range(max(taken, first - start), len(futures)):
+                yield start + i, futures[i]
+
+
+class _Pool:
+    """The worker processes of one entered runner, and its threads."""
+
+    def __init__(self, engine, context, size, setup):
+        self.engine = engine
+        self.context = context
+        self.size = size
+        self.setup = setup
+        self.shared = context.RawArray("q", size * BLOCK_WORDS)
+        self.workers = []
+        self.lock = threading.Lock()
+        self.room = threading.Condition(self.lock)
+        self.closing = False
+        self.functions = {}                 # id(task) -> (task, function id, name, blob, is_async)
+        self.function_ids = itertools.count()
+        self.seconds_per_run = _FIRST_GUESS
+        self.wake_read, self.wake_write = os.pipe()
+        self.threads = []
+        self.failure = None                 # why no worker can run tasks, if none can
+        self.early_deaths = 0               # workers in a row that died before ready
+
+    # -- functions ------------------------------------------------------------
+
+    def function_of(self, task):
+        """(function id, name, blob, is_async) of a task, pickled once per
+        runner; TypeError if it cannot be pickled."""
+        found = self.functions.get(id(task))
+        if found is None or found[0] is not task:
+            spec = call_spec(task)
+            blob = _dumps_checked(spec.fn, f"task {spec.name!r}")
+            found = (task, next(self.function_ids), spec.name, blob, spec.is_async)
+            self.functions[id(task)] = found
+        return found[1:]
+
+    # -- starting and stopping ---------------------------------------------------
+
+    def start(self):
+        for index in range(self.size):
+            self.workers.append(self._spawn(index))
+        for target, name in ((self._feed, "feeder"), (self._receive, "receiver")):
+            thread = threading.Thread(target=target, name=f"taskrunner-{name}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+
+    def _spawn(self, index):
+        block = ControlBlock(self.shared, index)
+        block.reset()
+        task_read, task_write = self.context.Pipe(duplex=False)
+        result_read, result_write = self.context.Pipe(duplex=False)
+        process = self.context.Process(
+            target=serve, args=(task_read, result_write, self.shared, index, self.setup),
+            name=f"taskrunner-worker-{index}", daemon=True)
+        process.start()
+        task_read.close()
+        result_write.close()
+        worker = _Worker(index, process, task_write, result_read, block)
+        worker.sender = threading.Thread(target=self._send, args=(worker,), daemon=True,
+                                         name=f"taskrunner-sender-{index}")
+        worker.sender.start()
+        return worker
+
+    def stop(self):
+        """Stop the workers and the threads; no worker process outlives this."""
+        with self.lock:
+            self.closing = True
+            self.room.notify_all()
+            workers = list(self.workers)
+        self.engine.close()
+        for worker in workers:
+            worker.outbox.put(None)
+        self._wake()
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join()
+        for worker in workers:
+            worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.terminate()
+                worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.sender.join()
+            worker.tasks.close()
+            worker.results.close()
+        os.close(self.wake_read)
+        os.close(self.wake_write)
+
+    def _wake(self):
+        try:
+            os.write(self.wake_write, b"x")
+        except OSError:
+            pass
+
+    # -- sending ----------------------------------------------------------------
+
+    def _batch_size(self):
+        return max(1, min(MAX_BATCH, int(BATCH_SECONDS / self.seconds_per_run)))
+
+    def _feed(self):
+        """Take ready runs as workers have room, and send them in batches."""
+        engine = self.engine
+        while True:
+            with self.lock:
+                while not self.closing and self.failure is None and self._free_room() == 0:
+                    self.room.wait()
+                if self.closing:
+                    return
+                failure = self.failure
+                room = self._free_room() if failure is None else MAX_BATCH
+            futures = engine.take_ready(room)
+            if futures is None:
+                return
+            if failure is not None:
+                engine.finish(futures, [failure] * len(futures), [_CRASHED] * len(futures))
+                continue
+            with self.lock:
+                if self.closing:
+                    engine.give_back(futures, True)
+                    return
+                plan = self._plan(futures)
+            for worker, batch, first in plan:
+                try:
+                    self._send_batch(worker, batch, first, worker.by_value)
+                except Exception as error:     # a bug: fail the batch, never the feeder
+                    _log.exception("could not send runs to a worker")
+                    self._fail_in_flight(worker, batch, error)
+
+    def _free_room(self):
+        limit = 2 * self._batch_size()
+        return sum(max(0, limit - w.count) for w in self.workers if w.ready)
+
+    def _plan(self, futures):
+        """Split `futures` among the workers with room, least loaded first,
+        evenly, in batches of at most the batch size, and put them in
+        flight: [(worker, batch, its first run number)].  Lock held."""
+        size = self._batch_size()
+        limit = 2 * size
+        open_workers = sorted((w for w in self.workers if w.ready and w.count < limit),
+                              key=lambda w: w.count)
+        plan = []
+        start = 0
+        for i, worker in enumerate(open_workers):
+            left = len(futures) - start
+            if left == 0:
+                break
+            share = min(limit - worker.count, -(-left // (len(open_workers) - i)))
+            for first in range(start, start + share, size):
+                batch = futures[first:min(first + size, start + share)]
+                plan.append((worker, batch, worker.enter_flight(batch)))
+            start += share
+        if start < len(futures):
+            self.engine.give_back(futures[start:], False)
+        return plan
+
+    def _bad_batch(self, worker, text):
+        """The worker could not unpickle its next batch (an object of a
+        __main__ it cannot import, say): send it again pickled by value, or
+        if that was already so, fail its runs with the reason."""
+        with self.lock:
+            start, futures, taken = worker.in_flight[0]
+            futures = worker.take_range(start + taken, len(futures) - taken)
+            again = not worker.by_value
+            worker.by_value = True
+            if again:
+                first = worker.enter_flight(futures)
+        if again:
+            self._send_batch(worker, futures, first, by_value=True)
+        else:
+            error = TaskRunnerError(f"a worker process could not unpickle these runs:\n{text}")
+            self.engine.finish(futures, [error] * len(futures), [_FAILED] * len(futures))
+
+    def _send_batch(self, worker, futures, run, by_value):
+        """Pickle a batch in flight to `worker`, its first run numbered
+        `run`, and hand it to the worker's sender."""
+        groups = self.engine.calls_of(futures)
+        new_functions = []
+        wire = []
+        with self.lock:
+            for spec, args_list, kwargs_list in groups:
+                function_id, name, blob, is_async = self.function_of(spec.task)
+                if function_id not in worker.functions:
+                    worker.functions.add(function_id)
+                    new_functions.append((function_id, name, blob, is_async))
+                wire.append((function_id, run, args_list, kwargs_list))
+                run += len(args_list)
+        # Functions go apart from the arguments: if the worker cannot load
+        # the arguments, it has the functions all the same.
+        try:
+            runs = (cloudpickle.dumps if by_value else _dumps)(wire)
+        except Exception as error:
+            runs = self._fail_unpicklable(worker, wire, error)
+        worker.outbox.put(pickle.dumps((new_functions, runs), pickle.HIGHEST_PROTOCOL))
+
+    def _fail_unpicklable(self, worker, wire, error):
+        """A batch did not pickle (an upstream's result, say): fail the runs
+        that do not, and return the rest pickled."""
+        bad = []
+        kept = []
+        for function_id, first, args_list, kwargs_list in wire:
+            for i, args in enumerate(args_list):
+                kwargs = kwargs_list[i] if kwargs_list else None
+                try:
+                    _dumps((args, kwargs))
+                    kept.append((function_id, first + i, [args], [kwargs]))
+                except Exception as err:
+                    bad.append((first + i, err))
+        with self.lock:
+            numbers = {run for run, _ in bad}
+            failed = [f for run, f in worker.runs_from(0) if run in numbers]
+            worker.given_back.update(numbers)
+        self.engine.finish(
+            failed,
+            [TypeError(f"the arguments of this run cannot be pickled to go to a worker "
+                       f"process: {err}") for _, err in bad],
+            [_FAILED] * len(failed))
+        return _dumps(kept)
+
+    def _fail_in_flight(self, worker, futures, error):
+        with self.lock:
+            numbers = {run for run, f in worker.runs_from(0) if any(f is g for g in futures)}
+            worker.given_back.update(numbers)
+        self.engine.finish(futures, [error] * len(futures), [_FAILED] * len(futures))
+
+    def _send(self, worker):
+        while True:
+            data = worker.outbox.get()
+            if data is None:
+                try:
+                    worker.tasks.send_bytes(pickle.dumps(None))
+                except OSError:
+                    pass
+                return
+            try:
+                worker.tasks.send_bytes(data)
+            except OSError:
+                return      # it died; the receiver takes care of its runs
+
+    # -- taking runs back ----------------------------------------------------------
+
+    def recall(self, future):
+        """Take back runs sent but not started: `future`'s, to cancel it
+        (True if it surely never started), or with None every such run, to
+        cancel them all."""
+        cancelled, requeued = [], []
+        found = False
+        with self.lock:
+            for worker in self.workers:
+                first = worker.block.started + 1 if future is None else worker.run_of(future)
+                if first is not None:
+                    found = True
+                    self._take_back(worker, first, future, cancelled, requeued)
+            self.room.notify_all()
+        self._give_back(cancelled, requeued)
+        if future is None:
+            return False
+        if not found and future.state.is_running():
+            # Between the feeder taking it and putting it in flight, or
+            # between the receiver reading its result and finishing it, a
+            # run is in no worker's flight for a few microseconds.
+            time.sleep(0.001)
+            return self.recall(future)
+        return any(f is future for f in cancelled)
+
+    def _rebalance(self):
+        """A worker is idle and no run is ready, while another worker has
+        runs waiting behind the one it runs (a long one, say): take half of
+        those back, for the feeder to hand out again."""
+        requeued = []
+        with self.lock:
+            if self.closing or self.engine.ready_count:
+                return
+            ready = [w for w in self.workers if w.ready]
+            if not any(w.count == 0 for w in ready):
+                return
+            busiest = max(ready, key=lambda w: w.count)
+            waiting = [run for run, _ in busiest.runs_from(busiest.block.started + 1)
+                       if run not in busiest.given_back]
+            if not waiting:
+                return
+            first = waiting[len(waiting) // 2]
+            self._take_back(busiest, first, None, [], requeued, cancel=False)
+        self._give_back([], requeued)
+
+    def _take_back(self, worker, first, target, cancelled, requeued, cancel=True):
+        """Stop `worker` before run `first` and take back what surely never
+        starts: `target` (every such run if None, when `cancel`) is to be
+        cancelled, the rest requeued.  Runs that may have started just now
+        stay in flight; if the worker reports them skipped they are requeued,
+        or with `target` None (cancel_all) cancelled.  Lock held."""
+        end = worker.next_run
+        if first >= end:
+            return
+        old_first, old_end = worker.block.stop_window
+        if worker.block.started < old_end - 1:          # the old window still matters
+            first, end = min(first, old_first), max(end, old_end)
+        started = worker.block.stop(first, end)
+        for run, future in list(worker.runs_from(first)):
+            if run in worker.given_back:
+                continue
+            is_target = cancel and (target is None or future is target)
+            if run > started:                           # surely never starts
+                worker.given_back.add(run)
+                worker.count -= 1
+                (cancelled if is_target else requeued).append(future)
+            elif is_target and target is None:
+                worker.cancel_if_skipped.add(run)
+
+    def _give_back(self, cancelled, requeued):
+        if requeued:
+            self.engine.give_back(requeued, False)
+        if cancelled:
+            self.engine.give_back(cancelled, True)
+
+    # -- receiving -----------------------------------------------------------------
+
+    def _receive(self):
+        """Read results and watch the workers until the pool stops."""
+        while True:
+            with self.lock:
+                workers = list(self.workers)
+                if self.closing and not any(w.process.is_alive() for w in workers):
+                    return
+            waiting = {self.wake_read: None}
+            for worker in workers:
+                waiting[worker.results] = worker
+                waiting[worker.process.sentinel] = worker
+            for ready in connection.wait(list(waiting)):
+                worker = waiting[ready]
+                try:
+                    self._attend(ready, worker)
+                except Exception:               # a bug: log it, never lose the receiver
+                    _log.exception("error handling a message from a worker")
+            if self.closing and not any(w.process.is_alive() for w in self.workers):
+                return
+
+    def _attend(self, ready, worker):
+        if worker is None:
+            os.read(self.wake_read, 4096)
+        elif worker not in self.workers:
+            return                              # already replaced this round
+        elif ready is worker.results and self._read(worker):
+            return
+        else:
+            worker.process.join(timeout=5)      # its pipe closed: it is exiting
+            self._drain(worker)
+            self._lost(worker)
+
+    def _read(self, worker):
+        """One message from `worker`; False at EOF (it died)."""
+        try:
+            data = worker.results.recv_bytes()
+        except (EOFError, OSError):
+            return False
+        message = pickle.loads(data)
+        kind = message[0]
+        if kind == "done":
+            self._done(worker, *message[1:])
+        elif kind == "ready":
+            with self.lock:
+                worker.ready = True
+                self.room.notify_all()
+            self._rebalance()
+        elif kind == "init-failed":
+            self._broken(CrashedRun(f"the worker initializer failed:\n{message[1]}"))
+        elif kind == "bad-batch":
+            self._bad_batch(worker, message[1])
+        return True
+
+    def _drain(self, worker):
+        """Read what a worker sent before it exited."""
+        while True:
+            try:
+                if not worker.results.poll():
+                    return
+            except (EOFError, OSError):
+                return
+            if not self._read(worker):
+                return
+
+    def _done(self, worker, first, values, errors, skipped, busy):
+        count = len(values)
+        with self.lock:
+            futures = worker.take_range(first, count)
+            if count:
+                ran = count - len(skipped)
+                if ran:
+                    # The batch size follows what runs cost, smoothed.
+                    self.seconds_per_run = 0.7 * self.seconds_per_run + 0.3 * max(busy / ran, 1e-7)
+            given_back = worker.given_back
+            cancel_if_skipped = worker.cancel_if_skipped
+            if given_back or errors or skipped:
+                ours, ok_values, states = [], [], []
+                back, cancel = [], []
+                skipped = set(skipped)
+                for i, future in enumerate(futures):
+                    run = first + i
+                    if run in given_back:
+                        given_back.discard(run)
+                        worker.count += 1       # take_range counted it out already
+                        continue
+                    if run in skipped:
+                        (cancel if run in cancel_if_skipped else back).append(future)
+                        cancel_if_skipped.discard(run)
+                        continue
+                    cancel_if_skipped.discard(run)
+                    ours.append(future)
+                    if run in errors:
+                        ok_values.append(_remote_error(*errors[run]))
+                        states.append(_FAILED)
+                    else:
+                        ok_values.append(values[i])
+                        states.append(_COMPLETED)
+                futures, values = ours, ok_values
+            else:
+                back = cancel = ()
+                states = [_COMPLETED] * count
+            self.room.notify_all()
+        self._give_back(cancel, back)
+        if futures:
+            self.engine.finish(futures, values, states)
+        self._rebalance()
+
+    def _lost(self, worker):
+        """A worker died: the run it was running ends CRASHED, its other
+        runs go back to be run again, and a new worker takes its place."""
+        code = worker.process.exitcode
+        if not worker.ready and not self.closing:
+            self.early_deaths += 1
+            if self.early_deaths >= 3:
+                self._broken(CrashedRun(
+                    f"worker processes die before they can run tasks (the last one "
+                    f"{_how_it_ended(code)}); is the main module importable by a new "
+                    f"interpreter?"))
+        elif worker.ready:
+            self.early_deaths = 0
+        with self.lock:
+            started, finished = worker.block.started, worker.block.finished
+            crashed, rerun = [], []
+            for run, future in worker.runs_from(0):
+                if run in worker.given_back:
+                    continue
+                if run == started and started > finished:
+                    crashed.append(future)
+                else:
+                    rerun.append(future)
+            worker.in_flight.clear()
+            worker.count = 0
+            replace = not self.closing and self.failure is None
+            if replace:
+                self.workers[self.workers.index(worker)] = self._spawn(worker.index)
+            else:
+                self.workers.remove(worker)
+            self.room.notify_all()
+        worker.outbox.put(None)
+        worker.tasks.close()
+        worker.results.close()
+        if crashed:
+            self.engine.finish(crashed, [_crash_error(crashed[0], worker.process.pid, code)],
+                               [_CRASHED])
+        if rerun:
+            self.engine.give_back(rerun, False)
+
+    def _broken(self, error):
+        """No worker can run tasks (the initializer raises, say): every run
+        ends CRASHED with `error`, now and from now on."""
+        with self.lock:
+            if self.failure is None:
+                self.failure = error
+            self.room.notify_all()
+
+
+def _remote_error(exc, text):
+    if text:
+        exc.__cause__ = _RemoteTraceback(text)
+    return exc
+
+
+def _how_it_ended(code):
+    if code is not None and code < 0:
+        try:
+            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _crash_error(future, pid, code):
+    return CrashedRun(
+        f"the worker process (pid {pid}) running task run {future.task_name!r} "
+        f"({future.task_run_id}) died: it {_how_it_ended(code)}")
