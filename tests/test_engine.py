@@ -240,3 +240,39 @@ def test_ctrl_c_in_exit_cancels_what_has_not_started():
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split()[0] == "Completed"
     assert "Cancelled" in proc.stdout
+
+
+def test_a_runner_keeping_results_elsewhere_hands_out_handles_and_fetches():
+    # The engine interface a cluster runner uses: finish() with handles,
+    # downstream runs get the handles, result() fetches, fetched() replaces.
+    from taskrunner._engine import Engine
+    from taskrunner._graph import STATES
+
+    store = {"h1": 41}
+    fetches = []
+
+    def fetch(handle, timeout):
+        fetches.append(handle)
+        return store[handle]
+
+    engine = Engine(4, None, None, fetch)
+    try:
+        up = engine.submit(lambda: None)
+        down = engine.submit(lambda x: x, {"x": up})
+        [taken] = engine.take_ready(10, 0)
+        assert taken is up
+        engine.finish([up], ["h1"], [STATES["COMPLETED"]])
+        [taken] = engine.take_ready(10, 0)
+        [(spec, args_list, kwargs_list)] = engine.calls_of([down])
+        assert args_list == [("h1",)]            # the handle, not the value
+        assert fetches == []
+        assert up.result() == 41 and fetches == ["h1"]
+        engine.fetched([up], [42])
+        assert up.result() == 42 and fetches == ["h1"]
+        with pytest.raises(ValueError):
+            engine.fetched([up], [43])           # holds no handle any more
+        engine.finish([down], [ValueError("no")], [STATES["FAILED"]])
+        assert isinstance(down.exception(), ValueError)
+    finally:
+        engine.shutdown(True)
+        engine.close()

@@ -25,7 +25,7 @@ from libc.stdint cimport int32_t, uint8_t
 
 from taskrunner._calls cimport CallSpec, as_params, spec_of, untracked_if_atomic
 from taskrunner._futures cimport (
-    PyObject_GC_UnTrack, HAS_OUTSIDE, NEEDS_RESOLVE, Consumer, EngineBase, FutureList, TaskFuture,
+    PyObject_GC_UnTrack, HAS_OUTSIDE, NEEDS_RESOLVE, REMOTE_VALUE, Consumer, EngineBase, FutureList, TaskFuture,
     consumer_begin, consumer_end, deadline_of, hold, let_go, new_future, until_signal_check,
 )
 from taskrunner._graph cimport (
@@ -63,14 +63,19 @@ cdef class Engine(EngineBase):
     elsewhere takes them with take_ready() and ends them with finish() or
     give_back(); its `recall(future)` hook is asked to un-start a taken run
     that cancel() names (True if it could), and `recall(None)`, by
-    cancel_all(), every taken run that has not started.
+    cancel_all(), every taken run that has not started.  A runner whose
+    results stay where the runs ran gives `fetch(value, timeout)`: the
+    values it passes to finish() for completed runs are then handles,
+    handed as they are to downstream runs, and result() calls fetch to get
+    what one stands for.
     """
 
-    def __cinit__(self, int max_running, spawn_consumer=None, recall=None):
+    def __cinit__(self, int max_running, spawn_consumer=None, recall=None, fetch=None):
         self.graph = Graph(max_running, spawn_consumer is not None)
         self._specs = {}
         self._spawn_consumer = spawn_consumer
         self._recall = recall
+        self.fetch = fetch
 
     cdef CallSpec _spec_for(self, object task):
         cdef CallSpec spec = self._last_spec
@@ -497,6 +502,8 @@ cdef class Engine(EngineBase):
             fut._value = values[i]
             fut._args = None
             fut._kwargs = None
+            if self.fetch is not None and states[i] == COMPLETED:
+                fut._flags |= REMOTE_VALUE
         graph.lock()
         for i in range(n):
             fut = <TaskFuture>futures[i]
@@ -508,6 +515,20 @@ cdef class Engine(EngineBase):
             fut = <TaskFuture>futures[i]
             fut._fire_callbacks()
             let_go(fut)
+
+    def fetched(self, list futures, list values):
+        """Put values[i], fetched, in place of the handle futures[i] (a
+        completed run) holds, so that its result outlives the place where it
+        was kept."""
+        cdef TaskFuture fut
+        if len(values) != len(futures):
+            raise ValueError("futures and values differ in length")
+        for i in range(len(futures)):
+            fut = <TaskFuture?>futures[i]
+            if fut._engine is not self or not (fut._flags & REMOTE_VALUE):
+                raise ValueError(f"{fut!r} holds no handle of this engine")
+            fut._value = values[i]
+            fut._flags &= ~REMOTE_VALUE
 
     def give_back(self, list futures, bint cancel):
         """Taken runs that never started: back to the ready queue, or (with

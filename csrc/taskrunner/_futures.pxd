@@ -23,6 +23,7 @@ cdef enum:
     NEEDS_RESOLVE = 1     # its arguments hold futures or annotations to replace
     CALLBACKS_FIRED = 2   # done callbacks ran (or are running): later ones run at once
     HAS_OUTSIDE = 4       # waits for a future of another runner
+    REMOTE_VALUE = 8      # _value stands for a result kept elsewhere: engine.fetch gets it
 
 cdef class TaskFuture
 
@@ -30,6 +31,9 @@ cdef class TaskFuture
 cdef class EngineBase:
     """What futures need of the engine that made them."""
     cdef readonly Graph graph
+    # fetch(value, timeout): the result a REMOTE_VALUE stands for (None if
+    # this engine's runners keep every result here)
+    cdef object fetch
 
     cdef void _spawn(self, int32_t n)
     cdef bint _cancel(self, TaskFuture fut) except -1

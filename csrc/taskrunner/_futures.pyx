@@ -307,6 +307,8 @@ cdef class TaskFuture:
         the run is not final within `timeout` seconds."""
         cdef uint8_t state = self._final_state(timeout)
         if state == COMPLETED:
+            if self._flags & REMOTE_VALUE:
+                return self._engine.fetch(self._value, timeout)
             return self._value
         error = self._error(state)
         if raise_on_failure:
@@ -368,7 +370,7 @@ cdef class FutureList(list):
             fut = <object>PyList_GET_ITEM(self, i)
             if type(fut) is TaskFuture:
                 tf = <TaskFuture>fut
-                if tf._state() == COMPLETED:
+                if tf._state() == COMPLETED and not (tf._flags & REMOTE_VALUE):
                     results[i] = tf._value
                     continue
             results[i] = fut.result(remaining(deadline), raise_on_failure)
