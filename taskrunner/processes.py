@@ -311,6 +311,7 @@ class _Pool:
         self.wake_read, self.wake_write = os.pipe()
         self.threads = []
         self.failure = None                 # why no worker can run tasks, if none can
+        self.recalled_epoch = 0             # graph.cancel_epoch that recall(None) last saw
         self.early_deaths = 0               # workers in a row that died before ready
 
     # -- functions ------------------------------------------------------------
@@ -412,6 +413,11 @@ class _Pool:
                 if self.closing:
                     engine.give_back(futures, True)
                     return
+                if engine.taken_epoch < self.recalled_epoch:
+                    # cancel_all() came between our taking these and now,
+                    # and its recall could not see them: they never started.
+                    engine.give_back(futures, True)
+                    continue
                 plan = self._plan(futures)
             for worker, batch, first in plan:
                 try:
@@ -421,16 +427,15 @@ class _Pool:
                     self._fail_in_flight(worker, batch, error)
 
     def _free_room(self):
-        limit = 2 * self._batch_size()
-        return sum(max(0, limit - w.count) for w in self.workers if w.ready)
+        size = self._batch_size()
+        return sum(_room_of(w, size) for w in self.workers)
 
     def _plan(self, futures):
         """Split `futures` among the workers with room, least loaded first,
         evenly, in batches of at most the batch size, and put them in
         flight: [(worker, batch, its first run number)].  Lock held."""
         size = self._batch_size()
-        limit = 2 * size
-        open_workers = sorted((w for w in self.workers if w.ready and w.count < limit),
+        open_workers = sorted((w for w in self.workers if _room_of(w, size)),
                               key=lambda w: w.count)
         plan = []
         start = 0
@@ -438,11 +443,15 @@ class _Pool:
             left = len(futures) - start
             if left == 0:
                 break
-            share = min(limit - worker.count, -(-left // (len(open_workers) - i)))
-            for first in range(start, start + share, size):
-                batch = futures[first:min(first + size, start + share)]
+            share = min(_room_of(worker, size), -(-left // (len(open_workers) - i)))
+            # Whole batches, the odd remainder first: when it is done the
+            # worker still has a whole batch to run while the next is sent.
+            end = start + share
+            cut = start + share % size if share % size else start + size
+            while start < end:
+                batch = futures[start:cut]
                 plan.append((worker, batch, worker.enter_flight(batch)))
-            start += share
+                start, cut = cut, cut + size
         if start < len(futures):
             self.engine.give_back(futures[start:], False)
         return plan
@@ -467,16 +476,16 @@ class _Pool:
     def _send_batch(self, worker, futures, run, by_value):
         """Pickle a batch in flight to `worker`, its first run numbered
         `run`, and hand it to the worker's sender."""
-        groups = self.engine.calls_of(futures)
+        groups = self.engine.calls_of(futures, True)
         new_functions = []
         wire = []
         with self.lock:
-            for spec, args_list, kwargs_list in groups:
+            for spec, args_list, kwargs_list, single in groups:
                 function_id, name, blob, is_async = self.function_of(spec.task)
                 if function_id not in worker.functions:
                     worker.functions.add(function_id)
                     new_functions.append((function_id, name, blob, is_async))
-                wire.append((function_id, run, args_list, kwargs_list))
+                wire.append((function_id, run, args_list, kwargs_list, single))
                 run += len(args_list)
         # Functions go apart from the arguments: if the worker cannot load
         # the arguments, it has the functions all the same.
@@ -491,12 +500,12 @@ class _Pool:
         that do not, and return the rest pickled."""
         bad = []
         kept = []
-        for function_id, first, args_list, kwargs_list in wire:
+        for function_id, first, args_list, kwargs_list, single in wire:
             for i, args in enumerate(args_list):
                 kwargs = kwargs_list[i] if kwargs_list else None
                 try:
                     _dumps((args, kwargs))
-                    kept.append((function_id, first + i, [args], [kwargs]))
+                    kept.append((function_id, first + i, [args], [kwargs], single))
                 except Exception as err:
                     bad.append((first + i, err))
         with self.lock:
@@ -539,6 +548,8 @@ class _Pool:
         cancelled, requeued = [], []
         found = False
         with self.lock:
+            if future is None:
+                self.recalled_epoch = self.engine.graph.cancel_epoch
             for worker in self.workers:
                 first = worker.block.started + 1 if future is None else worker.run_of(future)
                 if first is not None:
@@ -762,6 +773,17 @@ class _Pool:
             if self.failure is None:
                 self.failure = error
             self.room.notify_all()
+
+
+def _room_of(worker, size):
+    """How many runs `worker` may be sent now.  It holds up to two batches,
+    one running and one waiting, and gets another only when a whole batch
+    has room: topping it up as each result comes back would split the work
+    into many small messages, each costing as much as a large one."""
+    if not worker.ready:
+        return 0
+    room = 2 * size - worker.count
+    return room if room >= size else 0
 
 
 def _remote_error(exc, text):

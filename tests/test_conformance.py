@@ -809,6 +809,25 @@ def test_map_results_keep_input_order_when_completion_order_differs(runner_facto
         assert futures.result(timeout=20) == [i * 10 for i in range(n)]
 
 
+def test_map_items_of_every_kind_reach_the_task_as_they_are(runner_factory):
+    # None, tuples and empty tuples among the items: each call gets its item
+    # as its one argument, never unpacked or taken for "no argument".
+    items = [None, (), (1, 2), [3], 0, "s", None]
+    with runner_factory() as r:
+        futures = r.map(rt.identity, {"x": items})
+        assert futures.result(timeout=20) == items
+        described = r.map(rt.concat, {"x": [None, (1,)], "s": unmapped("!")})
+        assert described.result(timeout=20) == ["None:!", "(1,):!"]
+
+
+def test_map_with_keyword_parameters_beside_the_mapped_one(runner_factory):
+    with runner_factory() as r:
+        futures = r.map(rt.kwonly, {"x": [1, 2, 3], "y": unmapped(10)})
+        assert futures.result(timeout=20) == [10, 20, 30]
+        futures = r.map(rt.with_kwargs, {"a": [None, 2], "b": unmapped(1)})
+        assert futures.result(timeout=20) == [{"a": None, "b": 1}, {"a": 2, "b": 1}]
+
+
 def test_map_zips_iterables(runner_factory):
     with runner_factory() as r:
         assert r.map(rt.add, {"x": [1, 2, 3], "y": (10, 20, 30)}).result(timeout=10) == [11, 22, 33]

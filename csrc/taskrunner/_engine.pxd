@@ -3,7 +3,7 @@
 # it through its Python methods: submit, map, cancel_all, shutdown, close,
 # and work (the loop of a consumer thread).
 
-from libc.stdint cimport int32_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t
 
 from taskrunner._calls cimport CallSpec
 from taskrunner._futures cimport EngineBase, TaskFuture
@@ -19,6 +19,7 @@ cdef class Engine(EngineBase):
     cdef object _spawn_consumer
     cdef object _recall         # runner hook: un-start taken runs (see cancel())
     cdef bint _cancel_new       # exiting by exception: new runs end CANCELLED at once
+    cdef readonly int64_t taken_epoch   # graph.cancel_epoch when take_ready() last took runs
 
     cdef CallSpec _spec_for(self, object task)
     cdef CallSpec _find_spec(self, object task)

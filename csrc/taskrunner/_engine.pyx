@@ -21,11 +21,11 @@ from cpython.sequence cimport PySequence_Fast_ITEMS
 from libc.stdlib cimport calloc, free, malloc
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
-from libc.stdint cimport int32_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t
 
 from taskrunner._calls cimport CallSpec, as_params, spec_of, untracked_if_atomic
 from taskrunner._futures cimport (
-    PyObject_GC_UnTrack, HAS_OUTSIDE, NEEDS_RESOLVE, REMOTE_VALUE, Consumer, EngineBase, FutureList, TaskFuture,
+    PyObject_GC_UnTrack, HAS_OUTSIDE, NEEDS_RESOLVE, ONE_ARG, REMOTE_VALUE, Consumer, EngineBase, FutureList, TaskFuture,
     consumer_begin, consumer_end, deadline_of, hold, let_go, new_future, until_signal_check,
 )
 from taskrunner._graph cimport (
@@ -50,6 +50,9 @@ _log = logging.getLogger("taskrunner")
 
 cdef object _CoroutineType = types.CoroutineType
 cdef Py_ssize_t _MAX_SPECS = 4096
+# map() makes and schedules its runs a chunk at a time: the futures it just
+# made are still in cache when they are registered.
+cdef Py_ssize_t _MAP_CHUNK = 8192
 
 
 @cython.final
@@ -231,6 +234,8 @@ cdef class Engine(EngineBase):
         cdef list names = [], columns = [], slot_positions = []
         cdef Py_ssize_t n, i, k, nargs, ncols
         cdef Py_ssize_t* first = NULL      # run i's own upstreams: own.items[first[i]:first[i+1]]
+        cdef uint8_t* item_flags = NULL    # what scanning run i's items found
+        cdef Py_ssize_t lo, hi
         cdef Upstreams shared, own
         cdef tuple args
         cdef int static_flags
@@ -277,6 +282,9 @@ cdef class Engine(EngineBase):
         column_at = [-1] * nargs
         for position, column in slot_positions:
             column_at[position] = column
+        # The common map, one mapped positional argument and no other, keeps
+        # each item as it is rather than in a 1-tuple: a third less memory.
+        one_arg = nargs == 1 and column_at[0] >= 0
 
         upstreams_init(&shared)
         upstreams_init(&own)
@@ -287,41 +295,66 @@ cdef class Engine(EngineBase):
                     static_flags |= scan(value, &shared, False, 0)
             if wait_for is not None:
                 keep = wait_for_upstreams(wait_for, &shared)
+            # Every upstream in the items first: a bad item fails the map
+            # here, before any of its runs is scheduled.
+            if any(type(c) is not range for c in columns):      # a range holds ints only
+                for i in range(n):
+                    for k in range(ncols):
+                        value = columns[k][i]
+                        if not is_plain(value):
+                            if first == NULL:
+                                first = <Py_ssize_t*>calloc(n + 1, sizeof(Py_ssize_t))
+                                item_flags = <uint8_t*>calloc(n, sizeof(uint8_t))
+                                if first == NULL or item_flags == NULL:
+                                    raise MemoryError()
+                            item_flags[i] |= <uint8_t>scan(value, &own, False, 0)
+                    if first != NULL:
+                        first[i + 1] = own.len
             futures = FutureList()
             iterators = [iter(c) for c in columns]
             row = [None] * ncols
-            for i in range(n):
-                for k in range(ncols):
-                    row[k] = next(iterators[k])
-                fut = TaskFuture.__new__(TaskFuture)
-                PyObject_GC_UnTrack(fut)    # see hold(): nothing can refer to it yet
-                fut._engine = self
-                fut._spec = spec
-                fut._run = -1
-                fut._flags = static_flags
-                fut._args = _fill_args(args, column_at, row)
-                if kw_slots:
-                    kwargs = dict(template._kwargs)
-                    for key, k in kw_slots:
-                        kwargs[key] = row[k]
-                    fut._kwargs = kwargs
-                else:
-                    fut._kwargs = template._kwargs
-                for k in range(ncols):
-                    if not is_plain(row[k]):
-                        if first == NULL:
-                            first = <Py_ssize_t*>calloc(n + 1, sizeof(Py_ssize_t))
-                            if first == NULL:
-                                raise MemoryError()
-                        fut._flags |= scan(row[k], &own, False, 0)
-                if first != NULL:
-                    first[i + 1] = own.len
-                PyList_Append(futures, fut)
-            self._register(PySequence_Fast_ITEMS(futures), n, &shared, &own, first)
+            lo = 0
+            try:
+                while lo < n:
+                    hi = min(n, lo + _MAP_CHUNK)
+                    for i in range(lo, hi):
+                        for k in range(ncols):
+                            row[k] = next(iterators[k])
+                        fut = TaskFuture.__new__(TaskFuture)
+                        PyObject_GC_UnTrack(fut)    # see hold(): nothing can refer to it yet
+                        fut._engine = self
+                        fut._spec = spec
+                        fut._run = -1
+                        fut._flags = static_flags
+                        if item_flags != NULL:
+                            fut._flags |= item_flags[i]
+                        if one_arg:
+                            fut._flags |= ONE_ARG
+                            fut._args = row[<Py_ssize_t>column_at[0]]
+                        else:
+                            fut._args = _fill_args(args, column_at, row)
+                        if kw_slots:
+                            kwargs = dict(template._kwargs)
+                            for key, k in kw_slots:
+                                kwargs[key] = row[k]
+                            fut._kwargs = kwargs
+                        else:
+                            fut._kwargs = template._kwargs
+                        PyList_Append(futures, fut)
+                    self._register(PySequence_Fast_ITEMS(futures) + lo, hi - lo, &shared, &own,
+                                   first + lo if first != NULL else NULL)
+                    lo = hi
+            except BaseException:
+                # Only running out of memory (or a closing runner) gets here:
+                # take back what was scheduled, bar runs already started.
+                for i in range(lo):
+                    (<TaskFuture>PyList_GET_ITEM(futures, i)).cancel()
+                raise
         finally:
             upstreams_free(&shared)
             upstreams_free(&own)
             free(first)
+            free(item_flags)
         return futures
 
     # -- running ----------------------------------------------------------
@@ -363,16 +396,20 @@ cdef class Engine(EngineBase):
 
     cdef uint8_t _execute(self, TaskFuture fut, object context):
         cdef CallSpec spec = fut._spec
+        cdef bint one = fut._flags & ONE_ARG
         args = fut._args
         kwargs = fut._kwargs
         fut._args = None
         fut._kwargs = None
+        fut._flags &= ~ONE_ARG
         try:
             if fut._flags & NEEDS_RESOLVE:
-                args = resolve_args(args)
+                args = resolve(args, False, 0) if one else resolve_args(args)
                 if kwargs is not None:
                     kwargs = resolve(kwargs, False, 0)
-            if kwargs is None:
+            if one:
+                value = spec.fn(args) if kwargs is None else spec.fn(args, **kwargs)
+            elif kwargs is None:
                 value = spec.fn(*args)
             else:
                 value = spec.fn(*args, **kwargs)
@@ -392,6 +429,7 @@ cdef class Engine(EngineBase):
             fut = <TaskFuture>out.items[i].payload
             fut._args = None
             fut._kwargs = None
+            fut._flags &= ~ONE_ARG
             if out.items[i].cause_payload != NULL and fut._value is None:
                 fut._value = <object>out.items[i].cause_payload
         for i in range(out.len):
@@ -430,10 +468,15 @@ cdef class Engine(EngineBase):
         """Take up to `max_n` ready runs for a consumer that runs them
         elsewhere: they are RUNNING from now on, until finish() or
         give_back().  Blocks without the GIL until there is one.  Returns
-        their futures; [] at the timeout; None once the engine has closed."""
+        their futures; [] at the timeout; None once the engine has closed.
+
+        `taken_epoch` is then graph.cancel_epoch as it was when they were
+        taken: if cancel_all() has run since, they were not started when it
+        did (for the runner's recall to know of them)."""
         cdef double deadline = deadline_of(timeout)
         cdef void** payloads
         cdef int32_t n
+        cdef int64_t epoch = 0
         if max_n < 1:
             raise ValueError("max_n must be at least 1")
         payloads = <void**>malloc(max_n * sizeof(void*))
@@ -441,44 +484,68 @@ cdef class Engine(EngineBase):
             raise MemoryError()
         try:
             with nogil:
-                n = self.graph.take_many(payloads, <int32_t>max_n, deadline)
+                n = self.graph.take_many(payloads, <int32_t>max_n, deadline, &epoch)
             if n == TAKE_CLOSED:
                 return None
             if n < 0:
                 return []
+            self.taken_epoch = epoch
             return [<object>payloads[i] for i in range(n)]
         finally:
             free(payloads)
 
-    def calls_of(self, list futures):
+    def calls_of(self, list futures, bint unpack_single=False):
         """The calls of taken runs, with their upstream futures replaced by
         their results, grouped: a list of [call spec, [args, ...], [kwargs,
-        ...] or None], one group for each stretch of runs of one task."""
-        cdef list groups = [], args_list = None, kwargs_list = None
+        ...] or None], one group for each stretch of runs of one task.
+
+        With `unpack_single`, each group has a fourth item, True when every
+        call in it passes exactly one positional argument and no keywords;
+        its list then holds those arguments rather than 1-tuples (cheaper to
+        pickle: pickle memoizes every tuple), or is a range when they are
+        consecutive ints, as in a map over a range."""
+        cdef list groups = [], args_list = None, kwargs_list = None, group = None
         cdef CallSpec spec = None
         cdef TaskFuture fut
-        cdef Py_ssize_t i, n = len(futures)
+        cdef Py_ssize_t i, j, n = len(futures)
+        cdef bint single = False, one
         for i in range(n):
             fut = <TaskFuture>PyList_GET_ITEM(futures, i)
             args = fut._args
             kwargs = fut._kwargs
-            if args is None:
+            one = fut._flags & ONE_ARG
+            if args is None and not one:
                 args = ()           # ended meanwhile (cancelled): it will not run
             elif fut._flags & NEEDS_RESOLVE:
-                args = resolve_args(args)
+                args = resolve(args, False, 0) if one else resolve_args(args)
                 if kwargs is not None:
                     kwargs = resolve(kwargs, False, 0)
             if fut._spec is not spec:
                 spec = fut._spec
                 args_list = []
                 kwargs_list = None
-                groups.append([spec, args_list, None])
-            PyList_Append(args_list, args)
+                single = unpack_single
+                group = [spec, args_list, None, single] if unpack_single else [spec, args_list, None]
+                groups.append(group)
+            if single and (kwargs is not None or not (one or PyTuple_GET_SIZE(args) == 1)):
+                # Not single after all: the arguments so far go back into 1-tuples.
+                single = False
+                group[3] = False
+                for j in range(PyList_GET_SIZE(args_list)):
+                    args_list[j] = (args_list[j],)
+            if single:
+                PyList_Append(args_list, args if one else <object>PyTuple_GET_ITEM(args, 0))
+                continue
+            PyList_Append(args_list, (args,) if one else args)
             if kwargs is not None and kwargs_list is None:
                 kwargs_list = [None] * (PyList_GET_SIZE(args_list) - 1)
-                groups[len(groups) - 1][2] = kwargs_list
+                group[2] = kwargs_list
             if kwargs_list is not None:
                 PyList_Append(kwargs_list, kwargs)
+        if unpack_single:
+            for group in groups:
+                if group[3]:
+                    group[1] = _as_range(<list>group[1])
         return groups
 
     def finish(self, list futures, list values, list states):
@@ -502,6 +569,7 @@ cdef class Engine(EngineBase):
             fut._value = values[i]
             fut._args = None
             fut._kwargs = None
+            fut._flags &= ~ONE_ARG
             if self.fetch is not None and states[i] == COMPLETED:
                 fut._flags |= REMOTE_VALUE
         graph.lock()
@@ -654,6 +722,29 @@ cdef tuple _fill_args(tuple template, list column_at, list row):
         Py_INCREF(value)
         PyTuple_SET_ITEM(args, i, value)
     return untracked_if_atomic(args)
+
+
+cdef object _as_range(list values):
+    """`values` as a range if they are ints in arithmetic progression (of
+    modest size, so no arithmetic here can overflow), else `values`."""
+    cdef Py_ssize_t i, n = PyList_GET_SIZE(values)
+    cdef long long step, previous, value
+    cdef long long bound = 1LL << 40
+    if n < 2:
+        return values
+    for i in range(n):
+        item = <object>PyList_GET_ITEM(values, i)
+        if type(item) is not int or not (-bound < item < bound):
+            return values
+        value = item
+        if i == 1:
+            step = value - previous
+            if step == 0:
+                return values
+        elif i > 1 and value - previous != step:
+            return values
+        previous = value
+    return range(<object>PyList_GET_ITEM(values, 0), previous + step, step)
 
 
 cdef bint _is_mappable(object value):

@@ -24,6 +24,7 @@ cdef enum:
     CALLBACKS_FIRED = 2   # done callbacks ran (or are running): later ones run at once
     HAS_OUTSIDE = 4       # waits for a future of another runner
     REMOTE_VALUE = 8      # _value stands for a result kept elsewhere: engine.fetch gets it
+    ONE_ARG = 16          # _args is the call's only positional argument, not a 1-tuple
 
 cdef class TaskFuture
 
@@ -47,7 +48,7 @@ cdef class _Extra:
 cdef class TaskFuture:
     cdef EngineBase _engine
     cdef CallSpec _spec
-    cdef object _args           # a tuple; None once the run started or ended
+    cdef object _args           # a tuple (or see ONE_ARG); None once the run started or ended
     cdef object _kwargs         # a dict, or None
     cdef object _value          # result; exception; for NOT_READY the cause
     cdef object _uuid

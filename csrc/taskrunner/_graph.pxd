@@ -126,6 +126,7 @@ cdef class Graph:
     cdef int32_t quiet_waiters
     cdef bint spawns            # the owner starts consumers when asked (spawn_wanted)
     cdef readonly bint closed
+    cdef readonly int64_t cancel_epoch  # cancel_all_locked() calls so far
 
     cdef inline void lock(self) noexcept nogil:
         tr_mutex_lock(&self.mutex)
@@ -142,7 +143,9 @@ cdef class Graph:
     # Consuming ready runs.
     cdef int32_t take_locked(self, void** payload) noexcept nogil
     cdef int32_t take(self, void** payload, double deadline) noexcept nogil
-    cdef int32_t take_many(self, void** payloads, int32_t max_n, double deadline) noexcept nogil
+    cdef int32_t take_many(self, void** payloads, int32_t max_n, double deadline,
+                           int64_t* epoch) noexcept nogil
+    cdef int32_t _take_waiting_locked(self, void** payload, double deadline) noexcept nogil
     cdef void unstart_locked(self, int32_t run, bint cancel, RunVec* out) noexcept nogil
     cdef void complete_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil
     cdef void complete_taken_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil

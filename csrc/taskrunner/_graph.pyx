@@ -268,15 +268,18 @@ cdef class Graph:
             return run
         return TAKE_NONE
 
-    cdef int32_t take_many(self, void** payloads, int32_t max_n, double deadline) noexcept nogil:
+    cdef int32_t take_many(self, void** payloads, int32_t max_n, double deadline,
+                           int64_t* epoch) noexcept nogil:
         """Take up to `max_n` ready runs, sleeping until there is one, the
         deadline passes (TAKE_TIMEOUT) or the graph closes (TAKE_CLOSED).
-        Returns how many were taken; their payloads land in `payloads`."""
-        cdef int32_t n
-        if self.take(payloads, deadline) < 0:
-            return TAKE_CLOSED if self.closed else TAKE_TIMEOUT
-        n = 1
+        Returns how many were taken; their payloads land in `payloads`, and
+        in `epoch` the cancel_epoch they were taken in."""
+        cdef int32_t n = 1
         self.lock()
+        if self._take_waiting_locked(payloads, deadline) < 0:
+            self.unlock()
+            return TAKE_CLOSED if self.closed else TAKE_TIMEOUT
+        epoch[0] = self.cancel_epoch
         while n < max_n and self.take_locked(&payloads[n]) >= 0:
             n += 1
         self.unlock()
@@ -286,8 +289,14 @@ cdef class Graph:
         """Take a ready run, sleeping until one comes, the deadline passes
         (TAKE_TIMEOUT) or the graph closes (TAKE_CLOSED)."""
         cdef int32_t run
-        cdef bint timed_out
         self.lock()
+        run = self._take_waiting_locked(payload, deadline)
+        self.unlock()
+        return run
+
+    cdef int32_t _take_waiting_locked(self, void** payload, double deadline) noexcept nogil:
+        cdef int32_t run
+        cdef bint timed_out
         while True:
             run = self.take_locked(payload)
             if run != TAKE_NONE:
@@ -309,7 +318,6 @@ cdef class Graph:
                     self._demand()
                     run = TAKE_TIMEOUT
                 break
-        self.unlock()
         return run
 
     cdef void _finish(self, int32_t run, uint8_t state) noexcept nogil:
@@ -472,6 +480,7 @@ cdef class Graph:
         cdef Py_ssize_t start = out.len
         cdef Py_ssize_t i
         cdef int32_t run
+        self.cancel_epoch += 1
         cdef uint8_t state
         for run in range(self.run_cap):
             state = self.runs[run].state

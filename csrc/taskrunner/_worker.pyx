@@ -111,10 +111,12 @@ cdef class _Results:
     cdef list values            # one per run; None where it failed or was skipped
     cdef dict errors            # run -> (exception, traceback text)
     cdef list skipped
-    cdef double busy            # seconds spent in tasks
+    cdef double busy            # seconds spent in tasks, up to `mark`
+    cdef double mark            # when busy was last brought up to date
     cdef list spans             # (first run, task name) of each group held
     cdef double last_send
     cdef bint stopped
+    cdef bint due               # set by the flusher: the main loop sends after this run
 
     def __cinit__(self, conn):
         self.conn = conn
@@ -129,6 +131,12 @@ cdef class _Results:
         if not self.values:
             self.first = first
         self.spans.append((first, name))
+        self.mark = tr_monotonic()
+
+    cdef void end_group(self):
+        cdef double now = tr_monotonic()
+        self.busy += now - self.mark
+        self.mark = now
 
     cdef void add(self, object value):
         self.values.append(value)
@@ -148,12 +156,14 @@ cdef class _Results:
         cdef list old_values, old_skipped, old_spans
         cdef dict old_errors
         cdef long long first
-        cdef double busy
+        cdef double busy, now
         if self.spans:
             spans.append(self.spans[len(self.spans) - 1])
         # No allocation from here to the end of the swap.
         first = self.first
-        busy = self.busy
+        now = tr_monotonic()
+        busy = self.busy + (now - self.mark)
+        self.mark = now
         old_values, old_errors, old_skipped, old_spans = (
             self.values, self.errors, self.skipped, self.spans)
         self.values, self.errors, self.skipped, self.spans = values, errors, skipped, spans
@@ -163,6 +173,7 @@ cdef class _Results:
 
     cdef flush(self):
         """Send what is held, if anything."""
+        self.due = False
         if not self.values:
             return
         first, values, errors, skipped, busy, spans = self._take()
@@ -176,11 +187,18 @@ cdef class _Results:
             self.last_send = tr_monotonic()
 
     def flush_late(self):
-        """The flusher thread: send results that wait behind a long run."""
+        """The flusher thread: every FLUSH_SECONDS, ask the main loop to send
+        what it holds after its current run (reading the clock once per run
+        would cost it more than many a task); if a run outlasts that, send
+        what waits behind it from here."""
         while not self.stopped:
             time.sleep(FLUSH_SECONDS)
-            if self.values and tr_monotonic() - self.last_send >= FLUSH_SECONDS:
+            if not self.values or tr_monotonic() - self.last_send < FLUSH_SECONDS:
+                continue
+            if self.due:
                 self.flush()
+            else:
+                self.due = True
 
 
 cdef str _name_of(list spans, long long run):
@@ -262,8 +280,8 @@ def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup):
             with results.send_lock:
                 result_conn.send_bytes(pickle.dumps(("bad-batch", _describe(exc)[1])))
             continue
-        for function_id, first, args_list, kwargs_list in groups:
-            _run_group(functions[function_id], first, args_list, kwargs_list,
+        for function_id, first, args_list, kwargs_list, single in groups:
+            _run_group(functions[function_id], first, args_list, kwargs_list, single,
                        block, results, loop)
         results.flush()
     results.stopped = True
@@ -271,12 +289,14 @@ def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup):
         loop.loop.close()
 
 
-cdef _run_group(tuple function, long long first, list args_list, list kwargs_list,
-                ControlBlock block, _Results results, _Loop loop):
+cdef _run_group(tuple function, long long first, object args_list, list kwargs_list,
+                bint single, ControlBlock block, _Results results, _Loop loop):
+    """Run one stretch of runs of one function.  With `single`, args_list
+    (a list or a range) holds each run's only argument rather than its
+    argument tuple."""
     fn, is_async, name, load_error = function
     cdef Py_ssize_t i, n = len(args_list)
     cdef long long run
-    cdef double start, now
     results.start_group(first, name)
     for i in range(n):
         run = first + i
@@ -284,11 +304,12 @@ cdef _run_group(tuple function, long long first, list args_list, list kwargs_lis
             results.add_skipped(run)
             block.finish(run)
             continue
-        start = tr_monotonic()
         try:
             if load_error is not None:
                 raise load_error
-            if kwargs_list is None or kwargs_list[i] is None:
+            if single:
+                value = fn(args_list[i])
+            elif kwargs_list is None or kwargs_list[i] is None:
                 value = fn(*args_list[i])
             else:
                 value = fn(*args_list[i], **kwargs_list[i])
@@ -298,8 +319,7 @@ cdef _run_group(tuple function, long long first, list args_list, list kwargs_lis
             results.add_error(run, _describe(exc))
         else:
             results.add(value)
-        now = tr_monotonic()
-        results.busy += now - start
         block.finish(run)
-        if now - results.last_send >= FLUSH_SECONDS:
+        if results.due:
             results.flush()
+    results.end_group()
