@@ -47,12 +47,15 @@ class Variant:
     `(figure, answer)` (for a workload that measures itself).  `requires`
     names modules that must be importable; `max_repeat` caps the repeats of
     a slow variant; `measure`, if given, replaces the workload's way of
-    taking a sample for this variant."""
+    taking a sample for this variant; `size_cap`, if given, is the most
+    items a (very slow) variant is given: its figure is scaled up to the
+    workload's size, so the ratio is one of throughputs."""
     name: str
     run: Callable
     requires: Tuple[str, ...] = ()
     max_repeat: Optional[int] = None
     measure: Optional[Callable] = None
+    size_cap: Optional[int] = None
 
     def available(self):
         return all(importlib.util.find_spec(module) for module in self.requires)
@@ -80,7 +83,9 @@ class Workload:
     """A job of `size` items (`quick_size` for smoke runs), its variants and
     the spec's targets.  `prepare(size)` builds the shared input, untimed;
     `expected(data)` is the right answer; `measure` is how one sample is
-    taken (measure_time, or in_fresh_process(...))."""
+    taken (measure_time, or in_fresh_process(...)).  A workload of
+    `processes` gives its variants the process count (--processes), not
+    the thread count."""
     name: str
     description: str
     size: int
@@ -92,6 +97,7 @@ class Workload:
     targets: Tuple[Target, ...]
     measure: Callable
     unit: str = "s"
+    processes: bool = False
 
     @property
     def variants(self):
@@ -110,8 +116,16 @@ class NotFinished(Exception):
 
 
 def default_workers():
-    """The worker count every variant uses: ThreadPoolTaskRunner's default."""
+    """The worker count every thread variant uses: ThreadPoolTaskRunner's
+    default."""
     return min(32, (os.cpu_count() or 1) + 4)
+
+
+DEFAULT_PROCESSES = 2   # the spec's process-pool targets are for 2 worker processes
+
+
+def workers_for(workload, threads, processes):
+    return processes if workload.processes else threads
 
 
 # -- measuring ----------------------------------------------------------------
@@ -303,11 +317,156 @@ def pending_memory_executor(n, workers):
         return (after - before) / n, sum(f.result() for f in futures)
 
 
+# -- process-pool jobs (workers import these from this module) ----------------
+
+def square(x):
+    return x * x
+
+
+SPIN_ROUNDS = 800       # about 50 us of CPU on the development machine
+
+
+def spin(x):
+    """CPU-bound busywork: about 50 microseconds, no allocation."""
+    s = x
+    for i in range(SPIN_ROUNDS):
+        s = (s * 31 + i) % 1_000_003
+    return s
+
+
+def sum_of_squares(n):
+    return (n - 1) * n * (2 * n - 1) // 6
+
+
+def sum_of_spins(n):
+    return sum(spin(i) for i in range(n))
+
+
+def _spawn():
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn")
+
+
+def _warm(n, workers):
+    return range(min(n, 4 * workers))
+
+
+def proc_map_ours(n, workers):
+    """(seconds, answer) of one map over range(n) in a started runner."""
+    from taskrunner import ProcessPoolTaskRunner
+
+    with ProcessPoolTaskRunner(max_workers=workers) as runner:
+        runner.map(square, {"x": _warm(n, workers)}).result()
+        start = time.perf_counter()
+        total = sum(runner.map(square, {"x": range(n)}).result())
+        return time.perf_counter() - start, total
+
+
+def proc_map_pool(n, workers):
+    with _spawn().Pool(workers) as pool:
+        pool.map(square, _warm(n, workers))
+        start = time.perf_counter()
+        total = sum(pool.map(square, range(n)))
+        return time.perf_counter() - start, total
+
+
+def proc_map_executor(n, workers):
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=_spawn()) as executor:
+        list(executor.map(square, _warm(n, workers)))
+        start = time.perf_counter()
+        total = sum(executor.map(square, range(n)))
+        return time.perf_counter() - start, total
+
+
+def proc_map_joblib(n, workers):
+    import joblib
+
+    with joblib.Parallel(n_jobs=workers, backend="loky") as parallel:
+        parallel(joblib.delayed(square)(i) for i in _warm(n, workers))
+        start = time.perf_counter()
+        total = sum(parallel(joblib.delayed(square)(i) for i in range(n)))
+        return time.perf_counter() - start, total
+
+
+def cpu_map_ours(n, workers):
+    from taskrunner import ProcessPoolTaskRunner
+
+    with ProcessPoolTaskRunner(max_workers=workers) as runner:
+        return sum(runner.map(spin, {"x": range(n)}).result())
+
+
+def cpu_map_serial(n, workers):
+    return sum(spin(i) for i in range(n))
+
+
+def cpu_map_pool(n, workers):
+    with _spawn().Pool(workers) as pool:
+        return sum(pool.map(spin, range(n)))
+
+
+def cpu_map_joblib(n, workers):
+    import joblib
+
+    return sum(joblib.Parallel(n_jobs=workers, backend="loky")(
+        joblib.delayed(spin)(i) for i in range(n)))
+
+
+def proc_submit_ours(n, workers):
+    """(seconds, answer) of n submits, then a result each, in a started runner."""
+    from taskrunner import ProcessPoolTaskRunner
+
+    with ProcessPoolTaskRunner(max_workers=workers) as runner:
+        runner.submit(inc, {"x": 0}).result()
+        start = time.perf_counter()
+        futures = [runner.submit(inc, {"x": i}) for i in range(n)]
+        total = sum(f.result() for f in futures)
+        return time.perf_counter() - start, total
+
+
+def proc_submit_executor(n, workers):
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=_spawn()) as executor:
+        executor.submit(inc, 0).result()
+        start = time.perf_counter()
+        futures = [executor.submit(inc, i) for i in range(n)]
+        total = sum(f.result() for f in futures)
+        return time.perf_counter() - start, total
+
+
+def first_result_ours(n, workers):
+    """(seconds from entering a new runner to its first result, answer)."""
+    from taskrunner import ProcessPoolTaskRunner
+
+    start = time.perf_counter()
+    with ProcessPoolTaskRunner(max_workers=workers) as runner:
+        answer = runner.submit(inc, {"x": n - 1}).result()
+        elapsed = time.perf_counter() - start
+    return elapsed, answer
+
+
+def first_result_executor(n, workers):
+    from concurrent.futures import ProcessPoolExecutor
+
+    start = time.perf_counter()
+    with ProcessPoolExecutor(workers, mp_context=_spawn()) as executor:
+        answer = executor.submit(inc, n - 1).result()
+        elapsed = time.perf_counter() - start
+    return elapsed, answer
+
+
 def _same(size):
     return size
 
 
 THREAD_POOL = "ThreadPoolExecutor"
+PROCESS_POOL = "ProcessPoolExecutor"
+MP_POOL = "multiprocessing.Pool"
+JOBLIB = "joblib (loky)"
+SERIAL = "serial loop"
 
 WORKLOADS = {w.name: w for w in [
     Workload(
@@ -348,6 +507,41 @@ WORKLOADS = {w.name: w for w in [
         (Variant(THREAD_POOL, pending_memory_executor),),
         (Target("<= 300 B/run", max_figure=300),),
         in_fresh_process(measure_self), unit="B/run"),
+    # Process pools, 2 worker processes (spawn) each.  Pools are started
+    # before the clock starts, except where the start is the point.
+    Workload(
+        "proc-map", "ProcessPoolTaskRunner.map(square) over range(n), results in order",
+        1_000_000, 50_000, _same, sum_of_squares,
+        Variant("taskrunner", proc_map_ours),
+        (Variant(MP_POOL, proc_map_pool),
+         Variant(PROCESS_POOL, proc_map_executor, max_repeat=1, size_cap=100_000),
+         Variant(JOBLIB, proc_map_joblib, requires=("joblib",), max_repeat=3)),
+        (Target(">= 0.8x multiprocessing.Pool.map", MP_POOL, min_ratio=0.8),
+         Target(">= 50x ProcessPoolExecutor.map", PROCESS_POOL, min_ratio=50)),
+        measure_self, processes=True),
+    Workload(
+        "proc-cpu", f"map of a CPU-bound task (about 50 us), pool start included",
+        100_000, 5_000, _same, sum_of_spins,
+        Variant("taskrunner", cpu_map_ours),
+        (Variant(SERIAL, cpu_map_serial, max_repeat=3),
+         Variant(MP_POOL, cpu_map_pool, max_repeat=3),
+         Variant(JOBLIB, cpu_map_joblib, requires=("joblib",), max_repeat=3)),
+        (Target(">= 1.7x the serial loop", SERIAL, min_ratio=1.7),),
+        measure_time, processes=True),
+    Workload(
+        "proc-submit", "no-op tasks in worker processes, submit each then result each",
+        20_000, 2_000, _same, sum_of_incs,
+        Variant("taskrunner", proc_submit_ours),
+        (Variant(PROCESS_POOL, proc_submit_executor),),
+        (Target(">= 5x ProcessPoolExecutor", PROCESS_POOL, min_ratio=5),),
+        measure_self, processes=True),
+    Workload(
+        "proc-first", "from entering a new pool to the first result",
+        1, 1, _same, _same,
+        Variant("taskrunner", first_result_ours),
+        (Variant(PROCESS_POOL, first_result_executor),),
+        (Target("<= 1.5x ProcessPoolExecutor's", PROCESS_POOL, min_ratio=1 / 1.5),),
+        measure_self, processes=True),
 ]}
 
 
@@ -358,16 +552,21 @@ def run_workload(workload, size, workers, repeat, log=None):
     (interleaved, capped by each variant's max_repeat).  Returns a dict:
     variant name -> list of figures, None if the variant is missing, or
     the NotFinished error of a variant that could not do the job."""
-    data = workload.prepare(size)
-    expected = workload.expected(data)
+    inputs = {}         # items -> (data, expected)
     samples = {v.name: ([] if v.available() else None) for v in workload.variants}
     for round_ in range(repeat):
         for variant in workload.variants:
             figures = samples[variant.name]
             if not isinstance(figures, list) or round_ >= (variant.max_repeat or repeat):
                 continue
+            items = variant_size(variant, size)
+            if items not in inputs:
+                data = workload.prepare(items)
+                inputs[items] = (data, workload.expected(data))
+            data, expected = inputs[items]
             try:
-                figures.append(measure(workload, variant, data, size, workers, expected))
+                figures.append(measure(workload, variant, data, items, workers, expected)
+                               * size / items)
             except NotFinished as error:
                 samples[variant.name] = error
                 if log:
@@ -377,6 +576,11 @@ def run_workload(workload, size, workers, repeat, log=None):
                 log(f"{workload.name}: {variant.name} run {round_ + 1}: "
                     f"{format_figure(figures[-1], workload.unit)}")
     return samples
+
+
+def variant_size(variant, size):
+    """The items `variant` is given of a workload of `size`."""
+    return min(size, variant.size_cap) if variant.size_cap else size
 
 
 def format_figure(value, unit):
@@ -446,7 +650,13 @@ def table_rows(workload, size, summary, repeat):
         if isinstance(figures, str):
             return figures
         text = format_figure(statistics.median(figures), workload.unit)
-        return text if len(figures) == repeat else f"{text} [{len(figures)} run{'s' * (len(figures) > 1)}]"
+        notes = []
+        if len(figures) != repeat:
+            notes.append(f"{len(figures)} run{'s' * (len(figures) > 1)}")
+        items = variant_size(workload.variant(name), size)
+        if items != size:
+            notes.append(f"scaled from {items:,} items")
+        return f"{text} [{'; '.join(notes)}]" if notes else text
 
     targets = list(zip(workload.targets, summary["targets"]))
     rows = []
@@ -487,8 +697,11 @@ def add_arguments(parser):
     parser.add_argument("--only", metavar="NAME[,NAME]",
                         help=f"run only these workloads, of: {', '.join(WORKLOADS)}")
     parser.add_argument("--workers", type=int, default=default_workers(), metavar="N",
-                        help="worker threads for every variant (default %(default)s, "
+                        help="worker threads for every thread variant (default %(default)s, "
                              "ThreadPoolTaskRunner's default)")
+    parser.add_argument("--processes", type=int, default=DEFAULT_PROCESSES, metavar="N",
+                        help="worker processes for every process variant (default "
+                             "%(default)s, as in the spec's targets)")
     parser.add_argument("--json", metavar="PATH", help="also write the raw figures here")
 
 
@@ -500,20 +713,22 @@ def main(args):
         print(f"unknown workload(s): {', '.join(unknown)}; known: {', '.join(WORKLOADS)}",
               file=sys.stderr)
         return 2
-    if args.repeat < 1 or args.workers < 1:
-        print("--repeat and --workers must be at least 1", file=sys.stderr)
+    if args.repeat < 1 or args.workers < 1 or args.processes < 1:
+        print("--repeat, --workers and --processes must be at least 1", file=sys.stderr)
         return 2
     info = machine()
     print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
           f"Python {info['python']}, {info['os']}")
-    print(f"workers: {args.workers} for every variant; repeat: {args.repeat}"
+    print(f"workers: {args.workers} threads or {args.processes} processes for every variant; "
+          f"repeat: {args.repeat}"
           f"{'; QUICK sizes (targets are for the full sizes)' if args.quick else ''}", flush=True)
     log = lambda message: print(f"  {message}", file=sys.stderr, flush=True)
     rows, results = [], []
     for name in names:
         workload = WORKLOADS[name]
         size = workload.quick_size if args.quick else workload.size
-        samples = run_workload(workload, size, args.workers, args.repeat, log)
+        workers = workers_for(workload, args.workers, args.processes)
+        samples = run_workload(workload, size, workers, args.repeat, log)
         summary = dict(summarize(workload, samples), size=size)
         results.append(summary)
         rows += table_rows(workload, size, summary, args.repeat)
@@ -523,6 +738,7 @@ def main(args):
           f"peer/ours is how many times faster (or smaller) taskrunner is.")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"machine": info, "workers": args.workers, "repeat": args.repeat,
+            json.dump({"machine": info, "workers": args.workers, "processes": args.processes,
+                       "repeat": args.repeat,
                        "quick": args.quick, "workloads": results}, out, indent=2)
     return 0

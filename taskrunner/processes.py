@@ -288,8 +288,9 @@ class _Worker:
     def runs_from(self, first):
         """(run, future) for every run in flight numbered `first` or later."""
         for start, futures, taken in self.in_flight:
-            for i in range(max(taken, first - start), len(futures)):
-                yield start + i, futures[i]
+            skip = max(taken, first - start)
+            if skip < len(futures):
+                yield from zip(range(start + skip, start + len(futures)), futures[skip:])
 
 
 class _Pool:
@@ -579,11 +580,12 @@ class _Pool:
             if not any(w.count == 0 for w in ready):
                 return
             busiest = max(ready, key=lambda w: w.count)
-            waiting = [run for run, _ in busiest.runs_from(busiest.block.started + 1)
-                       if run not in busiest.given_back]
-            if not waiting:
+            # Runs after the one it started last wait; given back ones aside,
+            # the later half of them go.
+            waiting = busiest.next_run - (busiest.block.started + 1) - len(busiest.given_back)
+            if waiting < 1:
                 return
-            first = waiting[len(waiting) // 2]
+            first = busiest.next_run - (waiting + 1) // 2
             self._take_back(busiest, first, None, [], requeued, cancel=False)
         self._give_back([], requeued)
 

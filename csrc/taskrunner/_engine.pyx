@@ -734,9 +734,14 @@ cdef object _as_range(list values):
         return values
     for i in range(n):
         item = <object>PyList_GET_ITEM(values, i)
-        if type(item) is not int or not (-bound < item < bound):
+        if type(item) is not int:
             return values
-        value = item
+        try:
+            value = item
+        except OverflowError:
+            return values
+        if not (-bound < value < bound):
+            return values
         if i == 1:
             step = value - previous
             if step == 0:

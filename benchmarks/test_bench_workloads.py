@@ -1,5 +1,6 @@
-"""The thread-runner workloads of taskrunner.bench (ours and every peer)
-under pytest-benchmark: `python -m pytest benchmarks/ --benchmark-only`."""
+"""The workloads of taskrunner.bench (ours and every peer, thread and
+process pools) under pytest-benchmark:
+`python -m pytest benchmarks/ --benchmark-only`."""
 
 import gc
 import statistics
@@ -14,13 +15,14 @@ ROUNDS = 3
 
 
 @pytest.mark.parametrize("workload, variant", CASES)
-def test_workload(benchmark, workload, variant, workers, full_size):
+def test_workload(benchmark, workload, variant, workers, processes, full_size):
     """Each round does the whole job and must give the expected answer.
     Timed workloads are timed by pytest-benchmark; the others (memory)
     record their own figure, median of the rounds, in extra_info."""
     if not variant.available():
         pytest.skip(f"{variant.name} needs {', '.join(variant.requires)}")
-    size = workload.size if full_size else workload.quick_size
+    size = bench.variant_size(variant, workload.size if full_size else workload.quick_size)
+    workers = bench.workers_for(workload, workers, processes)
     data = workload.prepare(size)
     expected = workload.expected(data)
     benchmark.group = workload.name
