@@ -580,12 +580,18 @@ class _Pool:
             if not any(w.count == 0 for w in ready):
                 return
             busiest = max(ready, key=lambda w: w.count)
-            # Runs after the one it started last wait; given back ones aside,
-            # the later half of them go.
-            waiting = busiest.next_run - (busiest.block.started + 1) - len(busiest.given_back)
+            # The runs numbered after the one it started last wait, those
+            # given back aside; the later half of them go.  (Counted, not
+            # listed: there may be many.)
+            started = busiest.block.started
+            gone = sorted(run for run in busiest.given_back if run > started)
+            waiting = busiest.next_run - started - 1 - len(gone)
             if waiting < 1:
                 return
-            first = busiest.next_run - (waiting + 1) // 2
+            first = started + 1 + waiting // 2
+            for run in gone:
+                if run <= first:
+                    first += 1
             self._take_back(busiest, first, None, [], requeued, cancel=False)
         self._give_back([], requeued)
 
