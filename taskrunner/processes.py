@@ -35,7 +35,7 @@ import cloudpickle
 from taskrunner._calls import call_spec
 from taskrunner._engine import Engine
 from taskrunner._graph import STATES
-from taskrunner._worker import BLOCK_WORDS, ControlBlock, serve
+from taskrunner._worker import BLOCK_WORDS, ControlBlock, serve, unpacked
 from taskrunner.base import EngineTaskRunner
 from taskrunner.exceptions import CrashedRun, TaskRunnerError
 from taskrunner.futures import TaskFuture
@@ -668,7 +668,8 @@ class _Pool:
         message = pickle.loads(data)
         kind = message[0]
         if kind == "done":
-            self._done(worker, *message[1:])
+            _, first, values, errors, skipped, busy = message
+            self._done(worker, first, unpacked(values), errors, skipped, busy)
         elif kind == "ready":
             with self.lock:
                 worker.ready = True

@@ -11,6 +11,7 @@ conftest.py), which works for threads, processes and local Dask workers alike.
 
 import asyncio
 import collections
+import enum
 import os
 import time
 
@@ -241,3 +242,22 @@ def node(i, xs, bad=False):
     if bad:
         raise ValueError(f"node {i} failed")
     return i + sum(xs)
+
+
+class Colour(enum.IntEnum):
+    RED = 1
+    BLUE = 2
+
+
+def value_of_kind(x, kind):
+    """A result of the given kind for item x: many of one kind come back
+    from a worker process in one message."""
+    return {
+        "int": lambda: x - 100,
+        "big": lambda: 2**70 + x,
+        "bool": lambda: x % 2 == 0,
+        "float": lambda: x / 4 - 10.0,
+        "enum": lambda: Colour.RED if x % 2 else Colour.BLUE,
+        "mixed": lambda: x if x % 3 else float(x),
+        "last-differs": lambda: x if x < 199 else "end",
+    }[kind]()

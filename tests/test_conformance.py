@@ -828,6 +828,14 @@ def test_map_with_keyword_parameters_beside_the_mapped_one(runner_factory):
         assert futures.result(timeout=20) == [{"a": None, "b": 1}, {"a": 2, "b": 1}]
 
 
+@pytest.mark.parametrize("kind", ["int", "big", "bool", "float", "enum", "mixed", "last-differs"])
+def test_results_keep_their_exact_type_and_value(runner_factory, kind):
+    with runner_factory() as r:
+        got = r.map(rt.value_of_kind, {"x": range(200), "kind": kind}).result(timeout=30)
+    expected = [rt.value_of_kind(x, kind) for x in range(200)]
+    assert [(type(v), v) for v in got] == [(type(v), v) for v in expected]
+
+
 def test_map_zips_iterables(runner_factory):
     with runner_factory() as r:
         assert r.map(rt.add, {"x": [1, 2, 3], "y": (10, 20, 30)}).result(timeout=10) == [11, 22, 33]
