@@ -11,8 +11,11 @@ conftest.py), which works for threads, processes and local Dask workers alike.
 
 import asyncio
 import collections
+import ctypes
 import enum
 import os
+import signal
+import threading
 import time
 
 GATE_TIMEOUT = 30.0
@@ -261,3 +264,190 @@ def value_of_kind(x, kind):
         "mixed": lambda: x if x % 3 else float(x),
         "last-differs": lambda: x if x < 199 else "end",
     }[kind]()
+
+
+# =================================================================
+# ProcessPoolTaskRunner tests (tests/test_process_runner.py) -- issue 3.
+# Module-level so that spawned workers can import them by reference.
+# =================================================================
+
+
+
+def write_pid(path):
+    """Publish this process's pid in ``path`` whole (write, then rename)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(tmp, path)
+
+
+def read_pid(path):
+    with open(path) as f:
+        return int(f.read())
+
+
+def getpid():
+    return os.getpid()
+
+
+def rendezvous(me, others, timeout=15.0):
+    """Mark ``me`` started, then wait until every path in ``others`` exists.
+
+    n such runs complete only if n of them run at the same time, so this
+    proves n workers serve at once.  Returns (pid, parent pid, INIT_STATE)
+    of the worker."""
+    touch(me)
+    for path in others:
+        wait_path(path, timeout)
+    return (os.getpid(), os.getppid(), INIT_STATE)
+
+
+def die(how, never=None):
+    """End this process the way ``how`` says, without cleanup."""
+    if how == "exit":
+        os._exit(3)
+    elif how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif how == "segv":
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    elif how == "external":
+        wait_path(never)     # the test kills this process from outside
+    time.sleep(30)           # a signal may take a moment to land
+    raise AssertionError(f"still alive after {how!r}")
+
+
+def crash_on(x, bad, how, pidfile):
+    """x * 10, except item ``bad``: publish the pid, then die by ``how``."""
+    if x == bad:
+        write_pid(pidfile)
+        die(how, never=pidfile + ".never")
+    return x * 10
+
+
+class CountingPickles:
+    """A callable that appends a line to ``path`` each time it is pickled
+    (pickling happens in the process that sends it: the test process)."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, x):
+        return x * 2
+
+    def __reduce__(self):
+        append_line(self.path, "pickled")
+        return (CountingPickles, (self.path,))
+
+
+class LockHoldingError(Exception):
+    """An exception that cannot be pickled: it holds a lock."""
+
+    def __init__(self, message):
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+class TwoArgumentError(Exception):
+    """Pickles, but cannot be unpickled: the default reduce passes only the
+    message back to __init__, which needs two arguments."""
+
+    def __init__(self, message, code):
+        super().__init__(message)
+        self.code = code
+
+
+class LockHolder:
+    """A result that cannot be pickled."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+
+
+def _refuse_to_unpickle():
+    raise RuntimeError("this object refuses to be unpickled")
+
+
+class UnloadableResult:
+    """Pickles fine, fails when unpickled."""
+
+    def __reduce__(self):
+        return (_refuse_to_unpickle, ())
+
+
+UNPICKLABLE_KINDS = {
+    # kind: (what the run produces, the type name an error must name)
+    "result-holding-a-lock": "LockHolder",
+    "result-failing-to-unpickle": "UnloadableResult",
+    "exception-holding-a-lock": "LockHoldingError",
+    "exception-failing-to-unpickle": "TwoArgumentError",
+}
+
+
+def produce_unpicklable(kind):
+    """Return or raise something that cannot make the trip back whole."""
+    if kind == "result-holding-a-lock":
+        return LockHolder()
+    if kind == "result-failing-to-unpickle":
+        return UnloadableResult()
+    if kind == "exception-holding-a-lock":
+        raise LockHoldingError("holds a lock")
+    if kind == "exception-failing-to-unpickle":
+        raise TwoArgumentError("needs two arguments", 7)
+    raise ValueError(kind)
+
+
+def unpicklable_on(x, bad, kind):
+    """x, except item ``bad``: see produce_unpicklable."""
+    if x == bad:
+        return produce_unpicklable(kind)
+    return x
+
+
+def store(path, payload, x=None):
+    """Record that the run happened; the long parameter name is the one
+    errors must name."""
+    append_line(path, repr(payload))
+    return payload
+
+
+# -- worker initializer and module state -------------------------------------
+
+INIT_STATE = None     # set by init_worker in a worker
+PARENT_MARK = None    # set at run time in the test process (fork inherits it)
+
+
+def init_worker(path, value):
+    """Initializer: log this worker's pid, set state tasks can read."""
+    global INIT_STATE
+    append_line(path, os.getpid())
+    INIT_STATE = value
+
+
+def failing_init(message):
+    raise RuntimeError(message)
+
+
+def read_init_state(x=None):
+    return (os.getpid(), INIT_STATE)
+
+
+def process_facts():
+    """(pid, parent pid, PARENT_MARK) as seen by the worker."""
+    return (os.getpid(), os.getppid(), PARENT_MARK)
+
+
+def gated_pid(gate, started):
+    """Log this worker's pid in ``started``, wait on the gate, return the pid."""
+    append_line(started, os.getpid())
+    wait_path(gate)
+    return os.getpid()
+
+
+def first_waits(x, gate, started, log):
+    """Item 0 marks ``started`` and waits on the gate; every item then logs
+    itself in ``log`` and returns x."""
+    if x == 0:
+        touch(started)
+        wait_path(gate)
+    append_line(log, x)
+    return x
