@@ -668,8 +668,15 @@ class _Pool:
         message = pickle.loads(data)
         kind = message[0]
         if kind == "done":
-            _, first, values, errors, skipped, busy = message
-            self._done(worker, first, unpacked(values), errors, skipped, busy)
+            _, first, count, busy, body = message
+            try:
+                values, errors, skipped = pickle.loads(body)
+                values = unpacked(values)
+            except Exception as error:   # the worker checked; this process differs
+                values, skipped = [None] * count, []
+                failure = TaskRunnerError(f"the result could not be unpickled here: {error!r}")
+                errors = {first + i: (failure, "") for i in range(count)}
+            self._done(worker, first, values, errors, skipped, busy)
         elif kind == "ready":
             with self.lock:
                 worker.ready = True

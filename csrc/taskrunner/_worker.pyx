@@ -183,12 +183,10 @@ cdef class _Results:
         if not self.values:
             return
         first, values, errors, skipped, busy, spans = self._take()
-        message = ("done", first, _packed(values), errors, skipped, busy)
-        try:
-            data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-        except Exception:
-            message = ("done", first, values, errors, skipped, busy)
-            data = pickle.dumps(_picklable(message, spans), pickle.HIGHEST_PROTOCOL)
+        # The results go as bytes inside the message: if the parent cannot
+        # load them after all, it still knows which runs they were for.
+        body = _dumped_results(first, values, errors, skipped, spans)
+        data = pickle.dumps(("done", first, len(values), busy, body), pickle.HIGHEST_PROTOCOL)
         with self.send_lock:
             self.conn.send_bytes(data)
             self.last_send = tr_monotonic()
@@ -282,28 +280,64 @@ cdef str _name_of(list spans, long long run):
     return "?"
 
 
-cdef tuple _picklable(tuple message, list spans):
-    """The message with each value or exception that cannot be pickled (or
-    unpickled) replaced by an error saying so: that run fails alone."""
-    _, first, values, errors, skipped, busy = message
+cdef bytes _dumped_results(long long first, list values, dict errors, list skipped,
+                           list spans):
+    """(values, errors, skipped) pickled so that the parent can load them.
+    A value of a class pickle finds only by value (one of __main__, say)
+    goes with cloudpickle.  Results of other than plain types make the round
+    trip here first: any value or exception that cannot is replaced by an
+    error saying so, and that run fails alone."""
+    cdef bytes data
+    body = (_packed(values), errors, skipped)
+    try:
+        data = _dumps_any(body)
+        if errors or not _all_plain(values):
+            pickle.loads(data)
+        return data
+    except Exception:
+        pass
+    _make_round_trippable(first, values, errors, spans)
+    return _dumps_any((values, errors, skipped))
+
+
+cdef bint _all_plain(list values):
+    for value in values:
+        if type(value) not in _PLAIN_TYPES:
+            return False
+    return True
+
+
+cdef tuple _PLAIN_TYPES = (int, float, str, bytes, bool, type(None))
+
+
+cdef bytes _dumps_any(object value):
+    try:
+        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        import cloudpickle
+        return cloudpickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+
+
+cdef void _make_round_trippable(long long first, list values, dict errors, list spans):
+    """Replace each value and exception that does not survive pickling and
+    unpickling by an error saying so."""
     cdef Py_ssize_t i
     for i in range(len(values)):
         run = first + i
         try:
-            pickle.dumps(values[i], pickle.HIGHEST_PROTOCOL)
+            pickle.loads(_dumps_any(values[i]))
         except Exception as err:
             errors[run] = (pickle.PicklingError(
                 f"the result of task {_name_of(spans, run)!r}, a {type(values[i]).__name__}, "
-                f"cannot be pickled: {err}"), "")
+                f"cannot be pickled (and unpickled) to go back: {err!r}"), "")
             values[i] = None
     for run, (exc, text) in list(errors.items()):
         try:
-            pickle.loads(pickle.dumps(exc, pickle.HIGHEST_PROTOCOL))
+            pickle.loads(_dumps_any(exc))
         except Exception as err:
             errors[run] = (pickle.PicklingError(
-                f"task {_name_of(spans, run)!r} raised {exc!r}, which cannot be pickled: "
-                f"{err}"), text)
-    return ("done", first, values, errors, skipped, busy)
+                f"task {_name_of(spans, run)!r} raised {type(exc).__name__}: {exc}, which "
+                f"cannot be pickled (and unpickled) to go back: {err!r}"), text)
 
 
 cdef class _Loop:
