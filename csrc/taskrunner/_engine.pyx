@@ -16,7 +16,7 @@ payload in the graph), and lets go when the run ends.
 cimport cython
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.list cimport PyList_Append, PyList_GET_ITEM, PyList_GET_SIZE
-from cpython.object cimport PyObject
+from cpython.object cimport PyObject, PyTypeObject, newfunc
 from cpython.sequence cimport PySequence_Fast_ITEMS
 from libc.stdlib cimport calloc, free, malloc
 from cpython.ref cimport Py_INCREF
@@ -25,7 +25,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t
 
 from taskrunner._calls cimport CallSpec, as_params, spec_of, untracked_if_atomic
 from taskrunner._futures cimport (
-    PyObject_GC_UnTrack, HAS_OUTSIDE, NEEDS_RESOLVE, ONE_ARG, REMOTE_VALUE, Consumer, EngineBase, FutureList, TaskFuture,
+    PyObject_GC_Track, PyObject_GC_UnTrack, HAS_OUTSIDE, NEEDS_RESOLVE, ONE_ARG, REMOTE_VALUE, Consumer, EngineBase, FutureList, TaskFuture,
     consumer_begin, consumer_end, deadline_of, hold, let_go, new_future, until_signal_check,
 )
 from taskrunner._graph cimport (
@@ -311,36 +311,48 @@ cdef class Engine(EngineBase):
                     if first != NULL:
                         first[i + 1] = own.len
             futures = FutureList()
+            # The list holds only untracked futures: the GC need not walk it
+            # again and again while it grows.
+            PyObject_GC_UnTrack(futures)
             iterators = [iter(c) for c in columns]
             row = [None] * ncols
+            static_kwargs = template._kwargs
             lo = 0
             try:
                 while lo < n:
                     hi = min(n, lo + _MAP_CHUNK)
-                    for i in range(lo, hi):
-                        for k in range(ncols):
-                            row[k] = next(iterators[k])
-                        fut = TaskFuture.__new__(TaskFuture)
-                        PyObject_GC_UnTrack(fut)    # see hold(): nothing can refer to it yet
-                        fut._engine = self
-                        fut._spec = spec
-                        fut._run = -1
-                        fut._flags = static_flags
-                        if item_flags != NULL:
-                            fut._flags |= item_flags[i]
-                        if one_arg:
-                            fut._flags |= ONE_ARG
-                            fut._args = row[<Py_ssize_t>column_at[0]]
-                        else:
-                            fut._args = _fill_args(args, column_at, row)
-                        if kw_slots:
-                            kwargs = dict(template._kwargs)
-                            for key, k in kw_slots:
-                                kwargs[key] = row[k]
-                            fut._kwargs = kwargs
-                        else:
-                            fut._kwargs = template._kwargs
-                        PyList_Append(futures, fut)
+                    if one_arg and ncols == 1 and not kw_slots:
+                        # The common map: each item is the call's one argument.
+                        items = iterators[0]
+                        for i in range(lo, hi):
+                            fut = _blank_future(self, spec)
+                            fut._flags = static_flags | ONE_ARG
+                            if item_flags != NULL:
+                                fut._flags |= item_flags[i]
+                            fut._args = next(items)
+                            fut._kwargs = static_kwargs
+                            PyList_Append(futures, fut)
+                    else:
+                        for i in range(lo, hi):
+                            for k in range(ncols):
+                                row[k] = next(iterators[k])
+                            fut = _blank_future(self, spec)
+                            fut._flags = static_flags
+                            if item_flags != NULL:
+                                fut._flags |= item_flags[i]
+                            if one_arg:
+                                fut._flags |= ONE_ARG
+                                fut._args = row[<Py_ssize_t>column_at[0]]
+                            else:
+                                fut._args = _fill_args(args, column_at, row)
+                            if kw_slots:
+                                kwargs = dict(static_kwargs)
+                                for key, k in kw_slots:
+                                    kwargs[key] = row[k]
+                                fut._kwargs = kwargs
+                            else:
+                                fut._kwargs = static_kwargs
+                            PyList_Append(futures, fut)
                     self._register(PySequence_Fast_ITEMS(futures) + lo, hi - lo, &shared, &own,
                                    first + lo if first != NULL else NULL)
                     lo = hi
@@ -355,6 +367,7 @@ cdef class Engine(EngineBase):
             upstreams_free(&own)
             free(first)
             free(item_flags)
+        PyObject_GC_Track(futures)
         return futures
 
     # -- running ----------------------------------------------------------
@@ -722,6 +735,21 @@ cdef tuple _fill_args(tuple template, list column_at, list row):
         Py_INCREF(value)
         PyTuple_SET_ITEM(args, i, value)
     return untracked_if_atomic(args)
+
+
+cdef newfunc _tp_new_future = (<PyTypeObject*>TaskFuture).tp_new
+cdef tuple _NO_ARGS = ()
+
+
+cdef inline TaskFuture _blank_future(Engine engine, CallSpec spec):
+    """A new future of `spec`, untracked (see hold(): nothing can refer to
+    it yet), its run and arguments still to be set."""
+    cdef TaskFuture fut = <TaskFuture>_tp_new_future(TaskFuture, <PyObject*>_NO_ARGS, NULL)
+    PyObject_GC_UnTrack(fut)
+    fut._engine = engine
+    fut._spec = spec
+    fut._run = -1
+    return fut
 
 
 cdef object _as_range(list values):
