@@ -567,33 +567,42 @@ cdef class Engine(EngineBase):
         result or exception."""
         cdef Graph graph = self.graph
         cdef RunVec out = RunVec(NULL, 0, 0)
-        cdef Py_ssize_t i, n = len(futures)
+        cdef Py_ssize_t i, n = PyList_GET_SIZE(futures)
         cdef int32_t spawn
         cdef TaskFuture fut
+        cdef uint8_t* codes
         cdef uint8_t state
-        if len(values) != n or len(states) != n:
+        cdef bint remote = self.fetch is not None
+        if PyList_GET_SIZE(values) != n or PyList_GET_SIZE(states) != n:
             raise ValueError("futures, values and states differ in length")
-        for i in range(n):
-            state = states[i]
-            if state != COMPLETED and state != FAILED and state != CRASHED:
-                raise ValueError(f"cannot finish a run as state {state}")
-        for i in range(n):
-            fut = <TaskFuture>futures[i]
-            fut._value = values[i]
-            fut._args = None
-            fut._kwargs = None
-            fut._flags &= ~ONE_ARG
-            if self.fetch is not None and states[i] == COMPLETED:
-                fut._flags |= REMOTE_VALUE
-        graph.lock()
-        for i in range(n):
-            fut = <TaskFuture>futures[i]
-            graph.complete_taken_locked(fut._run, <uint8_t>states[i], &out)
-        spawn = graph.pop_spawn_wanted_locked()
-        graph.unlock()
+        codes = <uint8_t*>malloc(n + 1)
+        if codes == NULL:
+            raise MemoryError()
+        try:
+            for i in range(n):
+                state = <object>PyList_GET_ITEM(states, i)
+                if state != COMPLETED and state != FAILED and state != CRASHED:
+                    raise ValueError(f"cannot finish a run as state {state}")
+                codes[i] = state
+            for i in range(n):
+                fut = <TaskFuture>PyList_GET_ITEM(futures, i)
+                fut._value = <object>PyList_GET_ITEM(values, i)
+                fut._args = None
+                fut._kwargs = None
+                fut._flags &= ~ONE_ARG
+                if remote and codes[i] == COMPLETED:
+                    fut._flags |= REMOTE_VALUE
+            graph.lock()
+            for i in range(n):
+                graph.complete_taken_locked((<TaskFuture>PyList_GET_ITEM(futures, i))._run,
+                                            codes[i], &out)
+            spawn = graph.pop_spawn_wanted_locked()
+            graph.unlock()
+        finally:
+            free(codes)
         self._settle(&out, spawn)
         for i in range(n):
-            fut = <TaskFuture>futures[i]
+            fut = <TaskFuture>PyList_GET_ITEM(futures, i)
             fut._fire_callbacks()
             let_go(fut)
 
