@@ -2,8 +2,6 @@
 
 import abc
 
-from taskrunner._engine import Engine
-
 __all__ = ["TaskRunner"]
 
 

@@ -11,7 +11,6 @@ Later runners add workloads to WORKLOADS; benchmarks/ runs the same ones
 under pytest-benchmark.
 """
 
-import argparse
 import dataclasses
 import gc
 import importlib.util
@@ -520,7 +519,7 @@ WORKLOADS = {w.name: w for w in [
          Target(">= 50x ProcessPoolExecutor.map", PROCESS_POOL, min_ratio=50)),
         measure_self, processes=True),
     Workload(
-        "proc-cpu", f"map of a CPU-bound task (about 50 us), pool start included",
+        "proc-cpu", "map of a CPU-bound task (about 50 us), pool start included",
         100_000, 5_000, _same, sum_of_spins,
         Variant("taskrunner", cpu_map_ours),
         (Variant(SERIAL, cpu_map_serial, max_repeat=3),

@@ -36,6 +36,16 @@ def wait_path(path, timeout=GATE_TIMEOUT):
         time.sleep(0.002)
 
 
+def wait_until(predicate, timeout=10.0, interval=0.005):
+    """Poll ``predicate`` until it is true (True) or ``timeout`` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
 def touch(path):
     with open(path, "a"):
         pass

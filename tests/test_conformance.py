@@ -19,7 +19,7 @@ import pytest
 
 import runner_tasks as rt
 import taskrunner
-from runner_tasks import read_lines, wait_path
+from runner_tasks import read_lines, wait_path, wait_until
 from taskrunner import (
     CancelledRun,
     CrashedRun,
@@ -54,15 +54,6 @@ PREDICATES = {
     "CANCELLED": "is_cancelled",
     "CRASHED": "is_crashed",
 }
-
-
-def wait_until(predicate, timeout=10.0, interval=0.005):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 def assert_state(state, type_name):

@@ -3,7 +3,6 @@ signals, and futures that cross runners."""
 
 import gc
 import os
-import signal
 import subprocess
 import sys
 import textwrap

@@ -31,7 +31,7 @@ import pytest
 
 import runner_tasks as rt
 import taskrunner
-from runner_tasks import read_lines, wait_path
+from runner_tasks import read_lines, wait_path, wait_until
 from taskrunner import (
     CancelledRun,
     CrashedRun,
@@ -52,15 +52,6 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 # ================================================================= helpers
-
-
-def wait_until(predicate, timeout=10.0, interval=0.005):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 def child_pids():

@@ -9,19 +9,11 @@ import time
 import pytest
 
 import runner_tasks as rt
+from runner_tasks import wait_until
 from taskrunner import TaskRunner, ThreadPoolTaskRunner
 from taskrunner import unmapped as rt_unmapped
 
 pytestmark = pytest.mark.timeout(60)
-
-
-def wait_until(predicate, timeout=10.0, interval=0.005):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(interval)
-    return True
 
 
 class ConcurrencyProbe:
