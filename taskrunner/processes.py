@@ -115,7 +115,9 @@ class ProcessPoolTaskRunner(EngineTaskRunner):
         if parameters is not None and hasattr(parameters, "items"):
             for name, value in parameters.items():
                 _check_picklable(value, f"parameter {name!r}")
-        return engine.submit(task, parameters, wait_for, dependencies)
+        future = engine.submit(task, parameters, wait_for, dependencies)
+        self._pool.submitted(1)
+        return future
 
     def map(self, task, parameters, wait_for=None):
         engine = self._started()
@@ -123,7 +125,9 @@ class ProcessPoolTaskRunner(EngineTaskRunner):
         if hasattr(parameters, "items"):
             parameters = {name: _checked_map_value(name, value)
                           for name, value in parameters.items()}
-        return engine.map(task, parameters, wait_for)
+        futures = engine.map(task, parameters, wait_for)
+        self._pool.submitted(len(futures))
+        return futures
 
     def _start(self):
         engine = Engine(_UNLIMITED, None, self._recall)
@@ -313,6 +317,8 @@ class _Pool:
         self.threads = []
         self.failure = None                 # why no worker can run tasks, if none can
         self.recalled_epoch = 0             # graph.cancel_epoch that recall(None) last saw
+        self.unstarted = list(range(1, size))   # workers to start when there is work for them
+        self.runs_submitted = 0
         self.early_deaths = 0               # workers in a row that died before ready
 
     # -- functions ------------------------------------------------------------
@@ -331,12 +337,30 @@ class _Pool:
     # -- starting and stopping ---------------------------------------------------
 
     def start(self):
-        for index in range(self.size):
-            self.workers.append(self._spawn(index))
+        """Start one worker now, the others with the second run submitted:
+        a lone first task need not wait while every worker starts."""
+        self.workers.append(self._spawn(0))
         for target, name in ((self._feed, "feeder"), (self._receive, "receiver")):
             thread = threading.Thread(target=target, name=f"taskrunner-{name}", daemon=True)
             thread.start()
             self.threads.append(thread)
+
+    def submitted(self, count):
+        """`count` more runs were submitted."""
+        self.runs_submitted += count
+        if self.unstarted and self.runs_submitted > 1:
+            self.start_the_rest()
+
+    def start_the_rest(self):
+        """Start the workers not started yet (under the lock, so that stop()
+        sees every process)."""
+        with self.lock:
+            if not self.unstarted or self.closing or self.failure is not None:
+                return
+            indices, self.unstarted = self.unstarted, []
+            for index in indices:
+                self.workers.append(self._spawn(index))
+        self._wake()        # the receiver watches the new ones too
 
     def _spawn(self, index):
         block = ControlBlock(self.shared, index)
