@@ -60,6 +60,7 @@ _COMPLETED, _FAILED, _CRASHED = STATES["COMPLETED"], STATES["FAILED"], STATES["C
 RUNS_PER_THREAD = 64    # runs handed to the cluster at once, per worker thread
 MIN_WINDOW = 256        # ... at least (a cluster may have no worker yet)
 MAX_BATCH = 5_000       # runs in one message to the scheduler at most
+IN_HAND_TIMEOUT = 10.0  # seconds a recall waits for the dispatcher to register runs
 
 _INSTALL_HINT = "pip install 'taskrunner[dask]'"
 
@@ -206,10 +207,9 @@ class DaskTaskRunner(EngineTaskRunner):
                 client = distributed.Client(cluster, **client_kwargs)
             else:
                 client = distributed.Client(self._address, **client_kwargs)
-            threads = sum(client.nthreads().values())
-            dispatch = _Dispatch(client, cluster)
-            engine = Engine(max(MIN_WINDOW, RUNS_PER_THREAD * threads), None,
-                            dispatch.recall, _fetch)
+            window = max(MIN_WINDOW, RUNS_PER_THREAD * sum(client.nthreads().values()))
+            dispatch = _Dispatch(client, cluster, window)
+            engine = Engine(window, None, dispatch.recall, _fetch)
             dispatch.start(engine)
         except BaseException:
             _close_quietly(client, cluster)
@@ -397,21 +397,22 @@ def _forget_marks(session):
 # -- pickling a call with its upstream handles left out -----------------------------------
 
 class _CallPickler(pickle.Pickler):
-    """Pickles a call's (args, kwargs), each handle replaced by a reference
+    """Pickles calls' (args, kwargs), each handle replaced by a reference
     to its place in `deps`, the dask futures the call depends on."""
 
-    def __init__(self, file):
+    def __init__(self, file, client):
         # The C pickler reads its dispatch table when it is made.
-        self.dispatch_table = {**copyreg.dispatch_table, _Handle: self._reduce_handle}
+        self.dispatch_table = _dispatch_table(copyreg.dispatch_table, self._reduce_handle)
+        self.client = client
         self.deps = []
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
 
     def _reduce_handle(self, handle):
         future = handle.future
-        if future is None:      # fetched at an exit: the value itself goes
-            if handle.error is not None:
-                raise pickle.PicklingError("an upstream result was lost with its client")
-            return _identity, (handle.value,)
+        if future is None or future.client is not self.client:
+            # Fetched when its runner exited, or kept by another runner's
+            # client: the value itself goes.
+            return _identity, (_fetch(handle, None),)
         self.deps.append(future)
         return _dep, (len(self.deps) - 1,)
 
@@ -419,34 +420,51 @@ class _CallPickler(pickle.Pickler):
 class _CloudCallPickler(cloudpickle.CloudPickler):
     """The same, by value where plain pickle cannot (lambdas, __main__)."""
 
-    def __init__(self, file):
-        self.dispatch_table = {**cloudpickle.CloudPickler.dispatch_table,
-                               _Handle: self._reduce_handle}
+    def __init__(self, file, client):
+        self.dispatch_table = _dispatch_table(cloudpickle.CloudPickler.dispatch_table,
+                                              self._reduce_handle)
+        self.client = client
         self.deps = []
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
 
     _reduce_handle = _CallPickler._reduce_handle
 
 
+def _dispatch_table(base, reduce_handle):
+    table = dict(base)
+    table[_Handle] = reduce_handle
+    return table
+
+
 def _identity(value):
     return value
 
 
-def _dump_call(call):
-    """(blob, deps) of a call."""
-    buffer = io.BytesIO()
-    pickler = _CallPickler(buffer)
-    try:
-        pickler.dump(call)
-        blob = buffer.getvalue()
-        if b"__main__" not in blob:
-            return blob, pickler.deps
-    except Exception:
-        pass
-    buffer = io.BytesIO()
-    pickler = _CloudCallPickler(buffer)
-    pickler.dump(call)
-    return buffer.getvalue(), pickler.deps
+class _CallDumper:
+    """Pickles the calls of one batch: dump(call) -> (blob, deps)."""
+
+    def __init__(self, client):
+        self.client = client
+        self.buffer = io.BytesIO()
+        self.pickler = _CallPickler(self.buffer, client)
+
+    def dump(self, call):
+        buffer, pickler = self.buffer, self.pickler
+        buffer.seek(0)
+        buffer.truncate()
+        pickler.clear_memo()
+        pickler.deps = []
+        try:
+            pickler.dump(call)
+            blob = buffer.getvalue()
+            if b"__main__" not in blob:
+                return blob, pickler.deps
+        except Exception:
+            pass
+        other = io.BytesIO()
+        cloud = _CloudCallPickler(other, self.client)
+        cloud.dump(call)
+        return other.getvalue(), cloud.deps
 
 
 # -- the dispatcher and the watcher ---------------------------------------------------------
@@ -455,9 +473,10 @@ class _Dispatch:
     """The client side of one entered runner: hands runs to the scheduler,
     ends them as Dask reports them done, takes back recalled ones."""
 
-    def __init__(self, client, cluster):
+    def __init__(self, client, cluster, window):
         self.client = client
         self.cluster = cluster          # ours to close, or None
+        self.window = window            # runs handed over at most (the engine's limit)
         self.engine = None
         self.session = uuid.uuid4().hex
         self.numbers = itertools.count()
@@ -467,6 +486,7 @@ class _Dispatch:
         self.runs = {}                  # key -> TaskFuture
         self.dask_futures = {}          # key -> distributed.Future, once sent
         self.recalling = set()          # keys being recalled now
+        self.settling = 0               # runs dropped here, not yet ended in the engine
         self.recalled_any = False
         self.handles = weakref.WeakSet()    # of completed runs, to fetch at exit
         self.completions = None
@@ -524,7 +544,13 @@ class _Dispatch:
 
     def _dispatch(self):
         engine = self.engine
+        low = self.window // 2
         while True:
+            # With more than half the window in flight the cluster has work
+            # queued: wait for the rest to free up, and send it in one go.
+            with self.lock:
+                while len(self.runs) > low and not self.closing:
+                    self.wake.wait()
             futures = engine.take_ready(MAX_BATCH)
             if futures is None:
                 return
@@ -546,13 +572,14 @@ class _Dispatch:
                 keys.append(key)
         fns, asyncs, blobs, deps, sent_keys = [], [], [], [], []
         unpicklable = []
+        dumper = _CallDumper(self.client)
         i = 0
         for spec, args_list, kwargs_list in self.engine.calls_of(futures):
             for j, args in enumerate(args_list):
                 key = keys[i]
                 i += 1
                 try:
-                    blob, dep = _dump_call((args, kwargs_list[j] if kwargs_list else None))
+                    blob, dep = dumper.dump((args, kwargs_list[j] if kwargs_list else None))
                 except Exception as error:
                     unpicklable.append((key, error))
                     continue
@@ -589,7 +616,10 @@ class _Dispatch:
                     futures.append(future)
                     errors.append(TypeError(f"the arguments of this run cannot be pickled to "
                                             f"go to the Dask cluster: {error}"))
-        self.engine.finish(futures, errors, [_FAILED] * len(futures))
+        try:
+            self.engine.finish(futures, errors, [_FAILED] * len(futures))
+        finally:
+            self._settled(len(futures))
 
     def _crash_unsent(self, futures, error):
         crashed = []
@@ -599,19 +629,41 @@ class _Dispatch:
                 if key is not None and key not in self.dask_futures:
                     self._forget(key)
                     crashed.append(future)
-        self.engine.finish(
-            crashed, [CrashedRun(f"could not hand the run to the Dask scheduler: "
-                                 f"{type(error).__name__}: {error}")] * len(crashed),
-            [_CRASHED] * len(crashed))
+        crash = CrashedRun(f"could not hand the run to the Dask scheduler: "
+                           f"{type(error).__name__}: {error}")
+        try:
+            self.engine.finish(crashed, [crash] * len(crashed), [_CRASHED] * len(crashed))
+        finally:
+            self._settled(len(crashed))
 
     def _forget(self, key):
         """Drop a run handed over; its future, or None if already dropped.
-        Lock held."""
+        The caller ends it in the engine, then calls _settled().  Lock held."""
         future = self.runs.pop(key, None)
         if future is not None:
             del self.keys[future]
             self.dask_futures.pop(key, None)
+            self.settling += 1
         return future
+
+    def _settled(self, count):
+        """`count` runs dropped by _forget() have ended in the engine."""
+        if count:
+            with self.lock:
+                self.settling -= count
+                self.wake.notify_all()
+
+    def _wait_in_hand(self):
+        """Wait until every run the engine counts as handed out is known
+        here: the dispatcher has taken none it has not yet registered.
+        Lock held."""
+        deadline = time.monotonic() + IN_HAND_TIMEOUT
+        graph = self.engine.graph
+        while graph.n_running > len(self.runs) + self.settling and not self.closing:
+            if time.monotonic() > deadline:
+                _log.warning("runs taken by the Dask dispatcher were not registered in time")
+                return
+            self.wake.wait(0.01)
 
     # -- runs ending -----------------------------------------------------------------------
 
@@ -672,46 +724,39 @@ class _Dispatch:
             futures.append(future)
             values.append(value)
             states.append(state)
-        if requeue:
-            self.engine.give_back(requeue, False)
-        if futures:
-            self.engine.finish(futures, values, states)
+        try:
+            if requeue:
+                self.engine.give_back(requeue, False)
+            if futures:
+                self.engine.finish(futures, values, states)
+        finally:
+            self._settled(len(requeue) + len(futures))
 
     # -- taking runs back ---------------------------------------------------------------------
 
     def recall(self, future):
         """The engine's recall hook: take back runs handed to Dask that
         surely never started: `future`'s (True if so), or with None every
-        such run."""
+        such run.
+
+        The keys are marked on every worker, in its event loop, where runs
+        start (see _hold_back); a worker answers which of them may have
+        started there.  The others never run: they are cancelled here, and
+        their dask futures cancelled.  A worker that joins after the marks
+        and before the scheduler has the cancellation could still run one:
+        the window is one message long."""
         with self.lock:
+            self._wait_in_hand()
             if future is None:
                 keys = [k for k in self.runs if k not in self.recalling]
             else:
                 key = self.keys.get(future)
                 keys = [key] if key is not None and key not in self.recalling else []
+            if not keys:
+                return False        # not ours (any more): it is ending, or not handed out
             self.recalling.update(keys)
-            if keys:
-                self.recalled_any = True
-        if future is not None and not keys:
-            if future.state.is_running():
-                # Between the engine handing it out and its key being known,
-                # or between Dask reporting it and the engine ending it.
-                time.sleep(0.001)
-                return self.recall(future)
-            return False
-        if not keys:
-            return False
-        try:
-            answers = self.client.run(_hold_back, keys, on_error="return")
-            maybe_started = set()
-            for answer in answers.values():
-                if isinstance(answer, BaseException):
-                    maybe_started = set(keys)       # a worker we cannot ask
-                    break
-                maybe_started.update(answer)
-        except Exception:
-            _log.exception("could not recall runs from the Dask workers")
-            maybe_started = set(keys)
+            self.recalled_any = True
+        maybe_started = self._hold_back(keys)
         cancelled, dask_futures = [], []
         with self.lock:
             self.recalling.difference_update(keys)
@@ -724,16 +769,33 @@ class _Dispatch:
                     cancelled.append(run)
                     if dask_future is not None:
                         dask_futures.append(dask_future)
-        if dask_futures:
-            try:
-                self.client.cancel(dask_futures)
-            except Exception:
-                pass        # marked: they cannot run anyway
-        if cancelled:
-            self.engine.give_back(cancelled, True)
-        # Ends reported while this recall held them back.
+        try:
+            if dask_futures:
+                try:
+                    self.client.cancel(dask_futures)
+                except Exception:
+                    pass        # marked: they cannot run anyway
+            if cancelled:
+                self.engine.give_back(cancelled, True)
+        finally:
+            self._settled(len(cancelled))
+        # Those that ended while held back here were skipped by the watcher.
         self._ended_after_recall([k for k in keys if k in maybe_started])
         return future is not None and bool(cancelled)
+
+    def _hold_back(self, keys):
+        """Mark `keys` on every worker; the set that may have started."""
+        try:
+            answers = self.client.run(_hold_back, keys, on_error="return")
+        except Exception:
+            _log.exception("could not recall runs from the Dask workers")
+            return set(keys)
+        maybe_started = set()
+        for answer in answers.values():
+            if isinstance(answer, BaseException):
+                return set(keys)        # a worker that could not answer
+            maybe_started.update(answer)
+        return maybe_started
 
     def _ended_after_recall(self, keys):
         with self.lock:

@@ -76,7 +76,7 @@ class DaskCluster:
         scheduler_file = os.path.join(self._dir.name, "scheduler.json")
         self.scheduler = self._spawn(
             "scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
-            "--scheduler-file", scheduler_file)
+            "--dashboard-address", "127.0.0.1:0", "--scheduler-file", scheduler_file)
         deadline = time.monotonic() + START_TIMEOUT
         while not os.path.exists(scheduler_file):
             self._check_alive(self.scheduler, "scheduler")
@@ -98,12 +98,21 @@ class DaskCluster:
 
         deadline = deadline or time.monotonic() + START_TIMEOUT
         with Client(self.address, set_as_default=False, timeout=START_TIMEOUT) as client:
-            while sorted(client.nthreads().values()) != sorted(self.threads):
+            while not self._complete(client):
                 for process in [self.scheduler, *self.workers]:
                     self._check_alive(process, "process")
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the dask workers did not connect:\n{self.logs()}")
                 time.sleep(0.05)
+
+    def _complete(self, client):
+        """Every worker is registered with its threads and answers (a
+        killed one may still be registered for a moment)."""
+        if sorted(client.nthreads().values()) != sorted(self.threads):
+            return False
+        answers = client.run(os.getpid, on_error="return")
+        return len(answers) == len(self.threads) and all(
+            isinstance(pid, int) for pid in answers.values())
 
     def worker_pids(self, client):
         """{worker address: pid} of the worker processes (not the nannies)."""
