@@ -26,7 +26,6 @@ have started; a marked run never calls the task (see `_hold_back`).
 `distributed` is imported only when a runner is made.
 """
 
-import asyncio
 import copyreg
 import importlib
 import io
@@ -210,7 +209,11 @@ class DaskTaskRunner(EngineTaskRunner):
             window = max(MIN_WINDOW, RUNS_PER_THREAD * sum(client.nthreads().values()))
             dispatch = _Dispatch(client, cluster, window)
             engine = Engine(window, None, dispatch.recall, _fetch)
-            dispatch.start(engine)
+            try:
+                dispatch.start(engine)
+            except BaseException:
+                engine.close()
+                raise
         except BaseException:
             _close_quietly(client, cluster)
             raise

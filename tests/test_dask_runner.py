@@ -436,3 +436,24 @@ def test_cancel_all_right_after_submit_takes_the_run_back(dask_clusters, make_ga
         assert blocker.result(timeout=20) == 1
     time.sleep(0.2)
     assert not any(os.path.exists(p) for p in paths)
+
+
+def test_the_cluster_helper_leaves_no_process_behind():
+    import psutil
+
+    from dask_cluster import DaskCluster
+
+    cluster = DaskCluster((1,)).start()
+    try:
+        pids = cluster.process_ids()
+        assert len(pids) >= 3       # the scheduler, the nanny and its worker
+    finally:
+        cluster.stop()
+
+    def running(pid):
+        try:
+            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    assert [pid for pid in pids if running(pid)] == []
