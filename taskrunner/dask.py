@@ -222,6 +222,7 @@ class DaskTaskRunner(EngineTaskRunner):
 
     def _stop(self):
         dispatch, self._dispatch = self._dispatch, None
+        self._functions.clear()
         if dispatch is not None:
             dispatch.stop()
 
@@ -602,13 +603,14 @@ class _Dispatch:
             return
         dask_futures = self.client.map(_run, fns, asyncs, sent_keys, blobs, deps,
                                        key=sent_keys, pure=False)
-        self.completions.update(dask_futures)
         with self.lock:
             for key, dask_future in zip(sent_keys, dask_futures):
                 # A run recalled since will refuse to run: its workers have it marked.
                 if key in self.runs:
                     self.dask_futures[key] = dask_future
             self.wake.notify_all()
+        # Watched once registered: the watcher and recall() find them here.
+        self.completions.update(dask_futures)
 
     def _fail_unpicklable(self, failures):
         futures, errors = [], []
