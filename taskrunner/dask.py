@@ -143,6 +143,13 @@ class DaskTaskRunner(EngineTaskRunner):
         dispatch = self._dispatch
         return dispatch.client if dispatch is not None else None
 
+    @property
+    def cluster(self):
+        """The cluster this runner started, while entered; None if it
+        connected to an address, or is not entered."""
+        dispatch = self._dispatch
+        return dispatch.cluster if dispatch is not None else None
+
     def duplicate(self):
         return type(self)(address=self._address, cluster_class=self._cluster_class,
                           cluster_kwargs=self.cluster_kwargs, client_kwargs=self.client_kwargs)
@@ -696,7 +703,7 @@ class _Dispatch:
 
     def _ended(self, batch):
         futures, values, states = [], [], []
-        requeue = []
+        requeue, rewatch = [], []
         for dask_future in batch:
             key = dask_future.key
             with self.lock:
@@ -705,6 +712,11 @@ class _Dispatch:
             status = dask_future.status
             if status == "finished":
                 outcome = _Handle(dask_future), _COMPLETED
+            elif status not in ("error", "cancelled"):
+                # Its result was lost with a worker after it ended, and Dask
+                # computes it again: watch for that.
+                rewatch.append(dask_future)
+                continue
             else:
                 error = _error_of(dask_future)
                 if isinstance(error, _Recalled):
@@ -729,6 +741,8 @@ class _Dispatch:
             futures.append(future)
             values.append(value)
             states.append(state)
+        if rewatch:
+            self.completions.update(rewatch)
         try:
             if requeue:
                 self.engine.give_back(requeue, False)
@@ -784,8 +798,7 @@ class _Dispatch:
                 self.engine.give_back(cancelled, True)
         finally:
             self._settled(len(cancelled))
-        # Those that ended while held back here were skipped by the watcher.
-        self._ended_after_recall([k for k in keys if k in maybe_started])
+        self._watch_again([k for k in keys if k in maybe_started])
         return future is not None and bool(cancelled)
 
     def _hold_back(self, keys):
@@ -802,12 +815,13 @@ class _Dispatch:
             maybe_started.update(answer)
         return maybe_started
 
-    def _ended_after_recall(self, keys):
+    def _watch_again(self, keys):
+        """The watcher skipped the ends of runs being recalled: those not
+        recalled after all are watched again (one seen twice is ended once)."""
         with self.lock:
-            done = [self.dask_futures[k] for k in keys
-                    if k in self.dask_futures and self.dask_futures[k].done()]
-        if done:
-            self._ended(done)
+            again = [self.dask_futures[k] for k in keys if k in self.dask_futures]
+        if again:
+            self.completions.update(again)
 
 
 def _error_of(dask_future):
