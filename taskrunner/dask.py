@@ -56,8 +56,12 @@ _log = logging.getLogger("taskrunner")
 
 _COMPLETED, _FAILED, _CRASHED = STATES["COMPLETED"], STATES["FAILED"], STATES["CRASHED"]
 
-RUNS_PER_THREAD = 64    # runs handed to the cluster at once, per worker thread
-MIN_WINDOW = 256        # ... at least (a cluster may have no worker yet)
+# How many runs are handed to the cluster at once.  Measured on a 4-thread
+# LocalCluster: throughput is the same from 16 to 2,000 runs per thread (the
+# scheduler sets the pace); many runs per thread make few, large messages,
+# and a cancel_all() still asks the workers about all of them in one.
+RUNS_PER_THREAD = 512   # runs handed to the cluster at once, per worker thread
+MIN_WINDOW = 1_024      # ... at least (a cluster may have no worker yet)
 MAX_BATCH = 5_000       # runs in one message to the scheduler at most
 IN_HAND_TIMEOUT = 10.0  # seconds a recall waits for the dispatcher to register runs
 
