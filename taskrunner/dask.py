@@ -242,7 +242,8 @@ def _mapping_arg(value, what):
     if value is None:
         return {}
     if not isinstance(value, Mapping):
-        raise TypeError(f"{what} must be a mapping of keyword arguments, not {type(value).__name__}")
+        raise TypeError(
+            f"{what} must be a mapping of keyword arguments, not {type(value).__name__}")
     for key in value:
         if not isinstance(key, str):
             raise TypeError(f"{what} keys must be strings, not {type(key).__name__}")
@@ -689,7 +690,9 @@ class _Dispatch:
             with self.lock:
                 while not self.dask_futures and not self.closing:
                     self.wake.wait()
-                if self.closing and not self.dask_futures:
+                if self.closing:
+                    # The engine has closed: every run has ended, unless the
+                    # exit was interrupted, and then none will be waited for.
                     return
             try:
                 batch = completions.next_batch(block=True)

@@ -308,7 +308,8 @@ def test_a_worker_killed_mid_task_loses_no_run(dask_clusters, make_path, make_ga
             while not any(line.startswith("0 ") for line in read_lines(pids)):
                 assert time.monotonic() < deadline, "item 0 never started"
                 time.sleep(0.01)
-            victim = int(next(line for line in read_lines(pids) if line.startswith("0 ")).split()[1])
+            first = next(line for line in read_lines(pids) if line.startswith("0 "))
+            victim = int(first.split()[1])
             assert victim in workers
             os.kill(victim, signal.SIGKILL)
             assert futures.result(timeout=60) == [i * 10 for i in range(12)]
