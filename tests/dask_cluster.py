@@ -150,8 +150,10 @@ class DaskCluster:
 
     def stop(self):
         """Stop every process (each runs in its own process group), the
-        workers first; SIGKILL what is still there after a grace period."""
+        workers first; SIGKILL what is still there after a grace period,
+        and wait until every process of the cluster has gone."""
         processes = [p for p in [*self.workers, self.scheduler] if p is not None]
+        every = self.process_ids()
         for process in processes:
             _signal_group(process, signal.SIGTERM)
         deadline = time.monotonic() + 10
@@ -162,11 +164,34 @@ class DaskCluster:
                 pass
             _signal_group(process, signal.SIGKILL)      # and any child left
             process.wait()
+        _wait_gone(every, time.monotonic() + 10)
         self.workers = []
         self.scheduler = None
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None
+
+
+def _running(pid):
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(pids, deadline):
+    """Wait for `pids` to exit (a grandchild may outlive its killed parent
+    for a moment), killing any still there at the deadline."""
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in pids:
+        if _running(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def _signal_group(process, sig):

@@ -183,7 +183,8 @@ def test_missing_distributed_raises_import_error_naming_the_extra():
         "    print('ImportError:', error)\n"
     )
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert proc.returncode == 0, proc.stderr
     assert "ImportError:" in proc.stdout
     assert "pip install 'taskrunner[dask]'" in proc.stdout
@@ -440,9 +441,7 @@ def test_cancel_all_right_after_submit_takes_the_run_back(dask_clusters, make_ga
 
 
 def test_the_cluster_helper_leaves_no_process_behind():
-    import psutil
-
-    from dask_cluster import DaskCluster
+    from dask_cluster import DaskCluster, _running
 
     cluster = DaskCluster((1,)).start()
     try:
@@ -450,11 +449,4 @@ def test_the_cluster_helper_leaves_no_process_behind():
         assert len(pids) >= 3       # the scheduler, the nanny and its worker
     finally:
         cluster.stop()
-
-    def running(pid):
-        try:
-            return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    assert [pid for pid in pids if running(pid)] == []
+    assert [pid for pid in pids if _running(pid)] == []
