@@ -3,6 +3,7 @@ scheduling core."""
 
 from taskrunner.annotations import allow_failure, quote, unmapped
 from taskrunner.base import TaskRunner
+from taskrunner.dask import DaskTaskRunner
 from taskrunner.exceptions import (
     CancelledRun,
     CrashedRun,
@@ -21,6 +22,7 @@ __all__ = [
     "TaskRunner",
     "ThreadPoolTaskRunner",
     "ProcessPoolTaskRunner",
+    "DaskTaskRunner",
     "TaskFuture",
     "FutureList",
     "wait",

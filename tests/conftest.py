@@ -24,11 +24,12 @@ class RunnerSpec:
     differently).  ``name`` is the expected ``TaskRunner.name``.
     """
 
-    def __init__(self, id, make, name, in_process):
+    def __init__(self, id, make, name, in_process, requires=None):
         self.id = id
         self._make = make
         self.name = name
         self.in_process = in_process
+        self.requires = requires  # a module to import, else the spec is skipped
 
     def __call__(self, max_workers=None):
         return self._make(max_workers)
@@ -62,17 +63,56 @@ def _dask_local(max_workers):  # issue 4 (embedded LocalCluster)
     )
 
 
+def _dask_cluster(max_workers):  # issue 4 (a real cluster, started by dask_cluster.py)
+    from taskrunner import DaskTaskRunner
+
+    # A cluster of its own for each max_workers, so that exactly that many
+    # tasks can run at once; started on first use, shared by the session.
+    return DaskTaskRunner(address=_cluster_pool().get(max_workers).address)
+
+
 RUNNERS = [
     RunnerSpec("threadpool", _threadpool, "threadpool", in_process=True),
     RunnerSpec("processpool", _processpool, "processpool", in_process=False),
-    # RunnerSpec("dask", _dask_local, "dask", in_process=False),
+    RunnerSpec("dask", _dask_local, "dask", in_process=False, requires="distributed"),
+    RunnerSpec("dask-cluster", _dask_cluster, "dask", in_process=False, requires="distributed"),
 ]
 
 
 @pytest.fixture(params=RUNNERS, ids=lambda spec: spec.id)
 def runner_factory(request):
     """A callable ``(max_workers=None) -> new unentered runner``."""
+    if request.param.requires:
+        pytest.importorskip(request.param.requires)
     return request.param
+
+
+# ------------------------------------------------------------- dask clusters
+
+_dask_clusters = None  # the session's ClusterPool, made on first use
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_dask_clusters():
+    """Stop the real Dask clusters the session started, at its end."""
+    yield
+    if _dask_clusters is not None:
+        _dask_clusters.stop_all()
+
+
+@pytest.fixture(scope="session")
+def dask_clusters():
+    """The session's real Dask clusters (``dask_cluster.ClusterPool``)."""
+    return _cluster_pool()
+
+
+def _cluster_pool():
+    global _dask_clusters
+    if _dask_clusters is None:
+        from dask_cluster import ClusterPool
+
+        _dask_clusters = ClusterPool()
+    return _dask_clusters
 
 
 @pytest.fixture(

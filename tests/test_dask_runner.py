@@ -1,0 +1,452 @@
+"""DaskTaskRunner: what is specific to running on a Dask cluster.
+
+The shared semantics are in test_conformance.py, run against an embedded
+LocalCluster ("dask") and a real cluster ("dask-cluster").  Here: the
+settings, the optional dependency, the cluster's lifetime, results staying
+on the cluster, batching, worker loss, and cancelling runs already handed
+to Dask.  Real clusters come from the session's pool (conftest.py,
+dask_cluster.py); tests that kill workers wait for the nannies to bring
+them back, so the next test gets the whole cluster.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import runner_tasks as rt
+from runner_tasks import read_lines, wait_path
+from taskrunner import CancelledRun, CrashedRun, TaskRunner, TaskRunnerError, UpstreamTaskError
+
+distributed = pytest.importorskip("distributed")
+
+from distributed.diagnostics.plugin import SchedulerPlugin  # noqa: E402
+
+from taskrunner import DaskTaskRunner  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A LocalCluster with its workers in this process: quick to start, for the
+# tests about settings and lifetime.
+THREADED = {"n_workers": 1, "threads_per_worker": 2, "processes": False,
+            "dashboard_address": None}
+
+
+# ----------------------------------------------------------------- tasks
+
+
+class Tracked:
+    """A value that appends this process's pid to `log` whenever it is
+    unpickled: a record of every process it was moved to."""
+
+    def __init__(self, value, log):
+        self.value = value
+        self.log = log
+
+    def __reduce__(self):
+        return _unpickle_tracked, (self.value, self.log)
+
+
+def _unpickle_tracked(value, log):
+    rt.append_line(log, os.getpid())
+    return Tracked(value, log)
+
+
+def make_tracked(value, log):
+    return Tracked(value, log)
+
+
+def value_of(tracked):
+    return tracked.value + 1
+
+
+def pid_of_worker():
+    return os.getpid()
+
+
+def killed_once(i, pids, gate):
+    """Item 0 records its pid and blocks on its first attempt (the test
+    kills its worker); every other attempt and item returns at once."""
+    rt.append_line(pids, f"{i} {os.getpid()}")
+    if i == 0 and sum(line.startswith("0 ") for line in read_lines(pids)) == 1:
+        wait_path(gate, 60)
+    return i * 10
+
+
+def kill_my_worker():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Unpicklable(Exception):
+    def __init__(self, lock):
+        super().__init__("holds a lock")
+        self.lock = lock
+
+
+def raise_unpicklable():
+    raise Unpicklable(threading.Lock())
+
+
+class CountGraphs(SchedulerPlugin):
+    """On the scheduler: the number of keys of each graph a client sends."""
+
+    name = "taskrunner-count-graphs"
+
+    def __init__(self):
+        self.sizes = []
+
+    def update_graph(self, scheduler, *, keys, **kwargs):
+        self.sizes.append(len(keys))
+
+
+def graph_sizes(dask_scheduler):
+    return list(dask_scheduler.plugins[CountGraphs.name].sizes)
+
+
+# ------------------------------------------------------------- settings
+
+
+def test_name_and_type():
+    runner = DaskTaskRunner(cluster_kwargs=THREADED)
+    assert isinstance(runner, TaskRunner)
+    assert runner.name == "dask"
+    assert runner.client is None
+
+
+def test_duplicate_keeps_every_setting():
+    runner = DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                            cluster_kwargs=THREADED, client_kwargs={"timeout": "20s"})
+    copy = runner.duplicate()
+    assert copy is not runner and type(copy) is DaskTaskRunner
+    assert copy == runner
+    assert copy.cluster_class is distributed.LocalCluster
+    assert copy.cluster_kwargs == THREADED
+    assert copy.client_kwargs == {"timeout": "20s"}
+    assert copy.address is None
+    remote = DaskTaskRunner(address="tcp://127.0.0.1:8786", client_kwargs={"timeout": 5})
+    twin = remote.duplicate()
+    assert twin == remote and twin.address == "tcp://127.0.0.1:8786"
+    assert twin.client_kwargs == {"timeout": 5}
+    assert twin != copy
+
+
+def test_settings_are_copied_not_shared():
+    kwargs = dict(THREADED)
+    runner = DaskTaskRunner(cluster_kwargs=kwargs)
+    kwargs["n_workers"] = 5
+    runner.cluster_kwargs["n_workers"] = 7
+    assert runner.cluster_kwargs == THREADED
+
+
+@pytest.mark.parametrize("kwargs, word", [
+    ({"address": 8786}, "address"),
+    ({"cluster_kwargs": [("n_workers", 1)]}, "cluster_kwargs"),
+    ({"client_kwargs": "timeout=5"}, "client_kwargs"),
+    ({"cluster_class": 42}, "cluster_class"),
+    ({"cluster_kwargs": {1: 2}}, "cluster_kwargs"),
+])
+def test_bad_settings_raise_type_error_naming_the_argument(kwargs, word):
+    with pytest.raises(TypeError, match=word):
+        DaskTaskRunner(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"address": "tcp://127.0.0.1:8786", "cluster_class": "distributed.LocalCluster"},
+    {"address": "tcp://127.0.0.1:8786", "cluster_kwargs": {"n_workers": 1}},
+    {"address": ""},
+    {"cluster_class": "LocalCluster"},
+    {"cluster_class": "distributed.NoSuchCluster"},
+    {"client_kwargs": {"asynchronous": True}},
+])
+def test_contradictory_settings_raise_value_error(kwargs):
+    with pytest.raises(ValueError):
+        DaskTaskRunner(**kwargs)
+
+
+def test_missing_distributed_raises_import_error_naming_the_extra():
+    code = (
+        "import sys\n"
+        "sys.modules['distributed'] = None\n"       # import distributed fails
+        "import taskrunner\n"
+        "from taskrunner import DaskTaskRunner, ThreadPoolTaskRunner\n"
+        "with ThreadPoolTaskRunner(1) as r:\n"
+        "    assert r.submit(abs, {'x': -1}).result() == 1\n"
+        "try:\n"
+        "    DaskTaskRunner()\n"
+        "except ImportError as error:\n"
+        "    print('ImportError:', error)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert proc.returncode == 0, proc.stderr
+    assert "ImportError:" in proc.stdout
+    assert "pip install 'taskrunner[dask]'" in proc.stdout
+
+
+# ------------------------------------------------------ the cluster's lifetime
+
+
+def test_embedded_cluster_starts_on_enter_and_closes_on_exit():
+    runner = DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=THREADED)
+    with runner:
+        client = runner.client
+        cluster = client.cluster
+        assert isinstance(cluster, distributed.LocalCluster)
+        assert sum(client.nthreads().values()) == 2
+        assert runner.submit(rt.inc, {"x": 1}).result(timeout=20) == 2
+    assert runner.client is None
+    assert client.status == "closed"
+    assert cluster.status.name == "closed"
+
+
+def test_cluster_class_may_be_any_callable_returning_a_cluster():
+    made = []
+
+    def make_cluster(**kwargs):
+        made.append(kwargs)
+        return distributed.LocalCluster(**kwargs)
+
+    with DaskTaskRunner(cluster_class=make_cluster, cluster_kwargs=THREADED) as runner:
+        assert runner.submit(rt.add, {"x": 1, "y": 2}).result(timeout=20) == 3
+    assert made == [THREADED]
+
+
+def test_exiting_an_address_runner_leaves_the_cluster_running(dask_clusters):
+    cluster = dask_clusters.get()
+    with DaskTaskRunner(address=cluster.address) as runner:
+        assert runner.submit(rt.inc, {"x": 1}).result(timeout=20) == 2
+        client = runner.client
+    assert client.status == "closed"
+    with distributed.Client(cluster.address, set_as_default=False) as other:
+        assert sorted(other.nthreads().values()) == sorted(cluster.threads)
+        assert other.submit(rt.inc, 41).result(timeout=20) == 42
+    # and a runner can connect again
+    with DaskTaskRunner(address=cluster.address) as runner:
+        assert runner.submit(rt.inc, {"x": 2}).result(timeout=20) == 3
+
+
+# ----------------------------------------------- results stay on the cluster
+
+
+def test_upstream_results_go_worker_to_worker_and_are_fetched_on_result(
+        dask_clusters, make_path):
+    log = make_path()
+    cluster = dask_clusters.get()
+    here = str(os.getpid())
+    with DaskTaskRunner(address=cluster.address) as runner:
+        workers = {str(pid) for pid in runner.client.run(pid_of_worker).values()}
+        ups = runner.map(make_tracked, {"value": range(8), "log": log})
+        downs = runner.map(value_of, {"tracked": ups})
+        total = runner.submit(rt.total, {"xs": downs})
+        assert total.result(timeout=30) == sum(range(1, 9))
+        # The downstream runs received the upstream values on the workers;
+        # this process never unpickled one.
+        assert here not in read_lines(log)
+        assert set(read_lines(log)) <= workers
+        held = {key for keys in runner.client.who_has().values() for key in keys}
+        assert held, "the results are on the workers"
+        assert ups[3].result(timeout=20).value == 3
+        assert read_lines(log).count(here) == 1       # fetched once, on result()
+
+
+def test_results_held_at_exit_are_fetched_once_and_kept(dask_clusters, make_path):
+    log = make_path()
+    cluster = dask_clusters.get()
+    with DaskTaskRunner(address=cluster.address) as runner:
+        kept = runner.submit(make_tracked, {"value": 5, "log": log})
+        dropped = runner.submit(make_tracked, {"value": 6, "log": log})
+        kept.wait(timeout=20)
+        dropped.wait(timeout=20)
+        del dropped
+        assert read_lines(log) == []
+    here = str(os.getpid())
+    assert read_lines(log) == [here]                  # only the one still held
+    assert kept.result().value == 5 and kept.result().value == 5
+    assert read_lines(log) == [here]
+
+
+# ----------------------------------------------------------------- batches
+
+
+def test_a_big_map_is_sent_in_batches(dask_clusters):
+    cluster = dask_clusters.get()
+    n = 3000
+    with DaskTaskRunner(address=cluster.address) as runner:
+        client = runner.client
+        client.register_plugin(CountGraphs())
+        try:
+            futures = runner.map(rt.inc, {"x": range(n)})
+            futures.wait(timeout=90)
+            sizes = client.run_on_scheduler(graph_sizes)
+        finally:
+            client.unregister_scheduler_plugin(CountGraphs.name)
+        assert all(f.state.is_completed() for f in futures)
+    assert sum(sizes) == n
+    assert len(sizes) <= 10, sizes
+    assert max(sizes) >= 1000, sizes
+
+
+# ------------------------------------------------------------- worker loss
+
+
+def test_a_worker_killed_mid_task_loses_no_run(dask_clusters, make_path, make_gate):
+    cluster = dask_clusters.get()
+    pids = make_path()
+    gate = make_gate()
+    try:
+        with DaskTaskRunner(address=cluster.address) as runner:
+            workers = set(runner.client.run(pid_of_worker).values())
+            assert len(workers) == 2
+            futures = runner.map(killed_once, {"i": range(12), "pids": pids, "gate": gate.path})
+            deadline = time.monotonic() + 30
+            while not any(line.startswith("0 ") for line in read_lines(pids)):
+                assert time.monotonic() < deadline, "item 0 never started"
+                time.sleep(0.01)
+            first = next(line for line in read_lines(pids) if line.startswith("0 "))
+            victim = int(first.split()[1])
+            assert victim in workers
+            os.kill(victim, signal.SIGKILL)
+            assert futures.result(timeout=60) == [i * 10 for i in range(12)]
+            assert all(f.state.is_completed() for f in futures)
+            attempts = [line for line in read_lines(pids) if line.startswith("0 ")]
+            assert len(attempts) == 2 and str(victim) not in attempts[1]
+    finally:
+        cluster.wait_for_workers()
+
+
+def test_a_task_that_keeps_killing_workers_ends_crashed(dask_clusters):
+    cluster = dask_clusters.get()
+    try:
+        with DaskTaskRunner(address=cluster.address) as runner:
+            killer = runner.submit(kill_my_worker)
+            down = runner.submit(rt.inc, {"x": killer})
+            killer.wait(timeout=90)
+            assert killer.state.is_crashed(), killer.state
+            with pytest.raises(CrashedRun) as info:
+                killer.result()
+            message = str(info.value)
+            assert "KilledWorker" in message and "kill_my_worker" in message
+            down.wait(timeout=20)
+            assert down.state.name == "NotReady"
+            with pytest.raises(UpstreamTaskError):
+                down.result()
+            assert runner.submit(rt.inc, {"x": 1}).result(timeout=60) == 2
+    finally:
+        cluster.wait_for_workers()
+
+
+# ------------------------------------------ cancelling runs handed to Dask
+
+
+def test_cancel_all_takes_back_runs_queued_on_the_cluster(dask_clusters, make_gate, make_path):
+    # One worker thread, so the runs behind the gated one wait on the
+    # cluster: handed to Dask, not started.
+    cluster = dask_clusters.get(1)
+    started, log = make_path(), make_path()
+    with DaskTaskRunner(address=cluster.address) as runner, make_gate() as gate:
+        blocker = runner.submit(rt.gated, {"value": 1, "gate": gate.path, "started": started})
+        wait_path(started, 20)
+        queued = runner.map(rt.record, {"path": log, "x": range(20)})
+        time.sleep(0.3)         # let them reach the scheduler and the worker
+        assert all(f.state.is_running() for f in queued)     # handed to Dask
+        runner.cancel_all()
+        for f in queued:
+            assert f.state.is_cancelled(), f.state
+            with pytest.raises(CancelledRun):
+                f.result()
+        gate.open()
+        assert blocker.result(timeout=20) == 1
+        # the runner and the cluster are still fine
+        assert runner.map(rt.inc, {"x": range(5)}).result(timeout=20) == [1, 2, 3, 4, 5]
+    time.sleep(0.2)
+    assert not os.path.exists(log)
+
+
+def test_cancel_of_a_run_already_running_on_the_cluster_is_refused(
+        dask_clusters, make_gate, make_path):
+    cluster = dask_clusters.get(1)
+    started = make_path()
+    with DaskTaskRunner(address=cluster.address) as runner, make_gate() as gate:
+        running = runner.submit(rt.gated, {"value": 7, "gate": gate.path, "started": started})
+        wait_path(started, 20)
+        assert running.cancel() is False
+        gate.open()
+        assert running.result(timeout=20) == 7
+
+
+# ------------------------------------------------------- bad input, failures
+
+
+def test_unpicklable_parameters_fail_at_the_call_naming_the_parameter(dask_clusters, make_path):
+    cluster = dask_clusters.get()
+    ran = make_path()
+    with DaskTaskRunner(address=cluster.address) as runner:
+        with pytest.raises(TypeError, match="'x'"):
+            runner.submit(rt.record, {"path": ran, "x": threading.Lock()})
+        with pytest.raises(TypeError, match="item 1 of parameter 'x'"):
+            runner.map(rt.record, {"path": ran, "x": [1, threading.Lock()]})
+        lock = threading.Lock()
+        with pytest.raises(TypeError, match="task"):
+            runner.submit(lambda: lock.locked())
+        assert runner.submit(rt.inc, {"x": 1}).result(timeout=20) == 2
+    assert not os.path.exists(ran)
+
+
+def test_an_exception_that_cannot_leave_the_worker_is_described(dask_clusters):
+    cluster = dask_clusters.get()
+    with DaskTaskRunner(address=cluster.address) as runner:
+        f = runner.submit(raise_unpicklable)
+        f.wait(timeout=20)
+        assert f.state.is_failed()
+        with pytest.raises(TaskRunnerError, match="Unpicklable"):
+            f.result()
+
+
+def test_task_exceptions_keep_their_type_and_the_remote_traceback(dask_clusters):
+    cluster = dask_clusters.get()
+    with DaskTaskRunner(address=cluster.address) as runner:
+        f = runner.submit(rt.fail_custom, {"message": "remote"})
+        error = f.exception(timeout=20)
+        assert type(error) is rt.TaskError and str(error) == "remote"
+        assert "fail_custom" in str(error.__cause__)
+
+
+def test_cancel_all_right_after_submit_takes_the_run_back(dask_clusters, make_gate, make_path):
+    # The run may still be in the dispatcher's hands, between the engine
+    # and the scheduler, when cancel_all() comes: it must not escape.
+    cluster = dask_clusters.get(1)
+    started = make_path()
+    paths = []
+    with DaskTaskRunner(address=cluster.address) as runner, make_gate() as gate:
+        blocker = runner.submit(rt.gated, {"value": 1, "gate": gate.path, "started": started})
+        wait_path(started, 20)
+        for i in range(60):
+            paths.append(make_path())
+            queued = runner.submit(rt.record, {"path": paths[-1], "x": i})
+            if i % 3 == 1:
+                time.sleep(0.0005 * (i % 5))
+            runner.cancel_all()
+            assert queued.state.is_cancelled(), (i, queued.state)
+        gate.open()
+        assert blocker.result(timeout=20) == 1
+    time.sleep(0.2)
+    assert not any(os.path.exists(p) for p in paths)
+
+
+def test_the_cluster_helper_leaves_no_process_behind():
+    from dask_cluster import DaskCluster, _running
+
+    cluster = DaskCluster((1,)).start()
+    try:
+        pids = cluster.process_ids()
+        assert len(pids) >= 3       # the scheduler, the nanny and its worker
+    finally:
+        cluster.stop()
+    assert [pid for pid in pids if _running(pid)] == []
