@@ -256,6 +256,21 @@ def test_upstream_results_go_worker_to_worker_and_are_fetched_on_result(
         assert read_lines(log).count(here) == 1       # fetched once, on result()
 
 
+def test_a_dask_future_upstream_of_another_runner_gives_its_value(dask_clusters):
+    # The handle of a result kept on the cluster goes only to runs of the
+    # same runner; a thread or process runner's task gets the value.
+    from taskrunner import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    cluster = dask_clusters.get()
+    with DaskTaskRunner(address=cluster.address) as runner:
+        up = runner.submit(rt.inc, {"x": 41})
+        with ThreadPoolTaskRunner(2) as threads:
+            assert threads.submit(rt.identity, {"x": up}).result(timeout=30) == 42
+            assert threads.map(rt.inc, {"x": [up, up]}).result(timeout=30) == [43, 43]
+        with ProcessPoolTaskRunner(1) as processes:
+            assert processes.submit(rt.identity, {"x": [up]}).result(timeout=30) == [42]
+
+
 def test_results_held_at_exit_are_fetched_once_and_kept(dask_clusters, make_path):
     log = make_path()
     cluster = dask_clusters.get()

@@ -417,9 +417,9 @@ cdef class Engine(EngineBase):
         fut._flags &= ~ONE_ARG
         try:
             if fut._flags & NEEDS_RESOLVE:
-                args = resolve(args, False, 0) if one else resolve_args(args)
+                args = resolve(args, False, 0, self) if one else resolve_args(args, self)
                 if kwargs is not None:
-                    kwargs = resolve(kwargs, False, 0)
+                    kwargs = resolve(kwargs, False, 0, self)
             if one:
                 value = spec.fn(args) if kwargs is None else spec.fn(args, **kwargs)
             elif kwargs is None:
@@ -530,9 +530,9 @@ cdef class Engine(EngineBase):
             if args is None and not one:
                 args = ()           # ended meanwhile (cancelled): it will not run
             elif fut._flags & NEEDS_RESOLVE:
-                args = resolve(args, False, 0) if one else resolve_args(args)
+                args = resolve(args, False, 0, self) if one else resolve_args(args, self)
                 if kwargs is not None:
-                    kwargs = resolve(kwargs, False, 0)
+                    kwargs = resolve(kwargs, False, 0, self)
             if fut._spec is not spec:
                 spec = fut._spec
                 args_list = []

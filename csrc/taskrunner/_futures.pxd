@@ -61,7 +61,7 @@ cdef class TaskFuture:
     cdef uint8_t _final_state(self, object timeout) except 255
     cdef object _error(self, uint8_t state)
     cdef object _cause(self)
-    cdef object _input_value(self, bint allow)
+    cdef object _input_value(self, bint allow, EngineBase consumer)
     cdef _Extra _get_extra(self)
     cdef void _fire_callbacks(self)
 

@@ -233,10 +233,14 @@ cdef class TaskFuture:
         graph.unlock()
         return <object>payload if payload != NULL else None
 
-    cdef object _input_value(self, bint allow):
-        """This future as a downstream run's argument."""
+    cdef object _input_value(self, bint allow, EngineBase consumer):
+        """This future as the argument of a downstream run of `consumer`:
+        a result kept elsewhere goes as its handle to a run of the engine
+        that keeps it, fetched to any other."""
         cdef uint8_t state = self._state()
         if state == COMPLETED:
+            if self._flags & REMOTE_VALUE and consumer is not self._engine:
+                return self._engine.fetch(self._value, None)
             return self._value
         if allow and state >= COMPLETED:
             return self._error(state)

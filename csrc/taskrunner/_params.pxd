@@ -4,7 +4,7 @@
 from cpython.object cimport PyObject
 from libc.stdlib cimport free
 
-from taskrunner._futures cimport TaskFuture
+from taskrunner._futures cimport EngineBase, TaskFuture
 
 
 # The upstream futures of a run as found at submit, in C memory.  The
@@ -42,5 +42,5 @@ cdef int scan(object value, Upstreams* ups, bint allow, int depth) except -1
 cdef int scan_call(TaskFuture fut, Upstreams* ups) except -1
 cdef list wait_for_upstreams(object wait_for, Upstreams* ups)
 cdef dict checked_dependencies(object dependencies)
-cdef object resolve(object value, bint allow, int depth)
-cdef tuple resolve_args(tuple args)
+cdef object resolve(object value, bint allow, int depth, EngineBase consumer)
+cdef tuple resolve_args(tuple args, EngineBase consumer)

@@ -14,7 +14,7 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 
-from taskrunner._futures cimport NEEDS_RESOLVE, FutureList, TaskFuture
+from taskrunner._futures cimport NEEDS_RESOLVE, EngineBase, FutureList, TaskFuture
 
 import copy
 from collections.abc import Mapping
@@ -149,9 +149,10 @@ cdef dict checked_dependencies(object dependencies):
     return checked
 
 
-cdef object resolve(object value, bint allow, int depth):
+cdef object resolve(object value, bint allow, int depth, EngineBase consumer):
     """`value` with each future replaced by its result (under allow_failure,
-    by its exception if it failed) and annotations unwrapped.  Containers
+    by its exception if it failed), as `consumer`, the engine running the
+    downstream run, takes it, and annotations unwrapped.  Containers
     are rebuilt with their own type, and only if something inside changed."""
     cdef bint changed = False
     cdef list items
@@ -159,14 +160,14 @@ cdef object resolve(object value, bint allow, int depth):
     if is_plain(value):
         return value
     if isinstance(value, TaskFuture):
-        return (<TaskFuture>value)._input_value(allow)
+        return (<TaskFuture>value)._input_value(allow, consumer)
     if depth >= _MAX_DEPTH:
         return value
     t = type(value)
     if PyList_Check(value) or PyTuple_Check(value) or PyAnySet_Check(value):
         items = []
         for item in value:
-            new = resolve(item, allow, depth + 1)
+            new = resolve(item, allow, depth + 1, consumer)
             changed |= new is not item
             items.append(new)
         if not changed:
@@ -181,7 +182,7 @@ cdef object resolve(object value, bint allow, int depth):
     if PyDict_Check(value):
         resolved = {}
         for key, item in value.items():
-            new = resolve(item, allow, depth + 1)
+            new = resolve(item, allow, depth + 1, consumer)
             changed |= new is not item
             resolved[key] = new
         if not changed:
@@ -194,15 +195,16 @@ cdef object resolve(object value, bint allow, int depth):
     if isinstance(value, _Annotation):
         if isinstance(value, quote):
             return (<object>value).value
-        return resolve((<object>value).value, allow or isinstance(value, allow_failure), depth + 1)
+        return resolve((<object>value).value, allow or isinstance(value, allow_failure), depth + 1,
+                       consumer)
     return value
 
 
-cdef tuple resolve_args(tuple args):
+cdef tuple resolve_args(tuple args, EngineBase consumer):
     cdef Py_ssize_t i, n = PyTuple_GET_SIZE(args)
     cdef tuple out = PyTuple_New(n)
     for i in range(n):
-        value = resolve(<object>PyTuple_GET_ITEM(args, i), False, 0)
+        value = resolve(<object>PyTuple_GET_ITEM(args, i), False, 0, consumer)
         Py_INCREF(value)
         PyTuple_SET_ITEM(out, i, value)
     return out
