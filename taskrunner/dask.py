@@ -219,7 +219,7 @@ class DaskTaskRunner(EngineTaskRunner):
                 client = distributed.Client(self._address, **client_kwargs)
             window = max(MIN_WINDOW, RUNS_PER_THREAD * sum(client.nthreads().values()))
             dispatch = _Dispatch(client, cluster, window)
-            engine = Engine(window, None, dispatch.recall, _fetch)
+            engine = Engine(window, None, dispatch.recall, _fetch, dispatch.fetch_many)
             try:
                 dispatch.start(engine)
             except BaseException:
@@ -536,6 +536,24 @@ class _Dispatch:
             _log.exception("could not settle the Dask results on exit")
         finally:
             _close_quietly(self.client, self.cluster)
+
+    def fetch_many(self, handles, timeout):
+        """The values `handles` stand for, those still on the cluster
+        fetched in one gather (the engine's fetch_many hook)."""
+        on_cluster = [h for h in handles if h.future is not None]
+        if on_cluster:
+            if timeout is not None:
+                # A gather does not time out by itself: wait for the data first.
+                with self.client.as_current():
+                    _distributed().wait([h.future for h in on_cluster], timeout=timeout)
+            try:
+                fetched = dict(zip(map(id, on_cluster),
+                                   self.client.gather([h.future for h in on_cluster])))
+            except Exception:
+                fetched = {}        # one by one below, each with its own error
+        else:
+            fetched = {}
+        return [fetched[id(h)] if id(h) in fetched else _fetch(h, timeout) for h in handles]
 
     def _fetch_held(self):
         handles = [h for h in list(self.handles) if h.future is not None]

@@ -271,6 +271,22 @@ def test_a_dask_future_upstream_of_another_runner_gives_its_value(dask_clusters)
             assert processes.submit(rt.identity, {"x": [up]}).result(timeout=30) == [42]
 
 
+def test_the_results_of_a_future_list_are_fetched_in_one_gather(dask_clusters):
+    cluster = dask_clusters.get()
+    with DaskTaskRunner(address=cluster.address) as runner:
+        futures = runner.map(rt.inc, {"x": range(300)})
+        futures.wait(timeout=60)
+        gathers = []
+        gather = runner.client.gather
+        runner.client.gather = lambda *args, **kwargs: gathers.append(1) or gather(*args, **kwargs)
+        try:
+            assert futures.result(timeout=60) == list(range(1, 301))
+            assert futures.result() == list(range(1, 301))
+        finally:
+            del runner.client.gather
+        assert len(gathers) == 2          # one per result() call, not one per item
+
+
 def test_results_held_at_exit_are_fetched_once_and_kept(dask_clusters, make_path):
     log = make_path()
     cluster = dask_clusters.get()

@@ -69,16 +69,19 @@ cdef class Engine(EngineBase):
     cancel_all(), every taken run that has not started.  A runner whose
     results stay where the runs ran gives `fetch(value, timeout)`: the
     values it passes to finish() for completed runs are then handles,
-    handed as they are to downstream runs, and result() calls fetch to get
-    what one stands for.
+    handed as they are to downstream runs of this engine, and result()
+    calls fetch to get what one stands for (FutureList.result() calls
+    `fetch_many(values, timeout)` once for all, if it is given).
     """
 
-    def __cinit__(self, int max_running, spawn_consumer=None, recall=None, fetch=None):
+    def __cinit__(self, int max_running, spawn_consumer=None, recall=None, fetch=None,
+                  fetch_many=None):
         self.graph = Graph(max_running, spawn_consumer is not None)
         self._specs = {}
         self._spawn_consumer = spawn_consumer
         self._recall = recall
         self.fetch = fetch
+        self.fetch_many = fetch_many
 
     cdef CallSpec _spec_for(self, object task):
         cdef CallSpec spec = self._last_spec

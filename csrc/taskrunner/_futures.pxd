@@ -35,6 +35,7 @@ cdef class EngineBase:
     # fetch(value, timeout): the result a REMOTE_VALUE stands for (None if
     # this engine's runners keep every result here)
     cdef object fetch
+    cdef object fetch_many      # fetch_many(values, timeout): fetch of many at once, or None
 
     cdef void _spawn(self, int32_t n)
     cdef bint _cancel(self, TaskFuture fut) except -1

@@ -369,15 +369,37 @@ cdef class FutureList(list):
         cdef double deadline = deadline_of(timeout)
         cdef Py_ssize_t i, n = PyList_GET_SIZE(self)
         cdef list results = [None] * n
+        cdef dict kept_elsewhere = None     # engine -> ([index], [handle])
         cdef TaskFuture tf
+        cdef uint8_t state
         for i in range(n):
             fut = <object>PyList_GET_ITEM(self, i)
-            if type(fut) is TaskFuture:
-                tf = <TaskFuture>fut
-                if tf._state() == COMPLETED and not (tf._flags & REMOTE_VALUE):
-                    results[i] = tf._value
-                    continue
-            results[i] = fut.result(remaining(deadline), raise_on_failure)
+            if type(fut) is not TaskFuture:
+                results[i] = fut.result(remaining(deadline), raise_on_failure)
+                continue
+            tf = <TaskFuture>fut
+            state = tf._final_state(remaining(deadline))
+            if state != COMPLETED:
+                error = tf._error(state)
+                if raise_on_failure:
+                    raise error
+                results[i] = error
+            elif not (tf._flags & REMOTE_VALUE):
+                results[i] = tf._value
+            elif tf._engine.fetch_many is None:
+                results[i] = tf._engine.fetch(tf._value, remaining(deadline))
+            else:
+                # Fetched together below: one round trip, not one each.
+                if kept_elsewhere is None:
+                    kept_elsewhere = {}
+                indexes, handles = kept_elsewhere.setdefault(tf._engine, ([], []))
+                indexes.append(i)
+                handles.append(tf._value)
+        if kept_elsewhere is not None:
+            for engine, (indexes, handles) in kept_elsewhere.items():
+                values = (<EngineBase>engine).fetch_many(handles, remaining(deadline))
+                for i, value in zip(indexes, values):
+                    results[i] = value
         return results
 
     def __repr__(self):
