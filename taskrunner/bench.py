@@ -513,7 +513,7 @@ WORKLOADS = {w.name: w for w in [
         1_000_000, 50_000, _same, sum_of_squares,
         Variant("taskrunner", proc_map_ours),
         (Variant(MP_POOL, proc_map_pool),
-         Variant(PROCESS_POOL, proc_map_executor, max_repeat=1, size_cap=100_000),
+         Variant(PROCESS_POOL, proc_map_executor, max_repeat=1, size_cap=20_000),
          Variant(JOBLIB, proc_map_joblib, requires=("joblib",), max_repeat=3)),
         (Target(">= 0.8x multiprocessing.Pool.map", MP_POOL, min_ratio=0.8),
          Target(">= 50x ProcessPoolExecutor.map", PROCESS_POOL, min_ratio=50)),
