@@ -243,7 +243,7 @@ def test_ctrl_c_in_exit_cancels_what_has_not_started():
 
 def test_a_runner_keeping_results_elsewhere_hands_out_handles_and_fetches():
     # The engine interface a cluster runner uses: finish() with handles,
-    # downstream runs get the handles, result() fetches, fetched() replaces.
+    # downstream runs of the same engine get the handles, result() fetches.
     from taskrunner._engine import Engine
     from taskrunner._graph import STATES
 
@@ -266,12 +266,31 @@ def test_a_runner_keeping_results_elsewhere_hands_out_handles_and_fetches():
         assert args_list == [("h1",)]            # the handle, not the value
         assert fetches == []
         assert up.result() == 41 and fetches == ["h1"]
-        engine.fetched([up], [42])
-        assert up.result() == 42 and fetches == ["h1"]
-        with pytest.raises(ValueError):
-            engine.fetched([up], [43])           # holds no handle any more
         engine.finish([down], [ValueError("no")], [STATES["FAILED"]])
         assert isinstance(down.exception(), ValueError)
+    finally:
+        engine.shutdown(True)
+        engine.close()
+
+
+def test_a_future_list_fetches_the_results_kept_elsewhere_at_once():
+    from taskrunner._engine import Engine
+    from taskrunner._graph import STATES
+
+    calls = []
+
+    def fetch_many(handles, timeout):
+        calls.append(list(handles))
+        return [h.upper() for h in handles]
+
+    engine = Engine(8, None, None, lambda handle, timeout: handle.upper(), fetch_many)
+    try:
+        futures = engine.map(lambda x: x, {"x": range(3)})
+        taken = engine.take_ready(10, 0)
+        engine.finish(taken, ["a", "b", "c"], [STATES["COMPLETED"]] * 3)
+        assert futures.result(timeout=5) == ["A", "B", "C"]
+        assert calls == [["a", "b", "c"]]              # one call for all
+        assert futures[1].result() == "B" and len(calls) == 1    # one alone: fetch
     finally:
         engine.shutdown(True)
         engine.close()

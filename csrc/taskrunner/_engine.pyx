@@ -609,20 +609,6 @@ cdef class Engine(EngineBase):
             fut._fire_callbacks()
             let_go(fut)
 
-    def fetched(self, list futures, list values):
-        """Put values[i], fetched, in place of the handle futures[i] (a
-        completed run) holds, so that its result outlives the place where it
-        was kept."""
-        cdef TaskFuture fut
-        if len(values) != len(futures):
-            raise ValueError("futures and values differ in length")
-        for i in range(len(futures)):
-            fut = <TaskFuture?>futures[i]
-            if fut._engine is not self or not (fut._flags & REMOTE_VALUE):
-                raise ValueError(f"{fut!r} holds no handle of this engine")
-            fut._value = values[i]
-            fut._flags &= ~REMOTE_VALUE
-
     def give_back(self, list futures, bint cancel):
         """Taken runs that never started: back to the ready queue, or (with
         `cancel`) cancelled."""
