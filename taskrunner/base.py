@@ -5,6 +5,18 @@ import abc
 __all__ = ["TaskRunner"]
 
 
+def checked_max_workers(max_workers, default):
+    """`max_workers`, or `default` for None; TypeError or ValueError naming
+    it if it is not a positive int."""
+    if max_workers is None:
+        return default
+    if isinstance(max_workers, bool) or not isinstance(max_workers, int):
+        raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+    return max_workers
+
+
 class TaskRunner(abc.ABC):
     """Runs tasks and returns futures of their results.
 

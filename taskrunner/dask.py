@@ -47,7 +47,9 @@ from taskrunner._engine import Engine
 from taskrunner._graph import STATES
 from taskrunner.base import EngineTaskRunner
 from taskrunner.exceptions import CrashedRun, TaskRunnerError
-from taskrunner.processes import _check_picklable, _checked_map_value, _dumps_checked, _remote_error
+from taskrunner._pickling import (
+    check_picklable, checked_map_value, dumps_checked, with_remote_traceback,
+)
 from taskrunner.threads import _WorkerLoop
 
 __all__ = ["DaskTaskRunner"]
@@ -182,14 +184,14 @@ class DaskTaskRunner(EngineTaskRunner):
         self._check_function(task)
         if parameters is not None and hasattr(parameters, "items"):
             for name, value in parameters.items():
-                _check_picklable(value, f"parameter {name!r}")
+                check_picklable(value, f"parameter {name!r}")
         return engine.submit(task, parameters, wait_for, dependencies)
 
     def map(self, task, parameters, wait_for=None):
         engine = self._started()
         self._check_function(task)
         if hasattr(parameters, "items"):
-            parameters = {name: _checked_map_value(name, value)
+            parameters = {name: checked_map_value(name, value)
                           for name, value in parameters.items()}
         return engine.map(task, parameters, wait_for)
 
@@ -199,7 +201,7 @@ class DaskTaskRunner(EngineTaskRunner):
         if self._functions.get(id(task)) is task or not callable(task):
             return
         spec = call_spec(task)
-        _dumps_checked(spec.fn, f"task {spec.name!r}")
+        dumps_checked(spec.fn, f"task {spec.name!r}")
         if len(self._functions) >= 4096:
             self._functions.clear()
         self._functions[id(task)] = task
@@ -546,33 +548,37 @@ class _Dispatch:
                 # A gather does not time out by itself: wait for the data first.
                 with self.client.as_current():
                     _distributed().wait([h.future for h in on_cluster], timeout=timeout)
-            try:
-                fetched = dict(zip(map(id, on_cluster),
-                                   self.client.gather([h.future for h in on_cluster])))
-            except Exception:
-                fetched = {}        # one by one below, each with its own error
-        else:
-            fetched = {}
-        return [fetched[id(h)] if id(h) in fetched else _fetch(h, timeout) for h in handles]
+        fetched = dict(zip(map(id, on_cluster), self._gather(on_cluster)))
+        values = []
+        for handle in handles:
+            value, error = fetched.get(id(handle)) or (_fetch(handle, timeout), None)
+            if error is not None:
+                raise error
+            values.append(value)
+        return values
 
     def _fetch_held(self):
         handles = [h for h in list(self.handles) if h.future is not None]
+        for handle, (value, error) in zip(handles, self._gather(handles)):
+            handle.value, handle.error, handle.future = value, error, None
+
+    def _gather(self, handles):
+        """(value, error) for each handle's dask future: one gather for all,
+        or, if that fails, one fetch each, so each gets its own error."""
         if not handles:
-            return
+            return []
         futures = [h.future for h in handles]
         try:
-            values = self.client.gather(futures)
+            return [(value, None) for value in self.client.gather(futures)]
         except Exception:
-            values = None
-        for i, handle in enumerate(handles):
-            if values is not None:
-                handle.value = values[i]
-            else:
-                try:
-                    handle.value = handle.future.result()
-                except Exception as error:
-                    handle.error = error
-            handle.future = None
+            pass
+        outcomes = []
+        for future in futures:
+            try:
+                outcomes.append((future.result(), None))
+            except Exception as error:
+                outcomes.append((None, error))
+        return outcomes
 
     # -- handing runs over ----------------------------------------------------------------
 
@@ -862,7 +868,7 @@ def _outcome_of(error):
     from distributed import CancelledError, KilledWorker
 
     if isinstance(error, _TaskRaised):
-        return _remote_error(error.error, error.text), _FAILED
+        return with_remote_traceback(error.error, error.text), _FAILED
     if isinstance(error, KilledWorker):
         return f"the Dask workers running it kept dying (KilledWorker): {error}", _CRASHED
     if isinstance(error, CancelledError):

@@ -35,10 +35,12 @@ import cloudpickle
 from taskrunner._calls import call_spec
 from taskrunner._engine import Engine
 from taskrunner._graph import STATES
+from taskrunner._pickling import (
+    check_picklable, checked_map_value, dumps, dumps_checked, with_remote_traceback,
+)
 from taskrunner._worker import BLOCK_WORDS, ControlBlock, serve, unpacked
-from taskrunner.base import EngineTaskRunner
+from taskrunner.base import EngineTaskRunner, checked_max_workers
 from taskrunner.exceptions import CrashedRun, TaskRunnerError
-from taskrunner.futures import TaskFuture
 
 __all__ = ["ProcessPoolTaskRunner"]
 
@@ -50,18 +52,6 @@ BATCH_SECONDS = 0.01        # worker time one batch aims to take
 MAX_BATCH = 20_000          # runs in one batch at most
 _FIRST_GUESS = 0.001        # seconds a run takes, before any was timed
 _UNLIMITED = 2**30          # the engine's running limit: the feeder sets the pace
-
-
-class _RemoteTraceback(Exception):
-    """The traceback of an exception raised in a worker process, attached
-    as that exception's __cause__."""
-
-    def __init__(self, text):
-        super().__init__(text)
-        self.text = text
-
-    def __str__(self):
-        return f'\n"""\n{self.text}"""'
 
 
 class ProcessPoolTaskRunner(EngineTaskRunner):
@@ -76,12 +66,7 @@ class ProcessPoolTaskRunner(EngineTaskRunner):
     """
 
     def __init__(self, max_workers=None, initializer=None, initargs=(), mp_context=None):
-        if max_workers is None:
-            max_workers = os.cpu_count() or 1
-        elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
-            raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
-        elif max_workers < 1:
-            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        max_workers = checked_max_workers(max_workers, os.cpu_count() or 1)
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
         try:
@@ -94,7 +79,7 @@ class ProcessPoolTaskRunner(EngineTaskRunner):
         self._initargs = initargs
         self._mp_context = mp_context
         self._context = _context_of(mp_context)
-        self._setup = _dumps_checked((initializer, initargs), "initializer and initargs")
+        self._setup = dumps_checked((initializer, initargs), "initializer and initargs")
         self._pool = None
 
     @property
@@ -114,7 +99,7 @@ class ProcessPoolTaskRunner(EngineTaskRunner):
         self._pool.function_of(task)
         if parameters is not None and hasattr(parameters, "items"):
             for name, value in parameters.items():
-                _check_picklable(value, f"parameter {name!r}")
+                check_picklable(value, f"parameter {name!r}")
         future = engine.submit(task, parameters, wait_for, dependencies)
         self._pool.submitted(1)
         return future
@@ -123,7 +108,7 @@ class ProcessPoolTaskRunner(EngineTaskRunner):
         engine = self._started()
         self._pool.function_of(task)
         if hasattr(parameters, "items"):
-            parameters = {name: _checked_map_value(name, value)
+            parameters = {name: checked_map_value(name, value)
                           for name, value in parameters.items()}
         futures = engine.map(task, parameters, wait_for)
         self._pool.submitted(len(futures))
@@ -168,72 +153,6 @@ def _context_of(mp_context):
             f"mp_context must be a start method name or a multiprocessing context, "
             f"not {type(mp_context).__name__}")
     return mp_context
-
-
-# -- what crosses to the workers ------------------------------------------------
-
-def _dumps(value):
-    """Pickle by reference where possible (fast), by value where needed
-    (lambdas, closures, classes of __main__)."""
-    try:
-        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        return cloudpickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-
-
-def _check_picklable(value, what):
-    """TypeError naming `what` if `value` (futures aside) cannot be pickled."""
-    if type(value) is TaskFuture:
-        return
-    try:
-        _dumps(value)
-    except Exception:
-        try:
-            _FutureStub(_Discard(), pickle.HIGHEST_PROTOCOL).dump(value)
-        except Exception as error:
-            raise TypeError(
-                f"{what} cannot be pickled to go to a worker process: {error}") from error
-
-
-class _Discard:
-    def write(self, data):
-        return len(data)
-
-
-class _FutureStub(cloudpickle.CloudPickler):
-    """Pickles a value with its futures left out: they are replaced by their
-    results before the run is sent."""
-
-    def persistent_id(self, obj):
-        return id(obj) if isinstance(obj, TaskFuture) else None
-
-
-def _dumps_checked(value, what):
-    try:
-        return cloudpickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-    except Exception as error:
-        raise TypeError(f"{what} cannot be pickled to go to a worker process: {error}") from error
-
-
-def _checked_map_value(name, value):
-    """A mapped parameter, checked for pickling before anything is scheduled;
-    an iterator is read into a list so it can be checked and then mapped."""
-    from taskrunner.annotations import unmapped
-
-    if isinstance(value, unmapped):
-        _check_picklable(value.value, f"parameter {name!r}")
-        return value
-    if isinstance(value, (str, bytes, range, TaskFuture)) or not hasattr(value, "__iter__"):
-        _check_picklable(value, f"parameter {name!r}")
-        return value
-    if not isinstance(value, (list, tuple)):
-        value = list(value)
-    try:
-        _dumps(value)
-    except Exception:
-        for index, item in enumerate(value):
-            _check_picklable(item, f"item {index} of parameter {name!r}")
-    return value
 
 
 # -- the pool -------------------------------------------------------------------
@@ -329,7 +248,7 @@ class _Pool:
         found = self.functions.get(id(task))
         if found is None or found[0] is not task:
             spec = call_spec(task)
-            blob = _dumps_checked(spec.fn, f"task {spec.name!r}")
+            blob = dumps_checked(spec.fn, f"task {spec.name!r}")
             found = (task, next(self.function_ids), spec.name, blob, spec.is_async)
             self.functions[id(task)] = found
         return found[1:]
@@ -515,7 +434,7 @@ class _Pool:
         # Functions go apart from the arguments: if the worker cannot load
         # the arguments, it has the functions all the same.
         try:
-            runs = (cloudpickle.dumps if by_value else _dumps)(wire)
+            runs = (cloudpickle.dumps if by_value else dumps)(wire)
         except Exception as error:
             runs = self._fail_unpicklable(worker, wire, error)
         worker.outbox.put(pickle.dumps((new_functions, runs), pickle.HIGHEST_PROTOCOL))
@@ -529,7 +448,7 @@ class _Pool:
             for i, args in enumerate(args_list):
                 kwargs = kwargs_list[i] if kwargs_list else None
                 try:
-                    _dumps((args, kwargs))
+                    dumps((args, kwargs))
                     kept.append((function_id, first + i, [args], [kwargs], single))
                 except Exception as err:
                     bad.append((first + i, err))
@@ -542,7 +461,7 @@ class _Pool:
             [TypeError(f"the arguments of this run cannot be pickled to go to a worker "
                        f"process: {err}") for _, err in bad],
             [_FAILED] * len(failed))
-        return _dumps(kept)
+        return dumps(kept)
 
     def _fail_in_flight(self, worker, futures, error):
         with self.lock:
@@ -751,7 +670,7 @@ class _Pool:
                     cancel_if_skipped.discard(run)
                     ours.append(future)
                     if run in errors:
-                        ok_values.append(_remote_error(*errors[run]))
+                        ok_values.append(with_remote_traceback(*errors[run]))
                         states.append(_FAILED)
                     else:
                         ok_values.append(values[i])
@@ -824,12 +743,6 @@ def _room_of(worker, size):
         return 0
     room = 2 * size - worker.count
     return room if room >= size else 0
-
-
-def _remote_error(exc, text):
-    if text:
-        exc.__cause__ = _RemoteTraceback(text)
-    return exc
 
 
 def _how_it_ended(code):

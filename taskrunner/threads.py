@@ -5,7 +5,7 @@ import os
 import threading
 
 from taskrunner._engine import Engine
-from taskrunner.base import EngineTaskRunner
+from taskrunner.base import EngineTaskRunner, checked_max_workers
 
 __all__ = ["ThreadPoolTaskRunner"]
 
@@ -41,12 +41,7 @@ class ThreadPoolTaskRunner(EngineTaskRunner):
     """
 
     def __init__(self, max_workers=None):
-        if max_workers is None:
-            max_workers = min(32, (os.cpu_count() or 1) + 4)
-        elif isinstance(max_workers, bool) or not isinstance(max_workers, int):
-            raise TypeError(f"max_workers must be an int, not {type(max_workers).__name__}")
-        elif max_workers < 1:
-            raise ValueError(f"max_workers must be at least 1, got {max_workers}")
+        max_workers = checked_max_workers(max_workers, min(32, (os.cpu_count() or 1) + 4))
         self._max_workers = max_workers
         self._threads = []
         self._threads_lock = threading.Lock()

@@ -7,7 +7,7 @@
 from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int32_t, uint8_t
 
-from cpython.object cimport PyObject
+from cpython.object cimport PyObject, PyTypeObject
 
 from taskrunner._calls cimport CallSpec
 from taskrunner._graph cimport Graph
@@ -85,13 +85,25 @@ cdef double deadline_of(object timeout) except? -3.0
 cdef object remaining(double deadline)
 
 
-cdef inline TaskFuture new_future(EngineBase engine, CallSpec spec, dict params):
-    """A future for a call of `spec` with `params`, not yet a run."""
-    cdef TaskFuture fut = TaskFuture.__new__(TaskFuture)
-    cdef PyObject* kwargs = NULL
+cdef inline TaskFuture blank_future(EngineBase engine, CallSpec spec):
+    """A new future of `spec`, not yet a run, its arguments still to be set;
+    made by the type's tp_new directly (TaskFuture.__new__ goes through a
+    generic call), and out of the GC's sight (see hold(): nothing can refer
+    to it yet)."""
+    cdef tuple no_args = ()
+    cdef TaskFuture fut = <TaskFuture>(<PyTypeObject*>TaskFuture).tp_new(
+        TaskFuture, <PyObject*>no_args, NULL)
+    PyObject_GC_UnTrack(fut)
     fut._engine = engine
     fut._spec = spec
     fut._run = -1
+    return fut
+
+
+cdef inline TaskFuture new_future(EngineBase engine, CallSpec spec, dict params):
+    """A future for a call of `spec` with `params`, not yet a run."""
+    cdef TaskFuture fut = blank_future(engine, spec)
+    cdef PyObject* kwargs = NULL
     fut._args = spec.bind(params, &kwargs)
     if kwargs != NULL:
         fut._kwargs = <object>kwargs

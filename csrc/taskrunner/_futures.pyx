@@ -378,7 +378,9 @@ cdef class FutureList(list):
                 results[i] = fut.result(remaining(deadline), raise_on_failure)
                 continue
             tf = <TaskFuture>fut
-            state = tf._final_state(remaining(deadline))
+            state = tf._state()
+            if state < COMPLETED:       # only then the time left matters
+                state = tf._final_state(remaining(deadline))
             if state != COMPLETED:
                 error = tf._error(state)
                 if raise_on_failure:

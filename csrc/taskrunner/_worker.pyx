@@ -35,6 +35,8 @@ import time
 import traceback
 import types
 
+from taskrunner._pickling import dumps
+
 cdef Py_ssize_t _BLOCK_WORDS = 8    # a 64-byte cache line per worker: no false sharing
 BLOCK_WORDS = _BLOCK_WORDS
 cdef double FLUSH_SECONDS = 0.02
@@ -290,14 +292,14 @@ cdef bytes _dumped_results(long long first, list values, dict errors, list skipp
     cdef bytes data
     body = (_packed(values), errors, skipped)
     try:
-        data = _dumps_any(body)
+        data = dumps(body)
         if errors or not _all_plain(values):
             pickle.loads(data)
         return data
     except Exception:
         pass
     _make_round_trippable(first, values, errors, spans)
-    return _dumps_any((values, errors, skipped))
+    return dumps((values, errors, skipped))
 
 
 cdef bint _all_plain(list values):
@@ -310,14 +312,6 @@ cdef bint _all_plain(list values):
 cdef tuple _PLAIN_TYPES = (int, float, str, bytes, bool, type(None))
 
 
-cdef bytes _dumps_any(object value):
-    try:
-        return pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        import cloudpickle
-        return cloudpickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-
-
 cdef void _make_round_trippable(long long first, list values, dict errors, list spans):
     """Replace each value and exception that does not survive pickling and
     unpickling by an error saying so."""
@@ -325,7 +319,7 @@ cdef void _make_round_trippable(long long first, list values, dict errors, list 
     for i in range(len(values)):
         run = first + i
         try:
-            pickle.loads(_dumps_any(values[i]))
+            pickle.loads(dumps(values[i]))
         except Exception as err:
             errors[run] = (pickle.PicklingError(
                 f"the result of task {_name_of(spans, run)!r}, a {type(values[i]).__name__}, "
@@ -333,7 +327,7 @@ cdef void _make_round_trippable(long long first, list values, dict errors, list 
             values[i] = None
     for run, (exc, text) in list(errors.items()):
         try:
-            pickle.loads(_dumps_any(exc))
+            pickle.loads(dumps(exc))
         except Exception as err:
             errors[run] = (pickle.PicklingError(
                 f"task {_name_of(spans, run)!r} raised {type(exc).__name__}: {exc}, which "
