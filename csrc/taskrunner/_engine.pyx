@@ -399,6 +399,15 @@ cdef class Engine(EngineBase):
                 fut = <TaskFuture>payload
                 state = self._execute(fut, context)
                 run = graph.complete_and_take(fut._run, state, &out, &payload, &spawn)
+                if run >= 0 and fut._extra is not None and fut._extra.callbacks:
+                    # Its done callbacks may block: hold no run meanwhile, or
+                    # this thread would start it on top of the consumers
+                    # started in its place.
+                    graph.lock()
+                    graph.unstart_locked(run, False, &out)
+                    spawn += graph.pop_spawn_wanted_locked()
+                    graph.unlock()
+                    run = TAKE_NONE
                 consumer.holding = run >= 0
                 if spawn:
                     self._spawn(spawn)
