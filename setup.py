@@ -4,7 +4,7 @@ extension modules.  Everything else is in pyproject.toml."""
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-CORE = ["_graph", "_calls", "_futures", "_params", "_engine", "_worker"]
+CORE = ["_graph", "_calls", "_futures", "_mapped", "_params", "_engine", "_worker"]
 
 extensions = [
     Extension(

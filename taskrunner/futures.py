@@ -7,7 +7,8 @@ is where they are documented and imported from.
 import collections
 import queue
 
-from taskrunner._futures import FutureList, TaskFuture
+from taskrunner._futures import TaskFuture
+from taskrunner._mapped import FutureList
 
 __all__ = ["TaskFuture", "FutureList", "wait", "as_completed", "DoneAndNotDoneFutures"]
 

@@ -35,6 +35,7 @@ import cloudpickle
 from taskrunner._calls import call_spec
 from taskrunner._engine import Engine
 from taskrunner._graph import STATES
+from taskrunner._mapped import join_runs
 from taskrunner._pickling import (
     check_picklable, checked_map_value, dumps, dumps_checked, with_remote_traceback,
 )
@@ -186,7 +187,7 @@ class _Worker:
         return first
 
     def take_range(self, first, count):
-        """The futures of runs first .. first+count-1, leaving flight."""
+        """The runs first .. first+count-1 (a RunList), leaving flight."""
         out = []
         while count:
             batch = self.in_flight[0]
@@ -194,26 +195,30 @@ class _Worker:
             if start + taken != first:
                 raise AssertionError(f"worker {self.index}: results out of order")
             n = min(count, len(futures) - taken)
-            out.extend(futures[taken:taken + n])
+            out.append(futures[taken:taken + n])
             batch[2] += n
             if batch[2] == len(futures):
                 self.in_flight.popleft()
             first += n
             count -= n
+        out = join_runs(out)
         self.count -= len(out)
         return out
 
     def run_of(self, future):
         """The number of `future`'s run if it is in flight here and ours."""
-        return next((run for run, f in self.runs_from(0)
-                     if f is future and run not in self.given_back), None)
+        for start, futures, taken in self.in_flight:
+            position = futures.position_of(future)
+            if position >= taken and start + position not in self.given_back:
+                return start + position
+        return None
 
     def runs_from(self, first):
-        """(run, future) for every run in flight numbered `first` or later."""
+        """(run, that run as a RunList) for every run in flight numbered
+        `first` or later."""
         for start, futures, taken in self.in_flight:
-            skip = max(taken, first - start)
-            if skip < len(futures):
-                yield from zip(range(start + skip, start + len(futures)), futures[skip:])
+            for i in range(max(taken, first - start), len(futures)):
+                yield start + i, futures[i:i + 1]
 
 
 class _Pool:
@@ -347,11 +352,11 @@ class _Pool:
                     return
                 failure = self.failure
                 room = self._free_room() if failure is None else MAX_BATCH
-            futures = engine.take_ready(room)
+            futures = engine.take_runs(room)
             if futures is None:
                 return
             if failure is not None:
-                engine.finish(futures, [failure] * len(futures), [_CRASHED] * len(futures))
+                engine.finish(futures, [failure] * len(futures), _CRASHED)
                 continue
             with self.lock:
                 if self.closing:
@@ -368,7 +373,7 @@ class _Pool:
                     self._send_batch(worker, batch, first, worker.by_value)
                 except Exception as error:     # a bug: fail the batch, never the feeder
                     _log.exception("could not send runs to a worker")
-                    self._fail_in_flight(worker, batch, error)
+                    self._fail_in_flight(worker, batch, first, error)
 
     def _free_room(self):
         size = self._batch_size()
@@ -415,7 +420,7 @@ class _Pool:
             self._send_batch(worker, futures, first, by_value=True)
         else:
             error = TaskRunnerError(f"a worker process could not unpickle these runs:\n{text}")
-            self.engine.finish(futures, [error] * len(futures), [_FAILED] * len(futures))
+            self.engine.finish(futures, [error] * len(futures), _FAILED)
 
     def _send_batch(self, worker, futures, run, by_value):
         """Pickle a batch in flight to `worker`, its first run numbered
@@ -454,20 +459,19 @@ class _Pool:
                     bad.append((first + i, err))
         with self.lock:
             numbers = {run for run, _ in bad}
-            failed = [f for run, f in worker.runs_from(0) if run in numbers]
+            failed = join_runs(f for run, f in worker.runs_from(0) if run in numbers)
             worker.given_back.update(numbers)
         self.engine.finish(
             failed,
             [TypeError(f"the arguments of this run cannot be pickled to go to a worker "
                        f"process: {err}") for _, err in bad],
-            [_FAILED] * len(failed))
+            _FAILED)
         return dumps(kept)
 
-    def _fail_in_flight(self, worker, futures, error):
+    def _fail_in_flight(self, worker, futures, first, error):
         with self.lock:
-            numbers = {run for run, f in worker.runs_from(0) if any(f is g for g in futures)}
-            worker.given_back.update(numbers)
-        self.engine.finish(futures, [error] * len(futures), [_FAILED] * len(futures))
+            worker.given_back.update(range(first, first + len(futures)))
+        self.engine.finish(futures, [error] * len(futures), _FAILED)
 
     def _send(self, worker):
         while True:
@@ -509,7 +513,7 @@ class _Pool:
             # run is in no worker's flight for a few microseconds.
             time.sleep(0.001)
             return self.recall(future)
-        return any(f is future for f in cancelled)
+        return any(runs.position_of(future) >= 0 for runs in cancelled)
 
     def _rebalance(self):
         """A worker is idle and no run is ready, while another worker has
@@ -554,7 +558,7 @@ class _Pool:
         for run, future in list(worker.runs_from(first)):
             if run in worker.given_back:
                 continue
-            is_target = cancel and (target is None or future is target)
+            is_target = cancel and (target is None or future.position_of(target) == 0)
             if run > started:                           # surely never starts
                 worker.given_back.add(run)
                 worker.count -= 1
@@ -563,10 +567,11 @@ class _Pool:
                 worker.cancel_if_skipped.add(run)
 
     def _give_back(self, cancelled, requeued):
+        """Give back runs (lists of RunLists)."""
         if requeued:
-            self.engine.give_back(requeued, False)
+            self.engine.give_back(join_runs(requeued), False)
         if cancelled:
-            self.engine.give_back(cancelled, True)
+            self.engine.give_back(join_runs(cancelled), True)
 
     # -- receiving -----------------------------------------------------------------
 
@@ -657,7 +662,8 @@ class _Pool:
                 ours, ok_values, states = [], [], []
                 back, cancel = [], []
                 skipped = set(skipped)
-                for i, future in enumerate(futures):
+                for i in range(len(futures)):
+                    future = futures[i:i + 1]
                     run = first + i
                     if run in given_back:
                         given_back.discard(run)
@@ -675,10 +681,10 @@ class _Pool:
                     else:
                         ok_values.append(values[i])
                         states.append(_COMPLETED)
-                futures, values = ours, ok_values
+                futures, values = join_runs(ours), ok_values
             else:
                 back = cancel = ()
-                states = [_COMPLETED] * count
+                states = _COMPLETED
             self.room.notify_all()
         self._give_back(cancel, back)
         if futures:
@@ -720,10 +726,11 @@ class _Pool:
         worker.tasks.close()
         worker.results.close()
         if crashed:
+            crashed = join_runs(crashed)
             self.engine.finish(crashed, [_crash_error(crashed[0], worker.process.pid, code)],
-                               [_CRASHED])
+                               _CRASHED)
         if rerun:
-            self.engine.give_back(rerun, False)
+            self.engine.give_back(join_runs(rerun), False)
 
     def _broken(self, error):
         """No worker can run tasks (the initializer raises, say): every run

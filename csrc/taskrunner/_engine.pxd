@@ -7,6 +7,7 @@ from libc.stdint cimport int32_t, int64_t, uint8_t
 
 from taskrunner._calls cimport CallSpec
 from taskrunner._futures cimport EngineBase, TaskFuture
+from taskrunner._mapped cimport FutureList, MapBlock
 from cpython.object cimport PyObject
 
 from taskrunner._graph cimport RunVec
@@ -28,6 +29,13 @@ cdef class Engine(EngineBase):
     cdef int32_t _add_edges_locked(self, int32_t run, Upstream* ups, Py_ssize_t n,
                                    int32_t cause, bint* outside) noexcept
     cdef int _hook_outside(self, TaskFuture fut, Upstream* ups, Py_ssize_t n) except -1
+    cdef FutureList _map_block(self, CallSpec spec, Py_ssize_t n, list columns, tuple args,
+                               list column_at, list kw_slots, object static_kwargs, int flags,
+                               bint one_column, Upstreams* shared)
+    cdef int _register_items(self, MapBlock block, Py_ssize_t lo, Py_ssize_t hi,
+                             Upstreams* shared) except -1
+    cdef void _cancel_items(self, MapBlock block)
     cdef uint8_t _execute(self, TaskFuture fut, object context)
+    cdef uint8_t _execute_item(self, MapBlock block, Py_ssize_t i, object context)
     cdef void _ended(self, RunVec* out)
     cdef inline void _settle(self, RunVec* out, int32_t spawn)

@@ -19,17 +19,23 @@ from cpython.list cimport PyList_Append, PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.sequence cimport PySequence_Fast_ITEMS
 from libc.stdlib cimport calloc, free, malloc
-from cpython.ref cimport Py_INCREF
+from libc.string cimport memset
+from cpython.ref cimport Py_DECREF, Py_INCREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 from libc.stdint cimport int32_t, int64_t, uint8_t
 
 from taskrunner._calls cimport CallSpec, as_params, spec_of, untracked_if_atomic
 from taskrunner._futures cimport (
-    PyObject_GC_Track, PyObject_GC_UnTrack, HAS_OUTSIDE, NEEDS_RESOLVE, ONE_ARG, REMOTE_VALUE, Consumer, EngineBase, FutureList, TaskFuture,
+    PyObject_GC_Track, PyObject_GC_UnTrack, HAS_OUTSIDE, NEEDS_RESOLVE, ONE_ARG, REMOTE_VALUE, Consumer, EngineBase, TaskFuture,
     blank_future, consumer_begin, consumer_end, deadline_of, hold, let_go, new_future, until_signal_check,
 )
+from taskrunner._mapped cimport (
+    FutureList, MapBlock, RunList, block_of, fill_args, future_of, index_of, is_item, item_payload,
+    new_block, new_runlist,
+)
 from taskrunner._graph cimport (
-    CAUSE_OUTSIDE, COMPLETED, CRASHED, EDGE_BROKEN, FAILED, Graph, PENDING, RUNNING, RunVec,
+    CANCELLED, CAUSE_OUTSIDE, COMPLETED, CRASHED, EDGE_BROKEN, FAILED, Graph, NOT_READY, PENDING,
+    RUNNING, RunVec,
     TAKE_CLOSED, TAKE_NONE, runvec_clear, runvec_free, tr_monotonic,
 )
 from taskrunner._params cimport (
@@ -313,6 +319,10 @@ cdef class Engine(EngineBase):
                             item_flags[i] |= <uint8_t>scan(value, &own, False, 0)
                     if first != NULL:
                         first[i + 1] = own.len
+            if first == NULL and _all_of(self, &shared):
+                return self._map_block(spec, n, columns, args, column_at, kw_slots,
+                                       template._kwargs, static_flags | (ONE_ARG if one_arg else 0),
+                                       one_arg and ncols == 1 and not kw_slots, &shared)
             futures = FutureList()
             # The list holds only untracked futures: the GC need not walk it
             # again and again while it grows.
@@ -349,7 +359,7 @@ cdef class Engine(EngineBase):
                                 fut._flags |= ONE_ARG
                                 fut._args = row[<Py_ssize_t>column_at[0]]
                             else:
-                                fut._args = _fill_args(args, column_at, row)
+                                fut._args = fill_args(args, column_at, row)
                             if kw_slots:
                                 kwargs = dict(static_kwargs)
                                 for key, k in kw_slots:
@@ -375,6 +385,88 @@ cdef class Engine(EngineBase):
         PyObject_GC_Track(futures)
         return futures
 
+    cdef FutureList _map_block(self, CallSpec spec, Py_ssize_t n, list columns, tuple args,
+                               list column_at, list kw_slots, object static_kwargs, int flags,
+                               bint one_column, Upstreams* shared):
+        """map()'s runs as one MapBlock: no future made for any item."""
+        cdef MapBlock block = new_block(self, spec, n)
+        cdef FutureList futures = FutureList()
+        cdef Py_ssize_t lo = 0, hi
+        block.columns = columns
+        block.template_args = args
+        block.column_at = column_at
+        block.kw_slots = kw_slots
+        block.static_kwargs = static_kwargs
+        block.flags = <uint8_t>flags
+        block.one_column = one_column
+        futures._block = block
+        try:
+            while lo < n:
+                hi = min(n, lo + _MAP_CHUNK)
+                self._register_items(block, lo, hi, shared)
+                lo = hi
+        except BaseException:
+            # Only running out of memory (or a closing runner) gets here:
+            # take back what was scheduled, bar runs already started.
+            self._cancel_items(block)
+            raise
+        return futures
+
+    cdef int _register_items(self, MapBlock block, Py_ssize_t lo, Py_ssize_t hi,
+                             Upstreams* shared) except -1:
+        """_register for items lo .. hi-1 of a block."""
+        cdef Graph graph = self.graph
+        cdef RunVec out = RunVec(NULL, 0, 0)
+        cdef Py_ssize_t i
+        cdef int32_t run, cause, spawn
+        cdef bint outside = False, oom = False
+        graph.lock()
+        if graph.closed:
+            graph.unlock()
+            raise RuntimeError("the task runner has shut down; enter it again to submit")
+        for i in range(lo, hi):
+            run = graph.add_run_locked(item_payload(block, i), 0)
+            if run < 0:
+                oom = True
+                break
+            block.runs[i] = run
+            block.registered = i + 1
+            block.pending += 1
+            cause = -1
+            if shared.len:
+                cause = self._add_edges_locked(run, shared.items, shared.len, -1, &outside)
+            if cause == -3:
+                oom = True
+                break
+            graph.runs[run].cause = cause     # kept until the release below
+        if block.pending and not block.held:
+            block.held = True
+            Py_INCREF(block)
+        for i in range(lo, block.registered):
+            run = block.runs[i]
+            cause = graph.runs[run].cause
+            graph.runs[run].cause = -1
+            if oom or self._cancel_new:
+                graph.cancel_locked(run, &out)
+            graph.release_locked(run, cause, &out)
+        spawn = graph.pop_spawn_wanted_locked()
+        graph.unlock()
+        self._settle(&out, spawn)
+        if oom:
+            raise MemoryError("the scheduler cannot hold this many runs or edges")
+        return 0
+
+    cdef void _cancel_items(self, MapBlock block):
+        cdef Graph graph = self.graph
+        cdef RunVec out = RunVec(NULL, 0, 0)
+        cdef Py_ssize_t i
+        graph.lock()
+        for i in range(block.registered):
+            if block.futures[i] == NULL:
+                graph.cancel_locked(block.runs[i], &out)
+        graph.unlock()
+        self._settle(&out, 0)
+
     # -- running ----------------------------------------------------------
 
     def work(self, context):
@@ -386,6 +478,8 @@ cdef class Engine(EngineBase):
         cdef int32_t run = TAKE_NONE, spawn = 0
         cdef uint8_t state
         cdef TaskFuture fut
+        cdef MapBlock block = None
+        cdef Py_ssize_t i
         cdef Consumer consumer = consumer_begin(self)
         graph.consumer_enter()
         try:
@@ -396,8 +490,31 @@ cdef class Engine(EngineBase):
                     if run < 0:
                         break
                 consumer.holding = True
-                fut = <TaskFuture>payload
-                state = self._execute(fut, context)
+                if is_item(payload):
+                    block = block_of(payload)
+                    i = index_of(payload, block)
+                    if block.futures[i] == NULL:
+                        state = self._execute_item(block, i, context)
+                        if block.futures[i] == NULL:
+                            run = graph.complete_and_take(block.runs[i], state, &out, &payload,
+                                                          &spawn)
+                            consumer.holding = run >= 0
+                            if spawn:
+                                self._spawn(spawn)
+                            if out.len:
+                                self._ended(&out)
+                            block.release_if_done()
+                            block = None
+                            continue
+                    else:
+                        state = self._execute(<TaskFuture>block.futures[i], context)
+                    # Handed over since it was taken: it ends as its future,
+                    # and the block counted it until now.
+                    fut = <TaskFuture>block.futures[i]
+                    block.pending -= 1
+                else:
+                    fut = <TaskFuture>payload
+                    state = self._execute(fut, context)
                 run = graph.complete_and_take(fut._run, state, &out, &payload, &spawn)
                 if run >= 0 and fut._extra is not None and fut._extra.callbacks:
                     # Its done callbacks may block: hold no run meanwhile, or
@@ -416,6 +533,9 @@ cdef class Engine(EngineBase):
                 fut._fire_callbacks()
                 let_go(fut)
                 fut = None
+                if block is not None:
+                    block.release_if_done()
+                    block = None
         finally:
             consumer_end()
             runvec_free(&out)
@@ -446,20 +566,91 @@ cdef class Engine(EngineBase):
         fut._value = value
         return COMPLETED
 
+    cdef uint8_t _execute_item(self, MapBlock block, Py_ssize_t i, object context):
+        """_execute for a mapped item with no future."""
+        cdef CallSpec spec = block.spec
+        cdef bint one = block.flags & ONE_ARG
+        cdef uint8_t state = COMPLETED
+        args = block.args_at(i)
+        kwargs = block.kwargs_at(i)
+        try:
+            if block.flags & NEEDS_RESOLVE:
+                args = resolve(args, False, 0, self) if one else resolve_args(args, self)
+                if kwargs is not None:
+                    kwargs = resolve(kwargs, False, 0, self)
+            if one:
+                value = spec.fn(args) if kwargs is None else spec.fn(args, **kwargs)
+            elif kwargs is None:
+                value = spec.fn(*args)
+            else:
+                value = spec.fn(*args, **kwargs)
+            if spec.is_async or type(value) is _CoroutineType:
+                value = context.run_coroutine(value)
+        except BaseException as exc:
+            value = exc
+            state = FAILED
+        if block.futures[i] == NULL:
+            block.item_ended(i, state, value)
+        else:
+            fut = <TaskFuture>block.futures[i]
+            fut._value = value
+            _forget_call(fut)
+        return state
+
     cdef void _ended(self, RunVec* out):
         """Let go of runs the graph ended without running them."""
-        cdef Py_ssize_t i
+        cdef Py_ssize_t i, k
         cdef TaskFuture fut
+        cdef MapBlock block
+        cdef TaskFuture cause
+        cdef void* payload
         for i in range(out.len):
-            fut = <TaskFuture>out.items[i].payload
+            payload = out.items[i].payload
+            if is_item(payload):
+                block = block_of(payload)
+                k = index_of(payload, block)
+                if block.futures[k] == NULL:
+                    if out.items[i].cause == -1:
+                        block.item_ended(k, CANCELLED, None)
+                    elif out.items[i].cause_payload != NULL and is_item(out.items[i].cause_payload):
+                        block.item_ended(k, NOT_READY, future_of(out.items[i].cause_payload))
+                    else:
+                        block.item_ended(k, NOT_READY, <object>out.items[i].cause_payload
+                                         if out.items[i].cause_payload != NULL else None)
+                    # Ended as an item: no future to let go.  The entry holds
+                    # the block until the loop below is past it.
+                    out.items[i].run = -1
+                    Py_INCREF(block)
+                    continue
+                # Handed over since it was taken: it ends as its future, and
+                # the block counted it until now.
+                block.pending -= 1
+                out.items[i].run = -2
+                Py_INCREF(block)
+                payload = <void*>block.futures[k]
+            fut = <TaskFuture>payload
+            if out.items[i].cause_payload != NULL and is_item(out.items[i].cause_payload):
+                cause = future_of(out.items[i].cause_payload)   # kept by its block
+                out.items[i].cause_payload = <void*>cause
             _forget_call(fut)
             if out.items[i].cause_payload != NULL and fut._value is None:
                 fut._value = <object>out.items[i].cause_payload
         for i in range(out.len):
-            fut = <TaskFuture>out.items[i].payload
+            payload = out.items[i].payload
+            if out.items[i].run == -1:
+                block = block_of(payload)
+                block.release_if_done()
+                Py_DECREF(block)
+                continue
+            fut = future_of(payload)
             fut._fire_callbacks()
             let_go(fut)
+            if out.items[i].run == -2:
+                block = block_of(payload)
+                block.release_if_done()
+                Py_DECREF(block)
         fut = None
+        block = None
         runvec_clear(out)
 
     cdef inline void _settle(self, RunVec* out, int32_t spawn):
@@ -496,60 +687,112 @@ cdef class Engine(EngineBase):
         `taken_epoch` is then graph.cancel_epoch as it was when they were
         taken: if cancel_all() has run since, they were not started when it
         did (for the runner's recall to know of them)."""
+        runs = self.take_runs(max_n, timeout)
+        return None if runs is None else list(runs)
+
+    def take_runs(self, Py_ssize_t max_n, timeout=None):
+        """take_ready(), as a RunList: no future is made for a mapped item."""
         cdef double deadline = deadline_of(timeout)
-        cdef void** payloads
         cdef int32_t n
         cdef int64_t epoch = 0
+        cdef RunList runs
+        cdef Py_ssize_t i
         if max_n < 1:
             raise ValueError("max_n must be at least 1")
-        payloads = <void**>malloc(max_n * sizeof(void*))
-        if payloads == NULL:
-            raise MemoryError()
-        try:
-            with nogil:
-                n = self.graph.take_many(payloads, <int32_t>max_n, deadline, &epoch)
-            if n == TAKE_CLOSED:
-                return None
-            if n < 0:
-                return []
-            self.taken_epoch = epoch
-            return [<object>payloads[i] for i in range(n)]
-        finally:
-            free(payloads)
+        runs = new_runlist(max_n)
+        with nogil:
+            n = self.graph.take_many(runs.items, <int32_t>max_n, deadline, &epoch)
+        if n == TAKE_CLOSED:
+            runs.n = 0
+            return None
+        if n < 0:
+            runs.n = 0
+            return runs
+        # The runs' payloads stay valid: the engine holds them while they run.
+        runs.n = n
+        for i in range(n):
+            _hold_payload(runs.items[i])
+        self.taken_epoch = epoch
+        return runs
 
-    def calls_of(self, list futures, bint unpack_single=False):
-        """The calls of taken runs, with their upstream futures replaced by
-        their results, grouped: a list of [call spec, [args, ...], [kwargs,
-        ...] or None], one group for each stretch of runs of one task.
+    def calls_of(self, futures, bint unpack_single=False):
+        """The calls of taken runs (a RunList or a list of futures), with
+        their upstream futures replaced by their results, grouped: a list
+        of [call spec, [args, ...], [kwargs, ...] or None], one group for
+        each stretch of runs of one task.
 
         With `unpack_single`, each group has a fourth item, True when every
         call in it passes exactly one positional argument and no keywords;
         its list then holds those arguments rather than 1-tuples (cheaper to
         pickle: pickle memoizes every tuple), or is a range when they are
         consecutive ints, as in a map over a range."""
-        cdef list groups = [], args_list = None, kwargs_list = None, group = None
-        cdef CallSpec spec = None
+        cdef RunList runs = _as_runlist(futures, "futures")
+        cdef list groups = [], kwargs_list = None, group = None
+        cdef CallSpec spec = None, this_spec
         cdef TaskFuture fut
-        cdef Py_ssize_t i, j, n = len(futures)
+        cdef MapBlock block
+        cdef void* payload
+        cdef Py_ssize_t i, j, k, stretch, n = runs.n
         cdef bint single = False, one
-        for i in range(n):
-            fut = <TaskFuture>PyList_GET_ITEM(futures, i)
-            args = fut._args
-            kwargs = fut._kwargs
-            one = fut._flags & ONE_ARG
+        cdef uint8_t flags
+        args_list = None        # a list, or a range while it is one stretch of a range
+        i = 0
+        while i < n:
+            payload = runs.items[i]
+            block = block_of(payload) if is_item(payload) else None
+            k = index_of(payload, block) if block is not None else 0
+            if block is not None and block.futures[k] == NULL:
+                this_spec = block.spec
+                if (unpack_single and block.one_column and block.static_kwargs is None
+                        and not (block.flags & NEEDS_RESOLVE)):
+                    # A stretch of consecutive items: a slice of the column.
+                    stretch = 1
+                    while (i + stretch < n and runs.items[i + stretch] == item_payload(block, k + stretch)
+                           and block.futures[k + stretch] == NULL):
+                        stretch += 1
+                    if this_spec is not spec or not single:
+                        spec = this_spec
+                        args_list = []
+                        kwargs_list = None
+                        single = True
+                        group = [spec, args_list, None, True]
+                        groups.append(group)
+                    items = block.columns[0][k:k + stretch]
+                    if type(args_list) is list and not args_list and type(items) is range:
+                        args_list = items
+                    else:
+                        if type(args_list) is not list:
+                            args_list = list(args_list)
+                        args_list.extend(items)
+                    group[1] = args_list
+                    i += stretch
+                    continue
+                args = block.args_at(k)
+                kwargs = block.kwargs_at(k)
+                flags = block.flags
+            else:
+                fut = future_of(payload)
+                this_spec = fut._spec
+                args = fut._args
+                kwargs = fut._kwargs
+                flags = fut._flags
+            i += 1
+            one = flags & ONE_ARG
             if args is None and not one:
                 args = ()           # ended meanwhile (cancelled): it will not run
-            elif fut._flags & NEEDS_RESOLVE:
+            elif flags & NEEDS_RESOLVE:
                 args = resolve(args, False, 0, self) if one else resolve_args(args, self)
                 if kwargs is not None:
                     kwargs = resolve(kwargs, False, 0, self)
-            if fut._spec is not spec:
-                spec = fut._spec
+            if this_spec is not spec:
+                spec = this_spec
                 args_list = []
                 kwargs_list = None
                 single = unpack_single
                 group = [spec, args_list, None, single] if unpack_single else [spec, args_list, None]
                 groups.append(group)
+            if type(args_list) is not list:
+                args_list = group[1] = list(args_list)
             if single and (kwargs is not None or not (one or PyTuple_GET_SIZE(args) == 1)):
                 # Not single after all: the arguments so far go back into 1-tuples.
                 single = False
@@ -567,64 +810,79 @@ cdef class Engine(EngineBase):
                 PyList_Append(kwargs_list, kwargs)
         if unpack_single:
             for group in groups:
-                if group[3]:
+                if group[3] and type(group[1]) is list:
                     group[1] = _as_range(<list>group[1])
         return groups
 
-    def finish(self, list futures, list values, list states):
-        """End taken runs: futures[i] ended in states[i] (COMPLETED, FAILED
-        or CRASHED, as in taskrunner._graph.STATES) with values[i], its
+    def finish(self, futures, list values, states):
+        """End taken runs (a RunList or a list of futures): run i ended in
+        states[i] (COMPLETED, FAILED or CRASHED, as in
+        taskrunner._graph.STATES; or one state for all) with values[i], its
         result or exception."""
+        cdef RunList runs = _as_runlist(futures, "futures")
         cdef Graph graph = self.graph
         cdef RunVec out = RunVec(NULL, 0, 0)
-        cdef Py_ssize_t i, n = PyList_GET_SIZE(futures)
+        cdef Py_ssize_t i, k, n = runs.n
         cdef int32_t spawn
         cdef TaskFuture fut
+        cdef MapBlock block
+        cdef void* payload
         cdef uint8_t* codes
-        cdef uint8_t state
         cdef bint remote = self.fetch is not None
-        if PyList_GET_SIZE(values) != n or PyList_GET_SIZE(states) != n:
-            raise ValueError("futures, values and states differ in length")
+        if PyList_GET_SIZE(values) != n:
+            raise ValueError("futures and values differ in length")
         codes = <uint8_t*>malloc(n + 1)
         if codes == NULL:
             raise MemoryError()
         try:
+            _end_states(states, n, codes)
             for i in range(n):
-                state = <object>PyList_GET_ITEM(states, i)
-                if state != COMPLETED and state != FAILED and state != CRASHED:
-                    raise ValueError(f"cannot finish a run as state {state}")
-                codes[i] = state
-            for i in range(n):
-                fut = <TaskFuture>PyList_GET_ITEM(futures, i)
-                fut._value = <object>PyList_GET_ITEM(values, i)
+                payload = runs.items[i]
+                value = <object>PyList_GET_ITEM(values, i)
+                if is_item(payload):
+                    block = block_of(payload)
+                    k = index_of(payload, block)
+                    if block.futures[k] == NULL and not remote:
+                        block.item_ended(k, codes[i], value)
+                        continue
+                    # It ends as its future, and the block counted it until now.
+                    block.pending -= 1
+                fut = future_of(payload)
+                fut._value = value
                 _forget_call(fut)
                 if remote and codes[i] == COMPLETED:
                     fut._flags |= REMOTE_VALUE
+                codes[i] |= _AS_FUTURE
             graph.lock()
             for i in range(n):
-                graph.complete_taken_locked((<TaskFuture>PyList_GET_ITEM(futures, i))._run,
-                                            codes[i], &out)
+                graph.complete_taken_locked(runs.run_at(i), codes[i] & ~_AS_FUTURE, &out)
             spawn = graph.pop_spawn_wanted_locked()
             graph.unlock()
+            block = None
+            self._settle(&out, spawn)
+            for i in range(n):
+                payload = runs.items[i]
+                if codes[i] & _AS_FUTURE:
+                    fut = future_of(payload)
+                    fut._fire_callbacks()
+                    let_go(fut)
+                if is_item(payload) and (i + 1 == n or not is_item(runs.items[i + 1]) or (
+                        block_of(runs.items[i + 1]) is not block_of(payload))):
+                    (<MapBlock>block_of(payload)).release_if_done()
         finally:
             free(codes)
-        self._settle(&out, spawn)
-        for i in range(n):
-            fut = <TaskFuture>PyList_GET_ITEM(futures, i)
-            fut._fire_callbacks()
-            let_go(fut)
 
-    def give_back(self, list futures, bint cancel):
-        """Taken runs that never started: back to the ready queue, or (with
-        `cancel`) cancelled."""
+    def give_back(self, futures, bint cancel):
+        """Taken runs (a RunList or a list of futures) that never started:
+        back to the ready queue, or (with `cancel`) cancelled."""
+        cdef RunList runs = _as_runlist(futures, "futures")
         cdef Graph graph = self.graph
         cdef RunVec out = RunVec(NULL, 0, 0)
-        cdef TaskFuture fut
         cdef int32_t spawn
+        cdef Py_ssize_t i
         graph.lock()
-        for item in futures:
-            fut = <TaskFuture>item
-            graph.unstart_locked(fut._run, cancel, &out)
+        for i in range(runs.n):
+            graph.unstart_locked(runs.run_at(i), cancel, &out)
         spawn = graph.pop_spawn_wanted_locked()
         graph.unlock()
         self._settle(&out, spawn)
@@ -724,22 +982,6 @@ cdef class _OutsideRelease:
         self.engine._release_outside(self.fut, up, self.allow)
 
 
-cdef tuple _fill_args(tuple template, list column_at, list row):
-    """The template's arguments with each mapped position taken from `row`."""
-    cdef Py_ssize_t i, column, n = PyTuple_GET_SIZE(template)
-    cdef tuple args = PyTuple_New(n)
-    cdef object value
-    for i in range(n):
-        column = column_at[i]
-        if column < 0:
-            value = <object>PyTuple_GET_ITEM(template, i)
-        else:
-            value = <object>PyList_GET_ITEM(row, column)
-        Py_INCREF(value)
-        PyTuple_SET_ITEM(args, i, value)
-    return untracked_if_atomic(args)
-
-
 cdef inline void _forget_call(TaskFuture fut):
     """Drop a run's call once it started or ended.  Its flag goes too: with
     ONE_ARG, None is an argument, not the mark of a dropped call."""
@@ -774,6 +1016,69 @@ cdef object _as_range(list values):
             return values
         previous = value
     return range(<object>PyList_GET_ITEM(values, 0), previous + step, step)
+
+
+cdef enum:
+    _AS_FUTURE = 128      # finish(): this run ended through its future
+
+
+cdef int _end_states(object states, Py_ssize_t n, uint8_t* codes) except -1:
+    """codes[i] = the final state of run i: states is one for all, or a list."""
+    cdef Py_ssize_t i
+    if isinstance(states, int):
+        memset(codes, _end_state(states), n)
+        return 0
+    if type(states) is not list:
+        raise TypeError(f"states must be a state or a list of states, not {type(states).__name__}")
+    if PyList_GET_SIZE(states) != n:
+        raise ValueError("futures and states differ in length")
+    for i in range(n):
+        codes[i] = _end_state(<object>PyList_GET_ITEM(states, i))
+    return 0
+
+
+cdef uint8_t _end_state(object state) except 255:
+    if state != COMPLETED and state != FAILED and state != CRASHED:
+        raise ValueError(f"cannot finish a run as state {state}")
+    return state
+
+
+cdef RunList _as_runlist(object futures, str name):
+    """A RunList of taken runs given as one, or as a list of futures."""
+    cdef RunList runs
+    cdef Py_ssize_t i, n
+    if type(futures) is RunList:
+        return <RunList>futures
+    if not isinstance(futures, list):
+        raise TypeError(f"{name} must be a RunList or a list of futures, not {type(futures).__name__}")
+    n = PyList_GET_SIZE(futures)
+    for i in range(n):
+        if type(<object>PyList_GET_ITEM(futures, i)) is not TaskFuture:
+            raise TypeError(f"{name} must hold task futures only")
+    runs = new_runlist(n)
+    runs.n = 0
+    for i in range(n):
+        fut = <object>PyList_GET_ITEM(futures, i)
+        Py_INCREF(fut)
+        runs.items[i] = <void*>fut
+        runs.n += 1
+    return runs
+
+
+cdef bint _all_of(Engine engine, Upstreams* ups):
+    """Whether every upstream in `ups` is a run of `engine`."""
+    cdef Py_ssize_t i
+    for i in range(ups.len):
+        if (<TaskFuture>ups.items[i].future)._engine is not engine:
+            return False
+    return True
+
+
+cdef inline void _hold_payload(void* payload) noexcept:
+    if is_item(payload):
+        Py_INCREF(block_of(payload))
+    else:
+        Py_INCREF(<object>payload)
 
 
 cdef bint _is_mappable(object value):

@@ -67,10 +67,6 @@ cdef class TaskFuture:
     cdef void _fire_callbacks(self)
 
 
-cdef class FutureList(list):
-    pass
-
-
 cdef class Consumer:
     """A thread running an engine's work loop: its engine, and whether it
     holds one of the engine's running places right now."""
@@ -83,6 +79,7 @@ cdef void consumer_end()
 cdef double until_signal_check(double deadline)
 cdef double deadline_of(object timeout) except? -3.0
 cdef object remaining(double deadline)
+cdef bint wait_run(Graph graph, int32_t run, double deadline) except -1
 
 
 cdef inline TaskFuture blank_future(EngineBase engine, CallSpec spec):

@@ -10,9 +10,8 @@ object, the exception of a run that never ran, the list of done callbacks.
 
 cimport cython
 from cpython.exc cimport PyErr_CheckSignals
-from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.pythread cimport PyThread_get_thread_ident
-from libc.stdint cimport int32_t, uint8_t
+from libc.stdint cimport int32_t, uint8_t, uintptr_t
 
 from taskrunner._graph cimport (
     CANCELLED, COMPLETED, CRASHED, FAILED, Graph, NOT_READY, PENDING, READY, RUNNING,
@@ -91,6 +90,16 @@ cdef bint _wait_final(Graph graph, int32_t run, double deadline) except -1:
         if deadline >= 0 and tr_monotonic() >= deadline:
             return False
         PyErr_CheckSignals()
+
+
+cdef bint wait_run(Graph graph, int32_t run, double deadline) except -1:
+    """_wait_final for a caller that may be a consumer thread: it gives its
+    place up while it blocks."""
+    consumer = _secede()
+    try:
+        return _wait_final(graph, run, deadline)
+    finally:
+        _rejoin(consumer)
 
 
 # -- consumers ----------------------------------------------------------------
@@ -179,11 +188,7 @@ cdef class TaskFuture:
         if self._engine.graph.state_of(self._run) >= COMPLETED:
             return True
         deadline = deadline_of(timeout)
-        consumer = _secede()
-        try:
-            return _wait_final(self._engine.graph, self._run, deadline)
-        finally:
-            _rejoin(consumer)
+        return wait_run(self._engine.graph, self._run, deadline)
 
     cdef uint8_t _final_state(self, object timeout) except 255:
         """The run's final state, waiting for it up to `timeout` seconds;
@@ -231,7 +236,9 @@ cdef class TaskFuture:
         graph.lock()
         payload = graph.cause_payload_locked(self._run)
         graph.unlock()
-        return <object>payload if payload != NULL else None
+        if payload == NULL or (<uintptr_t>payload) & 1:    # none, or a mapped item (see _mapped)
+            return None
+        return <object>payload
 
     cdef object _input_value(self, bint allow, EngineBase consumer):
         """This future as the argument of a downstream run of `consumer`:
@@ -349,63 +356,3 @@ cdef void _call_callback(fn, TaskFuture fut):
         fn(fut)
     except BaseException:
         _log.exception("done callback %r of task run %r raised", fn, fut.task_name)
-
-
-@cython.final
-cdef class FutureList(list):
-    """A list of futures, as map() returns them, in input order."""
-
-    def wait(self, timeout=None):
-        """Block until every future is final or `timeout` seconds pass."""
-        cdef double deadline = deadline_of(timeout)
-        for fut in self:
-            fut.wait(remaining(deadline))
-            if deadline >= 0 and tr_monotonic() >= deadline:
-                return
-
-    def result(self, timeout=None, raise_on_failure=True):
-        """The results, in input order.  Raises the first failure met (unless
-        raise_on_failure=False), or TimeoutError after `timeout` seconds."""
-        cdef double deadline = deadline_of(timeout)
-        cdef Py_ssize_t i, n = PyList_GET_SIZE(self)
-        cdef list results = [None] * n
-        cdef dict kept_elsewhere = None     # engine -> ([index], [handle])
-        cdef TaskFuture tf
-        cdef uint8_t state
-        for i in range(n):
-            fut = <object>PyList_GET_ITEM(self, i)
-            if type(fut) is not TaskFuture:
-                results[i] = fut.result(remaining(deadline), raise_on_failure)
-                continue
-            tf = <TaskFuture>fut
-            state = tf._state()
-            if state < COMPLETED:       # only then the time left matters
-                state = tf._final_state(remaining(deadline))
-            if state != COMPLETED:
-                error = tf._error(state)
-                if raise_on_failure:
-                    raise error
-                results[i] = error
-            elif not (tf._flags & REMOTE_VALUE):
-                results[i] = tf._value
-            elif tf._engine.fetch_many is None:
-                results[i] = tf._engine.fetch(tf._value, remaining(deadline))
-            else:
-                # Fetched together below: one round trip, not one each.
-                if kept_elsewhere is None:
-                    kept_elsewhere = {}
-                indexes, handles = kept_elsewhere.setdefault(tf._engine, ([], []))
-                indexes.append(i)
-                handles.append(tf._value)
-        if kept_elsewhere is not None:
-            for engine, (indexes, handles) in kept_elsewhere.items():
-                values = (<EngineBase>engine).fetch_many(handles, remaining(deadline))
-                for i, value in zip(indexes, values):
-                    results[i] = value
-        return results
-
-    def __repr__(self):
-        return f"FutureList({list.__repr__(self)})"
-
-    def __reduce__(self):
-        return FutureList, (list(self),)

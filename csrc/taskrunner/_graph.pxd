@@ -161,6 +161,7 @@ cdef class Graph:
     cdef bint cancel_locked(self, int32_t run, RunVec* out) noexcept nogil
     cdef void cancel_all_locked(self, RunVec* out) noexcept nogil
     cdef void drop(self, int32_t run) noexcept nogil
+    cdef void drop_locked(self, int32_t run) noexcept nogil
     cdef void close(self) noexcept nogil
     cdef bint close_if_quiet(self) noexcept nogil
 

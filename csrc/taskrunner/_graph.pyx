@@ -494,9 +494,14 @@ cdef class Graph:
 
     cdef void drop(self, int32_t run) noexcept nogil:
         self.lock()
+        self.drop_locked(run)
+        self.unlock()
+
+    cdef void drop_locked(self, int32_t run) noexcept nogil:
+        """The owner lets go of a run: its slot is reused once nothing
+        points at it."""
         self.runs[run].flags |= F_DROPPED
         self._maybe_free(run)
-        self.unlock()
 
     cdef void close(self) noexcept nogil:
         self.lock()

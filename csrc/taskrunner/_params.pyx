@@ -14,7 +14,8 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 
-from taskrunner._futures cimport NEEDS_RESOLVE, EngineBase, FutureList, TaskFuture
+from taskrunner._futures cimport NEEDS_RESOLVE, EngineBase, TaskFuture
+from taskrunner._mapped cimport FutureList
 
 import copy
 from collections.abc import Mapping

@@ -1,0 +1,88 @@
+# The runs of one map(), kept as plain arrays until someone asks for their
+# futures; the list of futures map() returns; and the list of taken runs a
+# consumer elsewhere (a worker process) works through.
+#
+# A mapped item's payload in the graph is a tagged pointer (see item_payload)
+# to its slot in the block's `tags` array, so the engine can tell items from
+# futures without touching either.  Asking for an item's future hands the
+# item over: the future takes its payload and from then on the item is an
+# ordinary run, and every fast path here defers to that future.
+
+from cpython.object cimport PyObject
+from libc.stdint cimport int32_t, uint8_t, uintptr_t
+
+from taskrunner._calls cimport CallSpec
+from taskrunner._futures cimport EngineBase, TaskFuture
+
+
+cdef class MapBlock:
+    cdef EngineBase engine
+    cdef CallSpec spec
+    cdef Py_ssize_t n
+    cdef Py_ssize_t registered  # items 0 .. registered-1 are runs of the graph
+    cdef Py_ssize_t pending     # runs neither ended (as the block saw it) nor handed over
+    cdef bint held              # the engine's reference, while `pending`
+    cdef int32_t* runs          # item i's run
+    cdef uint8_t* ended         # item i's final state once the block saw it end, else 0
+    cdef PyObject** values      # item i's result, exception, or NOT_READY cause (owned)
+    cdef PyObject** futures     # item i's future once handed over (owned)
+    cdef void** tags            # tags[i] is this block: item i's payload points here
+    # The calls: the template's bound arguments with mapped positions taken
+    # from the columns (see Engine.map).
+    cdef list columns
+    cdef tuple template_args
+    cdef list column_at
+    cdef list kw_slots
+    cdef object static_kwargs
+    cdef uint8_t flags          # the TaskFuture flags of every item's call
+    cdef bint one_column        # each item's call is its column-0 item alone
+
+    cdef object args_at(self, Py_ssize_t i)
+    cdef object kwargs_at(self, Py_ssize_t i)
+    cdef TaskFuture future_at(self, Py_ssize_t i)
+    cdef void item_ended(self, Py_ssize_t i, uint8_t state, object value)
+    cdef void release_if_done(self)
+
+
+cdef MapBlock new_block(EngineBase engine, CallSpec spec, Py_ssize_t n)
+cdef tuple fill_args(tuple template, list column_at, list row)
+
+
+cdef inline void* item_payload(MapBlock block, Py_ssize_t i) noexcept:
+    return <void*>(<uintptr_t>&block.tags[i] | 1)
+
+
+cdef inline bint is_item(void* payload) noexcept nogil:
+    return (<uintptr_t>payload) & 1
+
+
+cdef inline MapBlock block_of(void* payload):
+    return <MapBlock>(<void**>(<uintptr_t>payload & ~(<uintptr_t>1)))[0]
+
+
+cdef inline Py_ssize_t index_of(void* payload, MapBlock block) noexcept:
+    return <void**>(<uintptr_t>payload & ~(<uintptr_t>1)) - block.tags
+
+
+cdef inline TaskFuture future_of(void* payload):
+    """The future a payload stands for: made (handed over) for an item."""
+    cdef MapBlock block
+    if is_item(payload):
+        block = block_of(payload)
+        return block.future_at(index_of(payload, block))
+    return <TaskFuture>payload
+
+
+cdef class FutureList(list):
+    cdef MapBlock _block        # until the list is first used as a list
+    cdef int _materialize(self) except -1
+
+
+cdef class RunList:
+    cdef void** items           # futures and item payloads, each owning a reference
+    cdef Py_ssize_t n
+
+    cdef int32_t run_at(self, Py_ssize_t i)
+
+
+cdef RunList new_runlist(Py_ssize_t n)

@@ -1,0 +1,507 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Mapped runs without a future each.
+
+A map over a million items used to make a million TaskFutures up front, and
+a consumer in another process read each one's arguments and wrote each
+one's result through it: most of a large map's cost here.  A MapBlock keeps
+the items' runs, states and results in C arrays instead, and reads each
+call off the mapped columns when it is sent; a FutureList over a block
+makes the futures only when it is first used as a list.  `result()` on it
+reads the arrays directly.
+"""
+
+cimport cython
+from cpython.list cimport PyList_GET_ITEM
+from cpython.object cimport PyObject
+from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
+from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
+from libc.stdint cimport int32_t, uint8_t
+from libc.stdlib cimport calloc, free, malloc
+
+from taskrunner._calls cimport CallSpec, untracked_if_atomic
+from taskrunner._futures cimport (
+    CALLBACKS_FIRED, ONE_ARG, REMOTE_VALUE, EngineBase, TaskFuture, blank_future,
+    deadline_of, hold, remaining, wait_run,
+)
+from taskrunner._graph cimport COMPLETED, RUNNING, Graph, tr_monotonic
+
+
+@cython.final
+@cython.no_gc_clear     # __dealloc__ needs the engine to give the slots back
+cdef class MapBlock:
+    """The runs of one map(): item i's run, final state and value, and its
+    call, made from the mapped columns when it is needed."""
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        cdef Graph graph = self.engine.graph if self.engine is not None else None
+        if graph is not None and self.registered:
+            # Every item has ended.  A handed-over item's slot is its
+            # future's to give back, and must no longer point here.
+            graph.lock()
+            for i in range(self.registered):
+                if self.futures[i] == NULL:
+                    graph.drop_locked(self.runs[i])
+                else:
+                    graph.payloads[self.runs[i]] = <void*>self.futures[i]
+            graph.unlock()
+        if self.values != NULL:
+            for i in range(self.n):
+                Py_XDECREF(self.values[i])
+        if self.futures != NULL:
+            for i in range(self.n):
+                Py_XDECREF(self.futures[i])
+        free(self.runs)
+        free(self.ended)
+        free(self.values)
+        free(self.futures)
+        free(self.tags)
+
+    cdef object args_at(self, Py_ssize_t i):
+        """Item i's positional arguments: a tuple, or with ONE_ARG the one."""
+        cdef list row
+        if self.one_column:
+            return self.columns[0][i]
+        row = [column[i] for column in self.columns]
+        if self.flags & ONE_ARG:
+            return row[<Py_ssize_t>self.column_at[0]]
+        return fill_args(self.template_args, self.column_at, row)
+
+    cdef object kwargs_at(self, Py_ssize_t i):
+        if not self.kw_slots:
+            return self.static_kwargs
+        kwargs = dict(self.static_kwargs)
+        for key, k in self.kw_slots:
+            kwargs[key] = self.columns[<Py_ssize_t>k][i]
+        return kwargs
+
+    cdef TaskFuture future_at(self, Py_ssize_t i):
+        """Item i's future, made on first use.  An unfinished item is handed
+        over: the future becomes its run's payload, holds its call, and
+        ends as any submitted run does."""
+        cdef TaskFuture fut
+        cdef Graph graph
+        cdef bint swapped
+        if self.futures[i] != NULL:
+            return <TaskFuture>self.futures[i]
+        fut = blank_future(self.engine, self.spec)
+        fut._run = self.runs[i] if i < self.registered else -1
+        if self.ended[i]:
+            if self.values[i] != NULL:
+                fut._value = <object>self.values[i]
+                Py_DECREF(<object>self.values[i])
+                self.values[i] = NULL
+            fut._flags = CALLBACKS_FIRED
+        elif i < self.registered:
+            fut._args = self.args_at(i)
+            fut._kwargs = self.kwargs_at(i)
+            fut._flags = self.flags
+            # A running item's consumer may hold its payload, taken without
+            # the GIL: it keeps it, and the block counts the item until it
+            # ends (as its future).  Any other becomes its future's run.
+            graph = self.engine.graph
+            graph.lock()
+            swapped = graph.runs[self.runs[i]].state != RUNNING
+            if swapped:
+                graph.payloads[self.runs[i]] = <void*>fut
+            graph.unlock()
+            hold(fut)
+            if swapped:
+                self.pending -= 1
+        Py_INCREF(fut)
+        self.futures[i] = <PyObject*>fut
+        self.release_if_done()
+        return fut
+
+    cdef void item_ended(self, Py_ssize_t i, uint8_t state, object value):
+        """Item i (not handed over) ended in `state` with `value`; before
+        its run is final in the graph, so a reader that sees the run final
+        finds them here."""
+        if value is not None:
+            Py_INCREF(value)
+            Py_XDECREF(self.values[i])
+            self.values[i] = <PyObject*>value
+        self.ended[i] = state
+        self.pending -= 1
+
+    cdef void release_if_done(self):
+        """The engine lets go of the block once no item is its to end.  The
+        caller holds a reference of its own."""
+        if self.held and self.pending == 0:
+            self.held = False
+            Py_DECREF(self)
+
+    def __len__(self):
+        return self.n
+
+
+cdef MapBlock new_block(EngineBase engine, CallSpec spec, Py_ssize_t n):
+    cdef MapBlock block = MapBlock.__new__(MapBlock)
+    cdef Py_ssize_t i
+    block.engine = engine
+    block.spec = spec
+    block.n = n
+    block.runs = <int32_t*>malloc(n * sizeof(int32_t) + 1)
+    block.ended = <uint8_t*>calloc(n + 1, sizeof(uint8_t))
+    block.values = <PyObject**>calloc(n + 1, sizeof(PyObject*))
+    block.futures = <PyObject**>calloc(n + 1, sizeof(PyObject*))
+    block.tags = <void**>malloc(n * sizeof(void*) + 1)
+    if (block.runs == NULL or block.ended == NULL or block.values == NULL
+            or block.futures == NULL or block.tags == NULL):
+        raise MemoryError()
+    for i in range(n):
+        block.tags[i] = <void*>block
+    return block
+
+
+cdef tuple fill_args(tuple template, list column_at, list row):
+    """The template's arguments with each mapped position taken from `row`."""
+    cdef Py_ssize_t i, column, n = PyTuple_GET_SIZE(template)
+    cdef tuple args = PyTuple_New(n)
+    cdef object value
+    for i in range(n):
+        column = column_at[i]
+        if column < 0:
+            value = <object>PyTuple_GET_ITEM(template, i)
+        else:
+            value = row[column]
+        Py_INCREF(value)
+        PyTuple_SET_ITEM(args, i, value)
+    return untracked_if_atomic(args)
+
+
+# -- the list map() returns -----------------------------------------------------
+
+@cython.final
+cdef class FutureList(list):
+    """A list of futures, as map() returns them, in input order.
+
+    A mapped list makes its futures when it is first used as a list;
+    `result()`, `wait()` and `len()` need none of them."""
+
+    cdef int _materialize(self) except -1:
+        cdef MapBlock block = self._block
+        cdef Py_ssize_t i
+        if block is None:
+            return 0
+        for i in range(block.n):
+            list.append(self, block.future_at(i))
+        self._block = None
+        return 0
+
+    def wait(self, timeout=None):
+        """Block until every future is final or `timeout` seconds pass."""
+        cdef double deadline = deadline_of(timeout)
+        cdef MapBlock block = self._block
+        cdef Py_ssize_t i
+        if block is None:
+            for fut in self:
+                fut.wait(remaining(deadline))
+                if deadline >= 0 and tr_monotonic() >= deadline:
+                    return
+            return
+        for i in range(block.n):
+            if block.futures[i] != NULL:
+                (<TaskFuture>block.futures[i]).wait(remaining(deadline))
+            elif not block.ended[i] and not wait_run(block.engine.graph, block.runs[i], deadline):
+                return
+
+    def result(self, timeout=None, raise_on_failure=True):
+        """The results, in input order.  Raises the first failure met (unless
+        raise_on_failure=False), or TimeoutError after `timeout` seconds."""
+        cdef double deadline = deadline_of(timeout)
+        cdef MapBlock block = self._block
+        cdef Py_ssize_t i, n = len(self)
+        cdef list results = [None] * n
+        cdef dict kept_elsewhere = None     # engine -> ([index], [handle])
+        cdef uint8_t state
+        for i in range(n):
+            if block is None:
+                fut = <object>PyList_GET_ITEM(self, i)
+            elif block.futures[i] != NULL:
+                fut = <TaskFuture>block.futures[i]
+            else:
+                state = block.ended[i]
+                if not state:
+                    if not wait_run(block.engine.graph, block.runs[i], deadline):
+                        raise TimeoutError(
+                            f"task run {block.spec.name!r} did not finish within "
+                            f"{timeout} seconds")
+                    state = block.ended[i]
+                if state == COMPLETED and block.futures[i] == NULL:
+                    value = <object>block.values[i] if block.values[i] != NULL else None
+                    results[i] = value
+                    continue
+                fut = block.future_at(i)
+            if type(fut) is not TaskFuture:
+                results[i] = fut.result(remaining(deadline), raise_on_failure)
+            elif _result_into(results, i, <TaskFuture>fut, deadline, raise_on_failure):
+                if kept_elsewhere is None:
+                    kept_elsewhere = {}
+                indexes, handles = kept_elsewhere.setdefault((<TaskFuture>fut)._engine, ([], []))
+                indexes.append(i)
+                handles.append((<TaskFuture>fut)._value)
+        if kept_elsewhere is not None:
+            for engine, (indexes, handles) in kept_elsewhere.items():
+                values = (<EngineBase>engine).fetch_many(handles, remaining(deadline))
+                for i, value in zip(indexes, values):
+                    results[i] = value
+        return results
+
+    # Every other use is a use as a list: the futures are made first.
+
+    def __len__(self):
+        return self._block.n if self._block is not None else list.__len__(self)
+
+    def __getitem__(self, index):
+        self._materialize()
+        return list.__getitem__(self, index)
+
+    def __setitem__(self, index, value):
+        self._materialize()
+        list.__setitem__(self, index, value)
+
+    def __delitem__(self, index):
+        self._materialize()
+        list.__delitem__(self, index)
+
+    def __iter__(self):
+        self._materialize()
+        return list.__iter__(self)
+
+    def __reversed__(self):
+        self._materialize()
+        return list.__reversed__(self)
+
+    def __contains__(self, value):
+        self._materialize()
+        return list.__contains__(self, value)
+
+    def __richcmp__(self, other, int op):
+        self._materialize()
+        if isinstance(other, FutureList):
+            (<FutureList>other)._materialize()
+        return _compare(self, other, op)
+
+    def __add__(self, other):
+        self._materialize()
+        if isinstance(other, FutureList):
+            (<FutureList>other)._materialize()
+        return list.__add__(self, other)
+
+    def __radd__(self, other):
+        self._materialize()
+        return other + list(self)
+
+    def __iadd__(self, other):
+        self._materialize()
+        list.extend(self, other)
+        return self
+
+    def __mul__(self, n):
+        self._materialize()
+        return list.__mul__(self, n)
+
+    def __rmul__(self, n):
+        self._materialize()
+        return list.__mul__(self, n)
+
+    def __imul__(self, n):
+        self._materialize()
+        return list.__imul__(self, n)
+
+    def __repr__(self):
+        self._materialize()
+        return f"FutureList({list.__repr__(self)})"
+
+    def __reduce__(self):
+        self._materialize()
+        return FutureList, (list(self),)
+
+    def __sizeof__(self):
+        self._materialize()
+        return list.__sizeof__(self)
+
+    def copy(self):
+        self._materialize()
+        return list.copy(self)
+
+    def index(self, *args):
+        self._materialize()
+        return list.index(self, *args)
+
+    def count(self, value):
+        self._materialize()
+        return list.count(self, value)
+
+    def append(self, value):
+        self._materialize()
+        list.append(self, value)
+
+    def extend(self, values):
+        self._materialize()
+        list.extend(self, values)
+
+    def insert(self, index, value):
+        self._materialize()
+        list.insert(self, index, value)
+
+    def pop(self, *args):
+        self._materialize()
+        return list.pop(self, *args)
+
+    def remove(self, value):
+        self._materialize()
+        list.remove(self, value)
+
+    def sort(self, *, key=None, reverse=False):
+        self._materialize()
+        list.sort(self, key=key, reverse=reverse)
+
+    def reverse(self):
+        self._materialize()
+        list.reverse(self)
+
+    def clear(self):
+        self._block = None
+        list.clear(self)
+
+
+cdef object _compare(FutureList self, object other, int op):
+    # list's own comparison, on the list as it now is
+    if op == 2:
+        return list.__eq__(self, other)
+    if op == 3:
+        return list.__ne__(self, other)
+    if op == 0:
+        return list.__lt__(self, other)
+    if op == 1:
+        return list.__le__(self, other)
+    if op == 4:
+        return list.__gt__(self, other)
+    return list.__ge__(self, other)
+
+
+cdef bint _result_into(list results, Py_ssize_t i, TaskFuture fut, double deadline,
+                       bint raise_on_failure) except -1:
+    """results[i] = fut's result (or error); True if it is kept elsewhere and
+    must be fetched."""
+    cdef uint8_t state = fut._state()
+    if state < COMPLETED:       # only then the time left matters
+        state = fut._final_state(remaining(deadline))
+    if state != COMPLETED:
+        error = fut._error(state)
+        if raise_on_failure:
+            raise error
+        results[i] = error
+    elif not (fut._flags & REMOTE_VALUE):
+        results[i] = fut._value
+    elif fut._engine.fetch_many is None:
+        results[i] = fut._engine.fetch(fut._value, remaining(deadline))
+    else:
+        return True
+    return False
+
+
+# -- taken runs -----------------------------------------------------------------
+
+@cython.final
+cdef class RunList:
+    """Runs a consumer elsewhere took, in order: futures and mapped items,
+    with no future made for an item.  Slicing gives a RunList; indexing or
+    iterating gives futures (made for items on the way)."""
+
+    def __dealloc__(self):
+        cdef Py_ssize_t i
+        if self.items == NULL:
+            return
+        for i in range(self.n):
+            _release_owner(self.items[i])
+        free(self.items)
+
+    cdef int32_t run_at(self, Py_ssize_t i):
+        cdef void* p = self.items[i]
+        cdef MapBlock block
+        if is_item(p):
+            block = block_of(p)
+            return block.runs[index_of(p, block)]
+        return (<TaskFuture>p)._run
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, index):
+        cdef Py_ssize_t start, stop, step, i, k
+        cdef RunList part
+        if isinstance(index, slice):
+            start, stop, step = index.indices(self.n)
+            if step != 1:
+                raise ValueError("a RunList slice takes no step")
+            part = new_runlist(max(0, stop - start))
+            for i in range(part.n):
+                part.items[i] = self.items[start + i]
+                _hold_owner(part.items[i])
+            return part
+        k = index
+        if k < 0:
+            k += self.n
+        if not 0 <= k < self.n:
+            raise IndexError("RunList index out of range")
+        return future_of(self.items[k])
+
+    def __iter__(self):
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            yield future_of(self.items[i])
+
+    def position_of(self, TaskFuture future):
+        """The index of `future`'s run here, or -1."""
+        cdef Py_ssize_t i
+        for i in range(self.n):
+            if self.run_at(i) == future._run:
+                return i
+        return -1
+
+    def __repr__(self):
+        return f"<RunList of {self.n} runs>"
+
+
+cdef RunList new_runlist(Py_ssize_t n):
+    cdef RunList runs = RunList.__new__(RunList)
+    runs.items = <void**>malloc(n * sizeof(void*) + 1)
+    if runs.items == NULL:
+        raise MemoryError()
+    runs.n = n
+    return runs
+
+
+def join_runs(parts):
+    """One RunList of the runs of `parts` (RunLists), in order."""
+    cdef RunList part, joined
+    cdef Py_ssize_t total = 0, at = 0, i
+    parts = list(parts)
+    for part in parts:
+        total += part.n
+    joined = new_runlist(total)
+    for part in parts:
+        for i in range(part.n):
+            joined.items[at] = part.items[i]
+            _hold_owner(part.items[i])
+            at += 1
+    return joined
+
+
+cdef inline void _hold_owner(void* p) noexcept:
+    if is_item(p):
+        Py_INCREF(block_of(p))
+    else:
+        Py_INCREF(<object>p)
+
+
+cdef inline void _release_owner(void* p) noexcept:
+    cdef PyObject* owner
+    if is_item(p):
+        owner = (<PyObject**>(<size_t>p & ~(<size_t>1)))[0]
+    else:
+        owner = <PyObject*>p
+    Py_DECREF(<object>owner)
