@@ -170,7 +170,7 @@ class _Worker:
         self.outbox = queue.SimpleQueue()   # pickled batches for the sender
         self.functions = set()              # function ids it has
         self.next_run = 0                   # number of the next run sent
-        self.in_flight = collections.deque()    # [first run, futures, taken] per batch
+        self.in_flight = collections.deque()    # [first run, runs, taken] per batch
         self.count = 0                      # runs in flight
         self.given_back = set()             # runs in flight no longer ours
         self.cancel_if_skipped = set()      # given back if it skips them: cancelled
@@ -178,12 +178,12 @@ class _Worker:
         self.by_value = False               # its batches go pickled by value
         self.sender = None
 
-    def enter_flight(self, futures):
+    def enter_flight(self, runs):
         """Number a batch and count it in flight; returns its first run."""
         first = self.next_run
-        self.next_run += len(futures)
-        self.in_flight.append([first, futures, 0])
-        self.count += len(futures)
+        self.next_run += len(runs)
+        self.in_flight.append([first, runs, 0])
+        self.count += len(runs)
         return first
 
     def take_range(self, first, count):
@@ -191,13 +191,13 @@ class _Worker:
         out = []
         while count:
             batch = self.in_flight[0]
-            start, futures, taken = batch
+            start, runs, taken = batch
             if start + taken != first:
                 raise AssertionError(f"worker {self.index}: results out of order")
-            n = min(count, len(futures) - taken)
-            out.append(futures[taken:taken + n])
+            n = min(count, len(runs) - taken)
+            out.append(runs[taken:taken + n])
             batch[2] += n
-            if batch[2] == len(futures):
+            if batch[2] == len(runs):
                 self.in_flight.popleft()
             first += n
             count -= n
@@ -207,8 +207,8 @@ class _Worker:
 
     def run_of(self, future):
         """The number of `future`'s run if it is in flight here and ours."""
-        for start, futures, taken in self.in_flight:
-            position = futures.position_of(future)
+        for start, runs, taken in self.in_flight:
+            position = runs.position_of(future)
             if position >= taken and start + position not in self.given_back:
                 return start + position
         return None
@@ -216,9 +216,9 @@ class _Worker:
     def runs_from(self, first):
         """(run, that run as a RunList) for every run in flight numbered
         `first` or later."""
-        for start, futures, taken in self.in_flight:
-            for i in range(max(taken, first - start), len(futures)):
-                yield start + i, futures[i:i + 1]
+        for start, runs, taken in self.in_flight:
+            for i in range(max(taken, first - start), len(runs)):
+                yield start + i, runs[i:i + 1]
 
 
 class _Pool:
@@ -352,22 +352,22 @@ class _Pool:
                     return
                 failure = self.failure
                 room = self._free_room() if failure is None else MAX_BATCH
-            futures = engine.take_runs(room)
-            if futures is None:
+            runs = engine.take_runs(room)
+            if runs is None:
                 return
             if failure is not None:
-                engine.finish(futures, [failure] * len(futures), _CRASHED)
+                engine.finish(runs, [failure] * len(runs), _CRASHED)
                 continue
             with self.lock:
                 if self.closing:
-                    engine.give_back(futures, True)
+                    engine.give_back(runs, True)
                     return
                 if engine.taken_epoch < self.recalled_epoch:
                     # cancel_all() came between our taking these and now,
                     # and its recall could not see them: they never started.
-                    engine.give_back(futures, True)
+                    engine.give_back(runs, True)
                     continue
-                plan = self._plan(futures)
+                plan = self._plan(runs)
             for worker, batch, first in plan:
                 try:
                     self._send_batch(worker, batch, first, worker.by_value)
@@ -379,8 +379,8 @@ class _Pool:
         size = self._batch_size()
         return sum(_room_of(w, size) for w in self.workers)
 
-    def _plan(self, futures):
-        """Split `futures` among the workers with room, least loaded first,
+    def _plan(self, runs):
+        """Split `runs` (a RunList) among the workers with room, least loaded first,
         evenly, in batches of at most the batch size, and put them in
         flight: [(worker, batch, its first run number)].  Lock held."""
         size = self._batch_size()
@@ -389,7 +389,7 @@ class _Pool:
         plan = []
         start = 0
         for i, worker in enumerate(open_workers):
-            left = len(futures) - start
+            left = len(runs) - start
             if left == 0:
                 break
             share = min(_room_of(worker, size), -(-left // (len(open_workers) - i)))
@@ -398,11 +398,11 @@ class _Pool:
             end = start + share
             cut = start + share % size if share % size else start + size
             while start < end:
-                batch = futures[start:cut]
+                batch = runs[start:cut]
                 plan.append((worker, batch, worker.enter_flight(batch)))
                 start, cut = cut, cut + size
-        if start < len(futures):
-            self.engine.give_back(futures[start:], False)
+        if start < len(runs):
+            self.engine.give_back(runs[start:], False)
         return plan
 
     def _bad_batch(self, worker, text):
@@ -410,22 +410,22 @@ class _Pool:
         __main__ it cannot import, say): send it again pickled by value, or
         if that was already so, fail its runs with the reason."""
         with self.lock:
-            start, futures, taken = worker.in_flight[0]
-            futures = worker.take_range(start + taken, len(futures) - taken)
+            start, runs, taken = worker.in_flight[0]
+            runs = worker.take_range(start + taken, len(runs) - taken)
             again = not worker.by_value
             worker.by_value = True
             if again:
-                first = worker.enter_flight(futures)
+                first = worker.enter_flight(runs)
         if again:
-            self._send_batch(worker, futures, first, by_value=True)
+            self._send_batch(worker, runs, first, by_value=True)
         else:
             error = TaskRunnerError(f"a worker process could not unpickle these runs:\n{text}")
-            self.engine.finish(futures, [error] * len(futures), _FAILED)
+            self.engine.finish(runs, [error] * len(runs), _FAILED)
 
-    def _send_batch(self, worker, futures, run, by_value):
+    def _send_batch(self, worker, runs, run, by_value):
         """Pickle a batch in flight to `worker`, its first run numbered
         `run`, and hand it to the worker's sender."""
-        groups = self.engine.calls_of(futures, True)
+        groups = self.engine.calls_of(runs, True)
         new_functions = []
         wire = []
         with self.lock:
@@ -468,10 +468,10 @@ class _Pool:
             _FAILED)
         return dumps(kept)
 
-    def _fail_in_flight(self, worker, futures, first, error):
+    def _fail_in_flight(self, worker, runs, first, error):
         with self.lock:
-            worker.given_back.update(range(first, first + len(futures)))
-        self.engine.finish(futures, [error] * len(futures), _FAILED)
+            worker.given_back.update(range(first, first + len(runs)))
+        self.engine.finish(runs, [error] * len(runs), _FAILED)
 
     def _send(self, worker):
         while True:
@@ -555,14 +555,14 @@ class _Pool:
         if worker.block.started < old_end - 1:          # the old window still matters
             first, end = min(first, old_first), max(end, old_end)
         started = worker.block.stop(first, end)
-        for run, future in list(worker.runs_from(first)):
+        for run, one in list(worker.runs_from(first)):
             if run in worker.given_back:
                 continue
-            is_target = cancel and (target is None or future.position_of(target) == 0)
+            is_target = cancel and (target is None or one.position_of(target) == 0)
             if run > started:                           # surely never starts
                 worker.given_back.add(run)
                 worker.count -= 1
-                (cancelled if is_target else requeued).append(future)
+                (cancelled if is_target else requeued).append(one)
             elif is_target and target is None:
                 worker.cancel_if_skipped.add(run)
 
@@ -650,7 +650,7 @@ class _Pool:
     def _done(self, worker, first, values, errors, skipped, busy):
         count = len(values)
         with self.lock:
-            futures = worker.take_range(first, count)
+            runs = worker.take_range(first, count)
             if count:
                 ran = count - len(skipped)
                 if ran:
@@ -662,33 +662,33 @@ class _Pool:
                 ours, ok_values, states = [], [], []
                 back, cancel = [], []
                 skipped = set(skipped)
-                for i in range(len(futures)):
-                    future = futures[i:i + 1]
+                for i in range(len(runs)):
+                    one = runs[i:i + 1]
                     run = first + i
                     if run in given_back:
                         given_back.discard(run)
                         worker.count += 1       # take_range counted it out already
                         continue
                     if run in skipped:
-                        (cancel if run in cancel_if_skipped else back).append(future)
+                        (cancel if run in cancel_if_skipped else back).append(one)
                         cancel_if_skipped.discard(run)
                         continue
                     cancel_if_skipped.discard(run)
-                    ours.append(future)
+                    ours.append(one)
                     if run in errors:
                         ok_values.append(with_remote_traceback(*errors[run]))
                         states.append(_FAILED)
                     else:
                         ok_values.append(values[i])
                         states.append(_COMPLETED)
-                futures, values = join_runs(ours), ok_values
+                runs, values = join_runs(ours), ok_values
             else:
                 back = cancel = ()
                 states = _COMPLETED
             self.room.notify_all()
         self._give_back(cancel, back)
-        if futures:
-            self.engine.finish(futures, values, states)
+        if runs:
+            self.engine.finish(runs, values, states)
         self._rebalance()
 
     def _lost(self, worker):
@@ -707,13 +707,13 @@ class _Pool:
         with self.lock:
             started, finished = worker.block.started, worker.block.finished
             crashed, rerun = [], []
-            for run, future in worker.runs_from(0):
+            for run, one in worker.runs_from(0):
                 if run in worker.given_back:
                     continue
                 if run == started and started > finished:
-                    crashed.append(future)
+                    crashed.append(one)
                 else:
-                    rerun.append(future)
+                    rerun.append(one)
             worker.in_flight.clear()
             worker.count = 0
             replace = not self.closing and self.failure is None

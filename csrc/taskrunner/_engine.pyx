@@ -3,14 +3,16 @@
 
 submit() binds the parameters with the task's cached call plan, finds the
 futures inside them, builds one TaskFuture and adds one held run with its
-edges in a single critical section.  map() does the same for every item
-and registers the whole batch in one more.  A consumer thread's loop
-(work) takes a run, resolves its upstream futures to their results, calls
-the task, then completes the run and takes the next one in one critical
-section.
+edges in a single critical section.  map() binds once; when no item holds a
+future it adds its runs as one MapBlock (see _mapped.pyx), with no future
+per item, else one future per item as submit() does.  A consumer thread's
+loop (work) takes a run, resolves its upstream futures to their results,
+calls the task, then completes the run and takes the next one in one
+critical section.
 
 The engine owns one reference to each unfinished run's future (the run's
-payload in the graph), and lets go when the run ends.
+payload in the graph), or to the block of an unfinished mapped item, and
+lets go when the run ends.
 """
 
 cimport cython
