@@ -461,3 +461,27 @@ def first_waits(x, gate, started, log):
         wait_path(gate)
     append_line(log, x)
     return x
+
+
+# ============================================================
+# Lazy maps (tests/test_mapped.py).
+# ============================================================
+
+MAPPED_ERRORS = {"value": ValueError, "key": KeyError, "task": TaskError}
+
+
+def raise_for(x, kinds):
+    """x * 10, except an x in ``kinds`` (a dict: x -> "value", "key" or
+    "task") raises that kind of exception, naming the item."""
+    if x in kinds:
+        raise MAPPED_ERRORS[kinds[x]](f"item {x}")
+    return x * 10
+
+
+def first_waits_then_raise_for(x, kinds, gate, started):
+    """raise_for(x, kinds), except that item 0 first marks ``started`` and
+    waits for the gate."""
+    if x == 0:
+        touch(started)
+        wait_path(gate)
+    return raise_for(x, kinds)

@@ -321,7 +321,12 @@ cdef class Engine(EngineBase):
                             item_flags[i] |= <uint8_t>scan(value, &own, False, 0)
                     if first != NULL:
                         first[i + 1] = own.len
-            if first == NULL and _all_of(self, &shared):
+            if own.len == 0 and _all_of(self, &shared):
+                # No item holds a future: one block, no future each.  (An
+                # item with annotations only needs resolving: they all are.)
+                if item_flags != NULL:
+                    for i in range(n):
+                        static_flags |= item_flags[i]
                 return self._map_block(spec, n, columns, args, column_at, kw_slots,
                                        template._kwargs, static_flags | (ONE_ARG if one_arg else 0),
                                        one_arg and ncols == 1 and not kw_slots, &shared)
@@ -689,8 +694,20 @@ cdef class Engine(EngineBase):
         `taken_epoch` is then graph.cancel_epoch as it was when they were
         taken: if cancel_all() has run since, they were not started when it
         did (for the runner's recall to know of them)."""
-        runs = self.take_runs(max_n, timeout)
-        return None if runs is None else list(runs)
+        cdef RunList runs = self.take_runs(max_n, timeout)
+        cdef list futures
+        cdef MapBlock block
+        cdef Py_ssize_t i
+        if runs is None:
+            return None
+        futures = []
+        for i in range(runs.n):
+            if is_item(runs.items[i]):
+                block = block_of(runs.items[i])
+                futures.append(block.take_over(index_of(runs.items[i], block)))
+            else:
+                futures.append(<object>runs.items[i])
+        return futures
 
     def take_runs(self, Py_ssize_t max_n, timeout=None):
         """take_ready(), as a RunList: no future is made for a mapped item."""

@@ -40,6 +40,7 @@ cdef class MapBlock:
     cdef object args_at(self, Py_ssize_t i)
     cdef object kwargs_at(self, Py_ssize_t i)
     cdef TaskFuture future_at(self, Py_ssize_t i)
+    cdef TaskFuture take_over(self, Py_ssize_t i)
     cdef void item_ended(self, Py_ssize_t i, uint8_t state, object value)
     cdef void release_if_done(self)
 

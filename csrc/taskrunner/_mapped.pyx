@@ -113,6 +113,24 @@ cdef class MapBlock:
         self.release_if_done()
         return fut
 
+    cdef TaskFuture take_over(self, Py_ssize_t i):
+        """future_at(), by the consumer that took item i (running): no one
+        else holds its payload, so its future becomes its run's payload
+        now, and the runner may end it through the future alone."""
+        cdef TaskFuture fut = self.future_at(i)
+        cdef Graph graph = self.engine.graph
+        cdef bint swapped = False
+        if i < self.registered and not self.ended[i]:
+            graph.lock()
+            if graph.payloads[self.runs[i]] != <void*>fut:
+                graph.payloads[self.runs[i]] = <void*>fut
+                swapped = True
+            graph.unlock()
+            if swapped:
+                self.pending -= 1
+                self.release_if_done()
+        return fut
+
     cdef void item_ended(self, Py_ssize_t i, uint8_t state, object value):
         """Item i (not handed over) ended in `state` with `value`; before
         its run is final in the graph, so a reader that sees the run final
