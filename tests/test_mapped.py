@@ -37,7 +37,6 @@ import os
 import pickle
 import re
 import signal
-import sys
 import threading
 import time
 
@@ -45,6 +44,7 @@ import pytest
 
 import runner_tasks as rt
 import taskrunner
+from harness import running
 from runner_tasks import read_lines, wait_path, wait_until
 from taskrunner import (
     CancelledRun,
@@ -84,25 +84,6 @@ def make_runner(request):
     return RUNNERS[request.param]
 
 
-@contextlib.contextmanager
-def running(runner, exit_timeout=20.0):
-    """Enter `runner` like `with`, but fail the test rather than hang if its
-    exit (which waits for every run) does not return in time: a run lost by
-    a bug would make it wait forever."""
-    runner.__enter__()
-    exc_info = (None, None, None)
-    try:
-        yield runner
-    except BaseException:
-        exc_info = sys.exc_info()
-        raise
-    finally:
-        exiting = threading.Thread(target=runner.__exit__, args=exc_info, daemon=True)
-        exiting.start()
-        exiting.join(exit_timeout)
-        if exiting.is_alive() and exc_info[0] is None:
-            pytest.fail(f"the runner's exit did not return within {exit_timeout} s "
-                        f"(a run never reached a final state)")
 
 
 def futures_made(fl):

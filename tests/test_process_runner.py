@@ -31,6 +31,7 @@ import pytest
 
 import runner_tasks as rt
 import taskrunner
+from harness import running
 from runner_tasks import read_lines, wait_path, wait_until
 from taskrunner import (
     CancelledRun,
@@ -110,25 +111,6 @@ def error_text(exc):
     return "\n".join(parts)
 
 
-@contextlib.contextmanager
-def running(runner, exit_timeout=10.0):
-    """Enter `runner` like `with`, but if its exit does not return within
-    `exit_timeout` (a run lost by a bug would make it wait forever), fail
-    the test and abandon the runner rather than hang the session."""
-    runner.__enter__()
-    exc_info = (None, None, None)
-    try:
-        yield runner
-    except BaseException:
-        exc_info = sys.exc_info()
-        raise
-    finally:
-        exiting = threading.Thread(target=runner.__exit__, args=exc_info, daemon=True)
-        exiting.start()
-        exiting.join(exit_timeout)
-        if exiting.is_alive() and exc_info[0] is None:
-            pytest.fail(f"the runner's exit did not return within {exit_timeout} s "
-                        f"(a run never reached a final state); runner abandoned")
 
 
 def script_env():

@@ -37,5 +37,7 @@ cdef class Engine(EngineBase):
     cdef void _cancel_items(self, MapBlock block)
     cdef uint8_t _execute(self, TaskFuture fut, object context)
     cdef uint8_t _execute_item(self, MapBlock block, Py_ssize_t i, object context)
+    cdef object _call(self, CallSpec spec, object args, object kwargs, uint8_t flags,
+                      object context)
     cdef void _ended(self, RunVec* out)
     cdef inline void _settle(self, RunVec* out, int32_t spawn)

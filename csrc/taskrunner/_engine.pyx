@@ -32,8 +32,8 @@ from taskrunner._futures cimport (
     blank_future, consumer_begin, consumer_end, deadline_of, hold, let_go, new_future, until_signal_check,
 )
 from taskrunner._mapped cimport (
-    FutureList, MapBlock, RunList, block_of, fill_args, future_of, index_of, is_item, item_payload,
-    new_block, new_runlist,
+    FutureList, MapBlock, RunList, block_of, fill_args, future_of, hold_payload, index_of, is_item,
+    item_payload, new_block, new_runlist,
 )
 from taskrunner._graph cimport (
     CANCELLED, CAUSE_OUTSIDE, COMPLETED, CRASHED, EDGE_BROKEN, FAILED, Graph, NOT_READY, PENDING,
@@ -549,50 +549,23 @@ cdef class Engine(EngineBase):
             graph.consumer_exit()
 
     cdef uint8_t _execute(self, TaskFuture fut, object context):
-        cdef CallSpec spec = fut._spec
-        cdef bint one = fut._flags & ONE_ARG
+        cdef uint8_t flags = fut._flags
         args = fut._args
         kwargs = fut._kwargs
         _forget_call(fut)
         try:
-            if fut._flags & NEEDS_RESOLVE:
-                args = resolve(args, False, 0, self) if one else resolve_args(args, self)
-                if kwargs is not None:
-                    kwargs = resolve(kwargs, False, 0, self)
-            if one:
-                value = spec.fn(args) if kwargs is None else spec.fn(args, **kwargs)
-            elif kwargs is None:
-                value = spec.fn(*args)
-            else:
-                value = spec.fn(*args, **kwargs)
-            if spec.is_async or type(value) is _CoroutineType:
-                value = context.run_coroutine(value)
+            fut._value = self._call(fut._spec, args, kwargs, flags, context)
         except BaseException as exc:
             fut._value = exc
             return FAILED
-        fut._value = value
         return COMPLETED
 
     cdef uint8_t _execute_item(self, MapBlock block, Py_ssize_t i, object context):
         """_execute for a mapped item with no future."""
-        cdef CallSpec spec = block.spec
-        cdef bint one = block.flags & ONE_ARG
         cdef uint8_t state = COMPLETED
-        args = block.args_at(i)
-        kwargs = block.kwargs_at(i)
         try:
-            if block.flags & NEEDS_RESOLVE:
-                args = resolve(args, False, 0, self) if one else resolve_args(args, self)
-                if kwargs is not None:
-                    kwargs = resolve(kwargs, False, 0, self)
-            if one:
-                value = spec.fn(args) if kwargs is None else spec.fn(args, **kwargs)
-            elif kwargs is None:
-                value = spec.fn(*args)
-            else:
-                value = spec.fn(*args, **kwargs)
-            if spec.is_async or type(value) is _CoroutineType:
-                value = context.run_coroutine(value)
+            value = self._call(block.spec, block.args_at(i), block.kwargs_at(i), block.flags,
+                               context)
         except BaseException as exc:
             value = exc
             state = FAILED
@@ -603,6 +576,25 @@ cdef class Engine(EngineBase):
             fut._value = value
             _forget_call(fut)
         return state
+
+    cdef object _call(self, CallSpec spec, object args, object kwargs, uint8_t flags,
+                      object context):
+        """Call the task with its upstream futures resolved; await it if it
+        is async.  Raises what the task raises."""
+        cdef bint one = flags & ONE_ARG
+        if flags & NEEDS_RESOLVE:
+            args = resolve(args, False, 0, self) if one else resolve_args(args, self)
+            if kwargs is not None:
+                kwargs = resolve(kwargs, False, 0, self)
+        if one:
+            value = spec.fn(args) if kwargs is None else spec.fn(args, **kwargs)
+        elif kwargs is None:
+            value = spec.fn(*args)
+        else:
+            value = spec.fn(*args, **kwargs)
+        if spec.is_async or type(value) is _CoroutineType:
+            value = context.run_coroutine(value)
+        return value
 
     cdef void _ended(self, RunVec* out):
         """Let go of runs the graph ended without running them."""
@@ -730,7 +722,7 @@ cdef class Engine(EngineBase):
         # The runs' payloads stay valid: the engine holds them while they run.
         runs.n = n
         for i in range(n):
-            _hold_payload(runs.items[i])
+            hold_payload(runs.items[i])
         self.taken_epoch = epoch
         return runs
 
@@ -1091,13 +1083,6 @@ cdef bint _all_of(Engine engine, Upstreams* ups):
         if (<TaskFuture>ups.items[i].future)._engine is not engine:
             return False
     return True
-
-
-cdef inline void _hold_payload(void* payload) noexcept:
-    if is_item(payload):
-        Py_INCREF(block_of(payload))
-    else:
-        Py_INCREF(<object>payload)
 
 
 cdef bint _is_mappable(object value):

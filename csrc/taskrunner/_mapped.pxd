@@ -9,6 +9,7 @@
 # ordinary run, and every fast path here defers to that future.
 
 from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF
 from libc.stdint cimport int32_t, uint8_t, uintptr_t
 
 from taskrunner._calls cimport CallSpec
@@ -72,6 +73,14 @@ cdef inline TaskFuture future_of(void* payload):
         block = block_of(payload)
         return block.future_at(index_of(payload, block))
     return <TaskFuture>payload
+
+
+cdef inline void hold_payload(void* payload) noexcept:
+    """A reference to what owns a payload: the future, or the item's block."""
+    if is_item(payload):
+        Py_INCREF(block_of(payload))
+    else:
+        Py_INCREF(<object>payload)
 
 
 cdef class FutureList(list):

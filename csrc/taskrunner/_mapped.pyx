@@ -458,7 +458,7 @@ cdef class RunList:
             part = new_runlist(max(0, stop - start))
             for i in range(part.n):
                 part.items[i] = self.items[start + i]
-                _hold_owner(part.items[i])
+                hold_payload(part.items[i])
             return part
         k = index
         if k < 0:
@@ -504,16 +504,9 @@ def join_runs(parts):
     for part in parts:
         for i in range(part.n):
             joined.items[at] = part.items[i]
-            _hold_owner(part.items[i])
+            hold_payload(part.items[i])
             at += 1
     return joined
-
-
-cdef inline void _hold_owner(void* p) noexcept:
-    if is_item(p):
-        Py_INCREF(block_of(p))
-    else:
-        Py_INCREF(<object>p)
 
 
 cdef inline void _release_owner(void* p) noexcept:
