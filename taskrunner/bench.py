@@ -322,7 +322,7 @@ def square(x):
     return x * x
 
 
-SPIN_ROUNDS = 800       # about 50 us of CPU on the development machine
+SPIN_ROUNDS = 1350      # about 50 us of CPU here on 2026-12-01 (800 took 45 us on 2026-11-25, 30 us now)
 
 
 def spin(x):
