@@ -29,11 +29,11 @@ from libc.stdint cimport int32_t, int64_t, uint8_t
 from taskrunner._calls cimport CallSpec, as_params, spec_of, untracked_if_atomic
 from taskrunner._futures cimport (
     PyObject_GC_Track, PyObject_GC_UnTrack, HAS_OUTSIDE, NEEDS_RESOLVE, ONE_ARG, REMOTE_VALUE, Consumer, EngineBase, TaskFuture,
-    blank_future, consumer_begin, consumer_end, deadline_of, hold, let_go, new_future, until_signal_check,
+    blank_future, is_item, consumer_begin, consumer_end, deadline_of, hold, let_go, new_future, until_signal_check,
 )
 from taskrunner._mapped cimport (
-    FutureList, MapBlock, RunList, block_of, fill_args, future_of, hold_payload, index_of, is_item,
-    item_payload, new_block, new_runlist,
+    FutureList, MapBlock, RunList, block_of, fill_args, future_of, hold_payload, index_of,
+    item_payload, new_block, new_runlist, owner_of,
 )
 from taskrunner._graph cimport (
     CANCELLED, CAUSE_OUTSIDE, COMPLETED, CRASHED, EDGE_BROKEN, FAILED, Graph, NOT_READY, PENDING,
@@ -154,6 +154,32 @@ cdef class Engine(EngineBase):
                 return -3
         return cause
 
+    cdef int _lock_open(self) except -1:
+        """Take the graph's lock to add runs; RuntimeError once it closed."""
+        self.graph.lock()
+        if self.graph.closed:
+            self.graph.unlock()
+            raise RuntimeError("the task runner has shut down; enter it again to submit")
+        return 0
+
+    cdef void _release_new_locked(self, int32_t run, bint cancel, RunVec* out):
+        """Release a run just added, with the cause its edges found (kept
+        in its record meanwhile); cancelled first if `cancel` or the runner
+        is exiting by exception."""
+        cdef Graph graph = self.graph
+        cdef int32_t cause = graph.runs[run].cause
+        graph.runs[run].cause = -1
+        if cancel or self._cancel_new:
+            graph.cancel_locked(run, out)
+        graph.release_locked(run, cause, out)
+
+    cdef void _unlock_and_settle(self, RunVec* out):
+        """Leave a critical section: unlock, then settle what it ended and
+        start the consumers it asked for."""
+        cdef int32_t spawn = self.graph.pop_spawn_wanted_locked()
+        self.graph.unlock()
+        self._settle(out, spawn)
+
     cdef int _register(self, PyObject** futs, Py_ssize_t n, Upstreams* shared,
                        Upstreams* own, Py_ssize_t* first) except -1:
         """Add the runs of `futs`, held, with their edges, then release them
@@ -166,10 +192,7 @@ cdef class Engine(EngineBase):
         cdef int32_t run, cause, spawn
         cdef TaskFuture fut
         cdef bint outside = False, any_outside = False, oom = False
-        graph.lock()
-        if graph.closed:
-            graph.unlock()
-            raise RuntimeError("the task runner has shut down; enter it again to submit")
+        self._lock_open()
         for i in range(n):
             fut = <TaskFuture>futs[i]
             run = graph.add_run_locked(<void*>fut, 0)
@@ -194,12 +217,7 @@ cdef class Engine(EngineBase):
                 outside = False
             graph.runs[run].cause = cause     # kept until the release below
         for i in range(added):
-            run = (<TaskFuture>futs[i])._run
-            cause = graph.runs[run].cause
-            graph.runs[run].cause = -1
-            if oom or self._cancel_new:
-                graph.cancel_locked(run, &out)
-            graph.release_locked(run, cause, &out)
+            self._release_new_locked((<TaskFuture>futs[i])._run, oom, &out)
         spawn = graph.pop_spawn_wanted_locked()
         graph.unlock()
         if any_outside and not oom:
@@ -227,15 +245,13 @@ cdef class Engine(EngineBase):
     def _release_outside(self, TaskFuture fut, TaskFuture up, bint allow):
         cdef Graph graph = self.graph
         cdef RunVec out = RunVec(NULL, 0, 0)
-        cdef int32_t cause = -1, spawn
+        cdef int32_t cause = -1
         if up._state() != COMPLETED and not allow and fut._state() == PENDING:
             fut._value = up         # the cause, kept before the run can end
             cause = CAUSE_OUTSIDE
         graph.lock()
         graph.release_locked(fut._run, cause, &out)
-        spawn = graph.pop_spawn_wanted_locked()
-        graph.unlock()
-        self._settle(&out, spawn)
+        self._unlock_and_settle(&out)
 
     # -- map --------------------------------------------------------------
 
@@ -425,12 +441,9 @@ cdef class Engine(EngineBase):
         cdef Graph graph = self.graph
         cdef RunVec out = RunVec(NULL, 0, 0)
         cdef Py_ssize_t i
-        cdef int32_t run, cause, spawn
+        cdef int32_t run, cause
         cdef bint outside = False, oom = False
-        graph.lock()
-        if graph.closed:
-            graph.unlock()
-            raise RuntimeError("the task runner has shut down; enter it again to submit")
+        self._lock_open()
         for i in range(lo, hi):
             run = graph.add_run_locked(item_payload(block, i), 0)
             if run < 0:
@@ -450,15 +463,8 @@ cdef class Engine(EngineBase):
             block.held = True
             Py_INCREF(block)
         for i in range(lo, block.registered):
-            run = block.runs[i]
-            cause = graph.runs[run].cause
-            graph.runs[run].cause = -1
-            if oom or self._cancel_new:
-                graph.cancel_locked(run, &out)
-            graph.release_locked(run, cause, &out)
-        spawn = graph.pop_spawn_wanted_locked()
-        graph.unlock()
-        self._settle(&out, spawn)
+            self._release_new_locked(block.runs[i], oom, &out)
+        self._unlock_and_settle(&out)
         if oom:
             raise MemoryError("the scheduler cannot hold this many runs or edges")
         return 0
@@ -877,9 +883,8 @@ cdef class Engine(EngineBase):
                     fut = future_of(payload)
                     fut._fire_callbacks()
                     let_go(fut)
-                if is_item(payload) and (i + 1 == n or not is_item(runs.items[i + 1]) or (
-                        block_of(runs.items[i + 1]) is not block_of(payload))):
-                    (<MapBlock>block_of(payload)).release_if_done()
+                if is_item(payload) and (i + 1 == n or owner_of(runs.items[i + 1]) != owner_of(payload)):
+                    block_of(payload).release_if_done()     # the end of a stretch of its items
         finally:
             free(codes)
 
@@ -889,14 +894,11 @@ cdef class Engine(EngineBase):
         cdef RunList runs = _as_runlist(futures, "futures")
         cdef Graph graph = self.graph
         cdef RunVec out = RunVec(NULL, 0, 0)
-        cdef int32_t spawn
         cdef Py_ssize_t i
         graph.lock()
         for i in range(runs.n):
             graph.unstart_locked(runs.run_at(i), cancel, &out)
-        spawn = graph.pop_spawn_wanted_locked()
-        graph.unlock()
-        self._settle(&out, spawn)
+        self._unlock_and_settle(&out)
 
     # -- cancelling and shutting down --------------------------------------
 

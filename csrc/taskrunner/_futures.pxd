@@ -5,7 +5,7 @@
 # cancel it or, when a consumer thread blocks on it, for another consumer.
 
 from cpython.ref cimport Py_DECREF, Py_INCREF
-from libc.stdint cimport int32_t, uint8_t
+from libc.stdint cimport int32_t, uint8_t, uintptr_t
 
 from cpython.object cimport PyObject, PyTypeObject
 
@@ -25,6 +25,15 @@ cdef enum:
     HAS_OUTSIDE = 4       # waits for a future of another runner
     REMOTE_VALUE = 8      # _value stands for a result kept elsewhere: engine.fetch gets it
     ONE_ARG = 16          # _args is the call's only positional argument, not a 1-tuple
+
+# A run's payload in the graph is its TaskFuture, or with this bit set a
+# mapped item that has none (see _mapped.pxd).
+cdef enum:
+    ITEM_TAG = 1
+
+cdef inline bint is_item(void* payload) noexcept nogil:
+    return (<uintptr_t>payload) & ITEM_TAG
+
 
 cdef class TaskFuture
 

@@ -11,7 +11,7 @@ object, the exception of a run that never ran, the list of done callbacks.
 cimport cython
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.pythread cimport PyThread_get_thread_ident
-from libc.stdint cimport int32_t, uint8_t, uintptr_t
+from libc.stdint cimport int32_t, uint8_t
 
 from taskrunner._graph cimport (
     CANCELLED, COMPLETED, CRASHED, FAILED, Graph, NOT_READY, PENDING, READY, RUNNING,
@@ -236,7 +236,7 @@ cdef class TaskFuture:
         graph.lock()
         payload = graph.cause_payload_locked(self._run)
         graph.unlock()
-        if payload == NULL or (<uintptr_t>payload) & 1:    # none, or a mapped item (see _mapped)
+        if payload == NULL or is_item(payload):     # an item's future is its block's to make
             return None
         return <object>payload
 

@@ -9,11 +9,11 @@
 # ordinary run, and every fast path here defers to that future.
 
 from cpython.object cimport PyObject
-from cpython.ref cimport Py_INCREF
+from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport int32_t, uint8_t, uintptr_t
 
 from taskrunner._calls cimport CallSpec
-from taskrunner._futures cimport EngineBase, TaskFuture
+from taskrunner._futures cimport ITEM_TAG, EngineBase, TaskFuture, is_item
 
 
 cdef class MapBlock:
@@ -42,6 +42,7 @@ cdef class MapBlock:
     cdef object kwargs_at(self, Py_ssize_t i)
     cdef TaskFuture future_at(self, Py_ssize_t i)
     cdef TaskFuture take_over(self, Py_ssize_t i)
+    cdef int hand_over(self, Py_ssize_t lo, Py_ssize_t hi, bint taker) except -1
     cdef void item_ended(self, Py_ssize_t i, uint8_t state, object value)
     cdef void release_if_done(self)
 
@@ -51,19 +52,26 @@ cdef tuple fill_args(tuple template, list column_at, list row)
 
 
 cdef inline void* item_payload(MapBlock block, Py_ssize_t i) noexcept:
-    return <void*>(<uintptr_t>&block.tags[i] | 1)
+    return <void*>(<uintptr_t>&block.tags[i] | ITEM_TAG)
 
 
-cdef inline bint is_item(void* payload) noexcept nogil:
-    return (<uintptr_t>payload) & 1
+cdef inline void* untagged(void* payload) noexcept nogil:
+    return <void*>(<uintptr_t>payload & ~(<uintptr_t>ITEM_TAG))
+
+
+cdef inline PyObject* owner_of(void* payload) noexcept nogil:
+    """What owns a payload, borrowed: the future, or the item's block."""
+    if is_item(payload):
+        return (<PyObject**>untagged(payload))[0]
+    return <PyObject*>payload
 
 
 cdef inline MapBlock block_of(void* payload):
-    return <MapBlock>(<void**>(<uintptr_t>payload & ~(<uintptr_t>1)))[0]
+    return <MapBlock>owner_of(payload)
 
 
 cdef inline Py_ssize_t index_of(void* payload, MapBlock block) noexcept:
-    return <void**>(<uintptr_t>payload & ~(<uintptr_t>1)) - block.tags
+    return <void**>untagged(payload) - block.tags
 
 
 cdef inline TaskFuture future_of(void* payload):
@@ -76,11 +84,12 @@ cdef inline TaskFuture future_of(void* payload):
 
 
 cdef inline void hold_payload(void* payload) noexcept:
-    """A reference to what owns a payload: the future, or the item's block."""
-    if is_item(payload):
-        Py_INCREF(block_of(payload))
-    else:
-        Py_INCREF(<object>payload)
+    """A reference to what owns a payload."""
+    Py_INCREF(<object>owner_of(payload))
+
+
+cdef inline void release_payload(void* payload) noexcept:
+    Py_DECREF(<object>owner_of(payload))
 
 
 cdef class FutureList(list):

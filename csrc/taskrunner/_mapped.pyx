@@ -76,60 +76,63 @@ cdef class MapBlock:
         return kwargs
 
     cdef TaskFuture future_at(self, Py_ssize_t i):
-        """Item i's future, made on first use.  An unfinished item is handed
-        over: the future becomes its run's payload, holds its call, and
-        ends as any submitted run does."""
-        cdef TaskFuture fut
-        cdef Graph graph
-        cdef bint swapped
-        if self.futures[i] != NULL:
-            return <TaskFuture>self.futures[i]
-        fut = blank_future(self.engine, self.spec)
-        fut._run = self.runs[i] if i < self.registered else -1
-        if self.ended[i]:
-            if self.values[i] != NULL:
-                fut._value = <object>self.values[i]
-                Py_DECREF(<object>self.values[i])
-                self.values[i] = NULL
-            fut._flags = CALLBACKS_FIRED
-        elif i < self.registered:
-            fut._args = self.args_at(i)
-            fut._kwargs = self.kwargs_at(i)
-            fut._flags = self.flags
-            # A running item's consumer may hold its payload, taken without
-            # the GIL: it keeps it, and the block counts the item until it
-            # ends (as its future).  Any other becomes its future's run.
-            graph = self.engine.graph
-            graph.lock()
-            swapped = graph.runs[self.runs[i]].state != RUNNING
-            if swapped:
-                graph.payloads[self.runs[i]] = <void*>fut
-            graph.unlock()
-            hold(fut)
-            if swapped:
-                self.pending -= 1
-        Py_INCREF(fut)
-        self.futures[i] = <PyObject*>fut
-        self.release_if_done()
-        return fut
+        """Item i's future, made on first use (see hand_over)."""
+        if self.futures[i] == NULL:
+            self.hand_over(i, i + 1, False)
+        return <TaskFuture>self.futures[i]
 
     cdef TaskFuture take_over(self, Py_ssize_t i):
-        """future_at(), by the consumer that took item i (running): no one
-        else holds its payload, so its future becomes its run's payload
-        now, and the runner may end it through the future alone."""
-        cdef TaskFuture fut = self.future_at(i)
+        """future_at(), by the consumer that took item i: it holds the only
+        copy of the running item's payload, so the future becomes the run's
+        payload now, and the consumer may end it through the future alone."""
+        self.hand_over(i, i + 1, True)
+        return <TaskFuture>self.futures[i]
+
+    cdef int hand_over(self, Py_ssize_t lo, Py_ssize_t hi, bint taker) except -1:
+        """Make the futures of items lo .. hi-1 that have none.  An
+        unfinished item is handed over: its future holds its call, becomes
+        its run's payload, and ends as any submitted run does.
+
+        A consumer may hold a running item's payload, taken without the GIL
+        (unless the caller is that consumer, `taker`): the run keeps it, and
+        the block counts the item until it ends as its future."""
         cdef Graph graph = self.engine.graph
-        cdef bint swapped = False
-        if i < self.registered and not self.ended[i]:
+        cdef TaskFuture fut
+        cdef Py_ssize_t i, unfinished = 0, swapped = 0
+        cdef int32_t run
+        # The futures first: nothing may allocate under the graph's lock.
+        for i in range(lo, hi):
+            if self.futures[i] != NULL:
+                unfinished += not self.ended[i]
+                continue
+            fut = blank_future(self.engine, self.spec)
+            fut._run = self.runs[i] if i < self.registered else -1
+            if self.ended[i]:
+                if self.values[i] != NULL:
+                    fut._value = <object>self.values[i]
+                    Py_DECREF(<object>self.values[i])
+                    self.values[i] = NULL
+                fut._flags = CALLBACKS_FIRED
+            elif i < self.registered:
+                fut._args = self.args_at(i)
+                fut._kwargs = self.kwargs_at(i)
+                fut._flags = self.flags
+                hold(fut)
+                unfinished += 1
+            Py_INCREF(fut)
+            self.futures[i] = <PyObject*>fut
+        if unfinished:
             graph.lock()
-            if graph.payloads[self.runs[i]] != <void*>fut:
-                graph.payloads[self.runs[i]] = <void*>fut
-                swapped = True
+            for i in range(lo, min(hi, self.registered)):
+                run = self.runs[i]
+                if (not self.ended[i] and graph.payloads[run] == item_payload(self, i)
+                        and (taker or graph.runs[run].state != RUNNING)):
+                    graph.payloads[run] = <void*>self.futures[i]
+                    swapped += 1
             graph.unlock()
-            if swapped:
-                self.pending -= 1
-                self.release_if_done()
-        return fut
+            self.pending -= swapped
+            self.release_if_done()
+        return 0
 
     cdef void item_ended(self, Py_ssize_t i, uint8_t state, object value):
         """Item i (not handed over) ended in `state` with `value`; before
@@ -202,8 +205,9 @@ cdef class FutureList(list):
         cdef Py_ssize_t i
         if block is None:
             return 0
+        block.hand_over(0, block.n, False)
         for i in range(block.n):
-            list.append(self, block.future_at(i))
+            list.append(self, <object>block.futures[i])
         self._block = None
         return 0
 
@@ -434,15 +438,15 @@ cdef class RunList:
         if self.items == NULL:
             return
         for i in range(self.n):
-            _release_owner(self.items[i])
+            release_payload(self.items[i])
         free(self.items)
 
     cdef int32_t run_at(self, Py_ssize_t i):
         cdef void* p = self.items[i]
-        cdef MapBlock block
+        cdef PyObject* block
         if is_item(p):
-            block = block_of(p)
-            return block.runs[index_of(p, block)]
+            block = owner_of(p)
+            return (<MapBlock>block).runs[(<void**>untagged(p)) - (<MapBlock>block).tags]
         return (<TaskFuture>p)._run
 
     def __len__(self):
@@ -507,12 +511,3 @@ def join_runs(parts):
             hold_payload(part.items[i])
             at += 1
     return joined
-
-
-cdef inline void _release_owner(void* p) noexcept:
-    cdef PyObject* owner
-    if is_item(p):
-        owner = (<PyObject**>(<size_t>p & ~(<size_t>1)))[0]
-    else:
-        owner = <PyObject*>p
-    Py_DECREF(<object>owner)
