@@ -488,9 +488,9 @@ cdef class Engine(EngineBase):
         cdef Graph graph = self.graph
         cdef RunVec out = RunVec(NULL, 0, 0)
         cdef void* payload = NULL
-        cdef int32_t run = TAKE_NONE, spawn = 0
+        cdef int32_t run = TAKE_NONE, ran, spawn = 0
         cdef uint8_t state
-        cdef TaskFuture fut
+        cdef TaskFuture fut = None
         cdef MapBlock block = None
         cdef Py_ssize_t i
         cdef Consumer consumer = consumer_begin(self)
@@ -508,28 +508,21 @@ cdef class Engine(EngineBase):
                     i = index_of(payload, block)
                     if block.futures[i] == NULL:
                         state = self._execute_item(block, i, context)
-                        if block.futures[i] == NULL:
-                            run = graph.complete_and_take(block.runs[i], state, &out, &payload,
-                                                          &spawn)
-                            consumer.holding = run >= 0
-                            if spawn:
-                                self._spawn(spawn)
-                            if out.len:
-                                self._ended(&out)
-                            block.release_if_done()
-                            block = None
-                            continue
                     else:
                         state = self._execute(<TaskFuture>block.futures[i], context)
-                    # Handed over since it was taken: it ends as its future,
-                    # and the block counted it until now.
-                    fut = <TaskFuture>block.futures[i]
-                    block.pending -= 1
+                    if block.futures[i] != NULL:
+                        # Handed over since it was taken: it ends as its
+                        # future, and the block counted it until now.
+                        fut = <TaskFuture>block.futures[i]
+                        block.pending -= 1
+                    ran = block.runs[i]
                 else:
                     fut = <TaskFuture>payload
                     state = self._execute(fut, context)
-                run = graph.complete_and_take(fut._run, state, &out, &payload, &spawn)
-                if run >= 0 and fut._extra is not None and fut._extra.callbacks:
+                    ran = fut._run
+                run = graph.complete_and_take(ran, state, &out, &payload, &spawn)
+                if (run >= 0 and fut is not None and fut._extra is not None
+                        and fut._extra.callbacks):
                     # Its done callbacks may block: hold no run meanwhile, or
                     # this thread would start it on top of the consumers
                     # started in its place.
@@ -543,9 +536,10 @@ cdef class Engine(EngineBase):
                     self._spawn(spawn)
                 if out.len:
                     self._ended(&out)
-                fut._fire_callbacks()
-                let_go(fut)
-                fut = None
+                if fut is not None:
+                    fut._fire_callbacks()
+                    let_go(fut)
+                    fut = None
                 if block is not None:
                     block.release_if_done()
                     block = None
