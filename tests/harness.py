@@ -27,3 +27,20 @@ def running(runner, exit_timeout=20.0):
         if exiting.is_alive() and exc_info[0] is None:
             pytest.fail(f"the runner's exit did not return within {exit_timeout} s "
                         f"(a run never reached a final state); runner abandoned")
+
+
+def run_script(source, timeout=120, args=()):
+    """Run `source` (dedented) in a fresh interpreter that imports what this
+    one does; for failures that kill or hang the process they happen in.
+    Returns the CompletedProcess; raises subprocess.TimeoutExpired after
+    `timeout` seconds (the child is killed)."""
+    import os
+    import subprocess
+    import textwrap
+
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(source), *args],
+        capture_output=True, text=True, timeout=timeout,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )

@@ -165,6 +165,7 @@ cdef class _Extra:
 @cython.freelist(256)
 @cython.auto_pickle(False)
 @cython.no_gc_clear     # __dealloc__ needs _engine to give the run's slot back
+@cython.trashcan(True)  # a NotReady chain of any length deallocates without deep C recursion
 cdef class TaskFuture:
     """The future result of one task run.
 
@@ -212,9 +213,11 @@ cdef class TaskFuture:
         if state == NOT_READY:
             cause = value if value is not None else self._cause()
             if isinstance(cause, TaskFuture):
+                # The cause's state name, not its State: that would build the
+                # cause's own message, and so on up a chain of any length.
                 error = UpstreamTaskError(
                     f"Upstream task run {cause.task_name!r} ({cause.task_run_id}) did not "
-                    f"reach a 'COMPLETED' state (it ended {cause.state.name}), "
+                    f"reach a 'COMPLETED' state (it ended {_state_name((<TaskFuture>cause)._state())}), "
                     f"so task run {self.task_name!r} ({self.task_run_id}) never ran.",
                     cause)
             else:
@@ -349,6 +352,13 @@ cdef class TaskFuture:
 
     def __repr__(self):
         return f"<TaskFuture {self._spec.name} {self.state.name}>"
+
+
+cdef str _state_name(uint8_t state):
+    """The name a State of `state` has (see TaskFuture.state)."""
+    if state == NOT_READY:
+        return "NotReady"
+    return (<object>_STATE_TYPES[state]).value.capitalize()
 
 
 cdef void _call_callback(fn, TaskFuture fut):

@@ -28,6 +28,7 @@ from taskrunner._graph cimport COMPLETED, RUNNING, Graph, tr_monotonic
 
 @cython.final
 @cython.no_gc_clear     # __dealloc__ needs the engine to give the slots back
+@cython.trashcan(True)  # it may hold the head of a long NotReady chain
 cdef class MapBlock:
     """The runs of one map(): item i's run, final state and value, and its
     call, made from the mapped columns when it is needed."""
