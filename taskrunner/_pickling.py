@@ -3,12 +3,13 @@ how values are pickled, the checks that reject an unpicklable task or
 parameter at the call, and the remote traceback a task's exception brings
 back."""
 
+import io
 import pickle
 
 import cloudpickle
 
 from taskrunner._futures import TaskFuture
-from taskrunner.annotations import unmapped
+from taskrunner.annotations import allow_failure, quote, unmapped
 
 __all__ = ["dumps", "dumps_checked", "check_picklable", "checked_map_value",
            "RemoteTraceback", "with_remote_traceback"]
@@ -35,14 +36,22 @@ def dumps_checked(value, what):
 
 
 def check_picklable(value, what):
-    """TypeError naming `what` if `value` (futures aside) cannot be pickled."""
+    """TypeError naming `what` if `value` cannot be pickled once its
+    upstream futures are replaced by their results.  Those are the futures
+    the engine finds: inside lists, tuples, sets, dict values and
+    annotations other than quote(); any other future stays in the value
+    and cannot leave this process."""
     if type(value) in _PLAIN or type(value) is TaskFuture:
         return
     try:
         dumps(value)
     except Exception:
+        upstreams = set()
+        _find_upstreams(value, upstreams, 0)
         try:
-            _FutureStub(_Discard(), pickle.HIGHEST_PROTOCOL).dump(value)
+            _FutureStub(_Discard(), upstreams).dump(value)
+        except _HiddenFuture as error:
+            raise TypeError(f"{what} holds a task future {error}") from None
         except Exception as error:
             raise TypeError(
                 f"{what} cannot be pickled to go to another process: {error}") from error
@@ -55,7 +64,11 @@ def checked_map_value(name, value):
     if isinstance(value, unmapped):
         check_picklable(value.value, f"parameter {name!r}")
         return value
-    if isinstance(value, (str, bytes, range, TaskFuture)) or not hasattr(value, "__iter__"):
+    if (isinstance(value, (allow_failure, quote)) and not isinstance(value.value, TaskFuture)
+            and _iterable(value.value)):
+        # Mapped item by item, each item wrapped (see Engine.map).
+        return type(value)(checked_map_value(name, value.value))
+    if isinstance(value, (str, bytes, range, TaskFuture)) or not _iterable(value):
         check_picklable(value, f"parameter {name!r}")
         return value
     if not isinstance(value, (list, tuple)):
@@ -68,17 +81,66 @@ def checked_map_value(name, value):
     return value
 
 
+def _iterable(value):
+    """Whether map() maps over `value`, by the engine's rule: not a file,
+    and iter() works (a 0-d array has __iter__, and iter() of it raises
+    TypeError: it is passed whole)."""
+    if isinstance(value, io.IOBase):
+        return False
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
+
+
 class _Discard:
     def write(self, data):
         return len(data)
 
 
+_MAX_DEPTH = 1000       # as deep as the engine looks for futures
+
+
+def _find_upstreams(value, found, depth):
+    """Add to `found` the ids of the futures in `value` that the engine
+    replaces by their results (the same walk as _params.scan)."""
+    if type(value) in _PLAIN or depth >= _MAX_DEPTH:
+        return
+    if isinstance(value, TaskFuture):
+        found.add(id(value))
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            _find_upstreams(item, found, depth + 1)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _find_upstreams(item, found, depth + 1)
+    elif isinstance(value, (allow_failure, unmapped)):
+        _find_upstreams(value.value, found, depth + 1)
+
+
+class _HiddenFuture(Exception):
+    """A future where the engine does not replace it by its result."""
+
+
 class _FutureStub(cloudpickle.CloudPickler):
-    """Pickles a value with its futures left out: they are replaced by their
-    results before the run is sent."""
+    """Pickles a value with its upstream futures left out: they are
+    replaced by their results before the run is sent."""
+
+    def __init__(self, file, upstreams):
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+        self.upstreams = upstreams
 
     def persistent_id(self, obj):
-        return id(obj) if isinstance(obj, TaskFuture) else None
+        if not isinstance(obj, TaskFuture):
+            return None
+        if id(obj) in self.upstreams:
+            return id(obj)
+        raise _HiddenFuture(
+            f"({obj.task_name!r}) inside quote() or inside an object the runner does not "
+            f"look into (it replaces futures by their results only inside lists, tuples, "
+            f"sets and dict values): a future cannot go to another process; pass the "
+            f"future itself, or its result")
 
 
 class RemoteTraceback(Exception):

@@ -123,6 +123,17 @@ def inprocess_runner_factory(request):
     return request.param
 
 
+@pytest.fixture(
+    params=[spec for spec in RUNNERS if not spec.in_process], ids=lambda spec: spec.id
+)
+def remote_runner_factory(request):
+    """Like runner_factory, only for runners that run tasks in other
+    processes (what travels must be pickled)."""
+    if request.param.requires:
+        pytest.importorskip(request.param.requires)
+    return request.param
+
+
 # ---------------------------------------------------------------- file gates
 
 

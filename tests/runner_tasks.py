@@ -485,3 +485,15 @@ def first_waits_then_raise_for(x, kinds, gate, started):
         touch(started)
         wait_path(gate)
     return raise_for(x, kinds)
+
+
+def show(x):
+    """What a task received, as something every runner can send back: the
+    value, or for an exception its type name and message."""
+    if isinstance(x, BaseException):
+        return ("error", type(x).__name__, str(x))
+    return ("value", x)
+
+
+def type_name(x):
+    return type(x).__name__

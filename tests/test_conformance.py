@@ -941,6 +941,52 @@ def test_map_over_a_future_list_with_a_failure(runner_factory):
         assert got[2] is first[2].exception()
 
 
+def test_map_over_allow_failure_of_a_future_list_maps_each_item_allowed(runner_factory):
+    # Prefect maps an annotated iterable item by item and wraps each item
+    # in the annotation again (issue 13, point 12).
+    with runner_factory() as r:
+        ups = r.map(rt.fail_if, {"x": range(4), "bad": 2})
+        shown = r.map(rt.show, {"x": allow_failure(ups)})
+        assert len(shown) == 4
+        got = shown.result(timeout=20)
+        assert got[0] == ("value", 0) and got[1] == ("value", 1) and got[3] == ("value", 3)
+        assert got[2] == ("error", "ValueError", "bad item 2")
+
+
+def test_map_over_a_quoted_list_maps_each_item_quoted(runner_factory):
+    with runner_factory() as r:
+        assert r.map(rt.show, {"x": quote([1, 2])}).result(timeout=20) == [
+            ("value", 1), ("value", 2)]
+        # A quoted item is passed as it is: a nested list stays a list.
+        assert r.map(rt.types_of, {"x": quote([[1], (2,)])}).result(timeout=20) == [
+            ("list", ["int"]), ("tuple", ["int"])]
+
+
+def test_a_future_list_parameter_reaches_the_task_as_a_plain_list(runner_factory):
+    # Empty or not (issue 13, point 18).
+    with runner_factory() as r:
+        empty = r.map(rt.inc, {"x": []})
+        full = r.map(rt.inc, {"x": [1, 2]})
+        assert r.submit(rt.type_name, {"x": empty}).result(timeout=20) == "list"
+        assert r.submit(rt.type_name, {"x": full}).result(timeout=20) == "list"
+        assert r.submit(rt.identity, {"x": empty}).result(timeout=20) == []
+
+
+class _NoIteration:
+    """Has __iter__, but iter() of it raises TypeError, as a 0-d array's does."""
+
+    def __iter__(self):
+        raise TypeError("iteration over a 0-d array")
+
+
+def test_a_value_whose_iter_raises_type_error_is_not_mapped(runner_factory, make_path):
+    ran = make_path()
+    with runner_factory() as r:
+        with pytest.raises(MappingMissingIterable):
+            r.map(rt.record, {"path": ran, "x": _NoIteration()})
+    assert not os.path.exists(ran)
+
+
 def test_map_length_mismatch_raises_before_scheduling(runner_factory, make_path):
     ran = make_path()
     with runner_factory() as r:
@@ -1239,6 +1285,20 @@ def test_cancel_a_run_queued_for_a_worker(runner_factory, make_gate, make_path):
     with pytest.raises(CancelledRun):
         queued.result()
     assert not os.path.exists(ran)
+
+
+def test_cancelling_a_cancelled_run_again_returns_true(runner_factory, make_gate, make_path):
+    # As concurrent.futures.Future.cancel() does (issue 13, point 14).
+    with runner_factory() as r, make_gate() as gate:
+        blocker = r.submit(rt.gated, {"value": 1, "gate": gate.path})
+        f = r.submit(rt.inc, {"x": blocker})
+        also = r.submit(rt.inc, {"x": blocker})
+        assert f.cancel() is True
+        assert f.cancel() is True
+        r.cancel_all()
+        assert_state(also.state, "CANCELLED")
+        assert also.cancel() is True
+        assert_state(f.state, "CANCELLED")
 
 
 def test_cancel_a_running_or_finished_run_returns_false(runner_factory, make_gate, make_path):

@@ -49,7 +49,7 @@ import io
 import logging
 import types
 
-from taskrunner.annotations import unmapped
+from taskrunner.annotations import allow_failure, quote, unmapped
 from taskrunner.exceptions import (
     MappingLengthMismatch, MappingMissingIterable, UpstreamTaskError,
 )
@@ -274,7 +274,13 @@ cdef class Engine(EngineBase):
                 continue
             if isinstance(value, TaskFuture):
                 value = _mapped_future_result(<TaskFuture>value, name, spec.name)
-            if _is_mappable(value):
+            if isinstance(value, (allow_failure, quote)) and _is_mappable((<object>value).value):
+                # As Prefect does: mapped item by item, each item wrapped
+                # in the same annotation.
+                wrap = type(value)
+                names.append(name)
+                columns.append([wrap(item) for item in (<object>value).value])
+            elif _is_mappable(value):
                 names.append(name)
                 columns.append(value)
             else:
@@ -906,7 +912,9 @@ cdef class Engine(EngineBase):
         self._settle(&out, 0)
         if not cancelled and self._recall is not None and fut._state() == RUNNING:
             cancelled = bool(self._recall(fut))
-        return cancelled
+        # As in concurrent.futures: a cancelled run stays cancelled, and
+        # asking again says so.
+        return cancelled or fut._state() == CANCELLED
 
     def cancel_all(self):
         """Cancel every run that has not started."""

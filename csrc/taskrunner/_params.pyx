@@ -68,6 +68,8 @@ cdef int scan(object value, Upstreams* ups, bint allow, int depth) except -1:
         for item in value:
             if not is_plain(item):
                 found |= scan(item, ups, allow, depth + 1)
+        if type(value) is FutureList:
+            found |= NEEDS_RESOLVE      # a task gets a list of results, even of none
         return found
     if PyDict_Check(value):
         for item in value.values():
@@ -171,9 +173,11 @@ cdef object resolve(object value, bint allow, int depth, EngineBase consumer):
             new = resolve(item, allow, depth + 1, consumer)
             changed |= new is not item
             items.append(new)
+        if t is FutureList:     # a list of results, no longer of futures
+            return items
         if not changed:
             return value
-        if t is list or t is FutureList:    # a list of results, no longer of futures
+        if t is list:
             return items
         if t is tuple:
             return tuple(items)
