@@ -12,7 +12,7 @@ from taskrunner._futures import TaskFuture
 from taskrunner.annotations import allow_failure, quote, unmapped
 
 __all__ = ["dumps", "dumps_checked", "check_picklable", "checked_map_value",
-           "RemoteTraceback", "with_remote_traceback"]
+           "unsendable_call_error", "RemoteTraceback", "with_remote_traceback"]
 
 # Values of these types always pickle: checking them would only cost time.
 _PLAIN = frozenset((int, float, str, bytes, bool, type(None)))
@@ -141,6 +141,34 @@ class _FutureStub(cloudpickle.CloudPickler):
             f"look into (it replaces futures by their results only inside lists, tuples, "
             f"sets and dict values): a future cannot go to another process; pass the "
             f"future itself, or its result")
+
+
+def unpicklable_parameter(spec, args, kwargs, dump):
+    """(name, error) of the first parameter of a call (its arguments, with
+    upstream results in place) that `dump` cannot pickle; (None, None) if
+    each pickles alone."""
+    for i, value in enumerate(args):
+        try:
+            dump(value)
+        except Exception as error:
+            return spec.name_of_position(i), error
+    for name, value in (kwargs or {}).items():
+        try:
+            dump(value)
+        except Exception as error:
+            return name, error
+    return None, None
+
+
+def unsendable_call_error(spec, args, kwargs, dump, where, error):
+    """The TypeError that fails a run whose call `dump` could not pickle
+    (with `error`) to go to `where`, naming the parameter if one is to blame."""
+    name, why = unpicklable_parameter(spec, args, kwargs, dump)
+    if name is None:
+        return TypeError(f"the arguments of task run {spec.name!r} cannot be pickled to go to "
+                         f"{where}: {error}")
+    return TypeError(f"parameter {name!r} of task run {spec.name!r} cannot be pickled to go "
+                     f"to {where} (an upstream's result, say): {why}")
 
 
 class RemoteTraceback(Exception):

@@ -94,6 +94,8 @@ class EngineTaskRunner(TaskRunner):
             engine.close()
             self._engine = None
             self._stop()
+            # The futures that outlive the runner keep their own states.
+            engine.release()
         return None
 
     def submit(self, task, parameters=None, wait_for=None, dependencies=None):

@@ -44,11 +44,13 @@ import cloudpickle
 
 from taskrunner._calls import call_spec
 from taskrunner._engine import Engine
+from taskrunner._futures import consumer_hooks
 from taskrunner._graph import STATES
 from taskrunner.base import EngineTaskRunner
 from taskrunner.exceptions import CrashedRun, TaskRunnerError
 from taskrunner._pickling import (
-    check_picklable, checked_map_value, dumps_checked, with_remote_traceback,
+    check_picklable, checked_map_value, dumps, dumps_checked, unsendable_call_error,
+    with_remote_traceback,
 )
 from taskrunner.threads import _WorkerLoop
 
@@ -65,6 +67,7 @@ _COMPLETED, _FAILED, _CRASHED = STATES["COMPLETED"], STATES["FAILED"], STATES["C
 RUNS_PER_THREAD = 512   # runs handed to the cluster at once, per worker thread
 MIN_WINDOW = 1_024      # ... at least (a cluster may have no worker yet)
 MAX_BATCH = 5_000       # runs in one message to the scheduler at most
+SHARED_BYTES = 64 << 10     # a value several runs share goes once from this size
 IN_HAND_TIMEOUT = 10.0  # seconds a recall waits for the dispatcher to register runs
 
 _INSTALL_HINT = "pip install 'taskrunner[dask]'"
@@ -100,8 +103,6 @@ class DaskTaskRunner(EngineTaskRunner):
             raise TypeError(
                 f"address must be a scheduler address string such as 'tcp://host:8786', "
                 f"or None, not {type(address).__name__}")
-        if address is not None and not address:
-            raise ValueError("address must not be empty; use None to start a local cluster")
         cluster_kwargs = _mapping_arg(cluster_kwargs, "cluster_kwargs")
         client_kwargs = _mapping_arg(client_kwargs, "client_kwargs")
         if address is not None and (cluster_class is not None or cluster_kwargs):
@@ -112,6 +113,8 @@ class DaskTaskRunner(EngineTaskRunner):
             raise ValueError("client_kwargs: asynchronous=True is not supported; "
                              "the runner drives a synchronous client")
         _distributed()
+        if address is not None:
+            _check_address(address)
         self._address = address
         self._cluster_class = _resolve_class(cluster_class)
         self._cluster_kwargs = cluster_kwargs
@@ -221,7 +224,8 @@ class DaskTaskRunner(EngineTaskRunner):
                 client = distributed.Client(self._address, **client_kwargs)
             window = max(MIN_WINDOW, RUNS_PER_THREAD * sum(client.nthreads().values()))
             dispatch = _Dispatch(client, cluster, window)
-            engine = Engine(window, None, dispatch.recall, _fetch, dispatch.fetch_many)
+            engine = Engine(window, None, dispatch.recall, _fetch, dispatch.fetch_many,
+                            dispatch.prefetch, callbacks_apart=True)
             try:
                 dispatch.start(engine)
             except BaseException:
@@ -238,6 +242,29 @@ class DaskTaskRunner(EngineTaskRunner):
         self._functions.clear()
         if dispatch is not None:
             dispatch.stop()
+
+
+def _check_address(address):
+    """ValueError naming `address` unless it reads as a scheduler address
+    ("tcp://host:port", "host:port", or another of Dask's schemes)."""
+    from distributed.comm import registry
+    from distributed.comm.addressing import parse_address, parse_host_port
+
+    example = "such as 'tcp://10.0.0.5:8786'"
+    if not address:
+        raise ValueError("address must not be empty; use None to start a local cluster")
+    if address != address.strip() or any(c.isspace() for c in address):
+        raise ValueError(f"address {address!r} is not a Dask scheduler address {example}")
+    try:
+        scheme, location = parse_address(address)
+        registry.get_backend(scheme)
+        if scheme in ("tcp", "tls", "ws", "wss"):
+            host, _ = parse_host_port(location, default_port=8786)
+            if not host:
+                raise ValueError("no host")
+    except Exception as error:
+        raise ValueError(f"address {address!r} is not a Dask scheduler address {example} "
+                         f"({error})") from None
 
 
 def _mapping_arg(value, what):
@@ -262,7 +289,12 @@ def _resolve_class(cluster_class):
             raise ValueError(
                 f"cluster_class {cluster_class!r} must be a qualified name, such as "
                 f"'distributed.LocalCluster'")
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            raise ClusterClassNotFound(
+                f"cluster_class {cluster_class!r}: cannot import module {module_name!r} "
+                f"({error})", name=module_name) from error
         try:
             cluster_class = getattr(module, attribute)
         except AttributeError:
@@ -272,6 +304,11 @@ def _resolve_class(cluster_class):
         raise TypeError(f"cluster_class must be a class, a callable or a 'module.Class' "
                         f"string, not {type(cluster_class).__name__}")
     return cluster_class
+
+
+class ClusterClassNotFound(ModuleNotFoundError, ValueError):
+    """cluster_class names a module that cannot be imported: a bad setting
+    (ValueError) as much as a missing module."""
 
 
 def _close_quietly(client, cluster):
@@ -290,22 +327,35 @@ class _Handle:
     result on the cluster, until the runner exits and the value fetched
     then (or the error fetching it) takes its place."""
 
-    __slots__ = ("future", "value", "error", "__weakref__")
+    __slots__ = ("future", "name", "value", "error", "kept", "__weakref__")
 
-    def __init__(self, future):
+    def __init__(self, future, name):
         self.future = future
+        self.name = name            # the task's, for messages
         self.value = None
         self.error = None
+        self.kept = False           # value (or error) fetched and kept here (see prefetch)
 
 
 def _fetch(handle, timeout):
-    """The value a handle stands for (the engine's fetch hook)."""
+    """The value a handle stands for (the engine's fetch hook).  The
+    transfer counts against `timeout`, as the wait for the run did."""
+    if handle.kept:
+        if handle.error is not None:
+            raise handle.error
+        return handle.value
     future = handle.future
     if future is not None:
         try:
             return future.result(timeout=timeout)
-        except Exception:
+        except Exception as error:
+            if _is_timeout(error):
+                raise TimeoutError(
+                    f"the result of task run {handle.name!r} did not arrive from the Dask "
+                    f"cluster within {timeout} seconds") from None
             if handle.future is not None:
+                if future.status == "cancelled":
+                    raise _lost_result(handle) from error
                 raise
             # The runner exited meanwhile and fetched the value.
     if handle.error is not None:
@@ -313,6 +363,50 @@ def _fetch(handle, timeout):
             "this result stayed on the Dask cluster and could not be fetched before the "
             "runner closed its client") from handle.error
     return handle.value
+
+
+def _lost_result(handle):
+    """The error for a result Dask no longer has for us (the client lost its
+    connection to the scheduler, the cluster restarted): it says why, as
+    Dask told the client."""
+    cause = getattr(getattr(handle.future, "_state", None), "exception", None)
+    reason = getattr(cause, "reason", None) or "Dask cancelled it"
+    return TaskRunnerError(
+        f"the result of task run {handle.name!r} was lost on the Dask cluster: {reason} "
+        f"({cause})")
+
+
+def _is_timeout(error):
+    # distributed raises asyncio's TimeoutError, not the builtin one before 3.11.
+    import asyncio
+
+    return isinstance(error, (TimeoutError, asyncio.TimeoutError))
+
+
+def _within(timeout, fn, *args):
+    """fn(*args), or TimeoutError after `timeout` seconds (None: no limit):
+    a gather has no timeout of its own.  One that outlasts it is left to
+    finish on its own."""
+    if timeout is None:
+        return fn(*args)
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(_outcome(fn, args)), daemon=True,
+                              name="taskrunner-dask-fetch")
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise TimeoutError
+    value, error = outcome[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def _outcome(fn, args):
+    try:
+        return fn(*args), None
+    except BaseException as error:
+        return None, error
 
 
 # -- what runs on the workers ------------------------------------------------------------
@@ -360,18 +454,70 @@ def _run(fn, is_async, key, blob, deps):
         text = traceback.format_exc()
     else:
         try:
-            value = fn(*args, **kwargs) if kwargs else fn(*args)
+            with consumer_hooks(_Seceder()):
+                value = fn(*args, **kwargs) if kwargs else fn(*args)
             if is_async or type(value) is types.CoroutineType:
                 loop = _WorkerLoop()
                 try:
                     value = loop.run_coroutine(value)
                 finally:
                     loop.close()
-            return value
         except BaseException as error:
             failure, text = error, traceback.format_exc()
+        else:
+            failure = _unsendable_result(value, key)
+            if failure is None:
+                return value
     # Raised outside the except blocks, so it carries no context of its own.
     raise _TaskRaised(_portable(failure), text)
+
+
+class _Seceder:
+    """The consumer hooks of a task running on a Dask worker: the first
+    time it blocks on a future (of its own runner, say), it secedes from
+    the worker's thread pool, so that the run it waits for can start.  It
+    does not rejoin: Dask lets a task secede only once, and one that has
+    seceded may finish outside the pool."""
+
+    __slots__ = ("seceded",)
+
+    def __init__(self):
+        self.seceded = False
+
+    def blocking(self):
+        if not self.seceded:
+            self.seceded = True
+            _distributed().secede()
+
+    def resumed(self):
+        pass
+
+
+_PLAIN = frozenset((int, float, str, bytes, bool, type(None)))
+
+
+def _unsendable_result(value, key):
+    """None if Dask can move `value` off this worker (to a downstream run on
+    another worker, or to the client); else the TypeError that fails the
+    run.  Dask would find out only when a transfer fails, and keep the run
+    that needs the value waiting for ever.  Serializing out of band (as
+    Dask does) does not copy the buffers of large arrays."""
+    if type(value) in _PLAIN:
+        return None
+    try:
+        pickle.dumps(value, protocol=5, buffer_callback=_out_of_band)
+    except Exception:
+        try:
+            cloudpickle.dumps(value, protocol=5, buffer_callback=_out_of_band)
+        except Exception as error:
+            name = key.rsplit("-", 2)[0]
+            return TypeError(f"the result of task {name!r}, a {type(value).__name__}, cannot "
+                             f"be pickled to leave the Dask worker: {error}")
+    return None
+
+
+def _out_of_band(buffer):
+    return None     # leave the buffer out of the pickle: no copy
 
 
 def _portable(error):
@@ -414,43 +560,56 @@ def _forget_marks(session):
 
 # -- pickling a call with its upstream handles left out -----------------------------------
 
-class _CallPickler(pickle.Pickler):
-    """Pickles calls' (args, kwargs), each handle replaced by a reference
-    to its place in `deps`, the dask futures the call depends on."""
-
-    def __init__(self, file, client):
-        # The C pickler reads its dispatch table when it is made.
-        self.dispatch_table = _dispatch_table(copyreg.dispatch_table, self._reduce_handle)
-        self.client = client
-        self.deps = []
-        super().__init__(file, pickle.HIGHEST_PROTOCOL)
+class _Dependencies:
+    """What a call's pickler puts in place of the values that go as Dask
+    dependencies, worker to worker, and not inside the call: the handles of
+    this runner's results, `distributed` futures of its client (a value
+    the user scattered, say), and the batch's shared values (scattered
+    once, see _Dispatch._shared_values).  Each is a reference to its place
+    in `deps`.  A handle of another runner's result goes as its value
+    (prefetched with the others of the batch: see Engine.calls_of)."""
 
     def _reduce_handle(self, handle):
         future = handle.future
-        if future is None or future.client is not self.client:
-            # Fetched when its runner exited, or kept by another runner's
-            # client: the value itself goes.
-            return _identity, (_fetch(handle, None),)
+        if future is not None and future.client is self.client:
+            return self._reduce_dep(future)
+        return _identity, (_fetch(handle, None),)
+
+    def _reduce_dask_future(self, future):
+        if future.client is self.client:
+            return self._reduce_dep(future)
+        return _identity, (future.result(),)
+
+    def _reduce_dep(self, future):
         self.deps.append(future)
         return _dep, (len(self.deps) - 1,)
 
 
-class _CloudCallPickler(cloudpickle.CloudPickler):
-    """The same, by value where plain pickle cannot (lambdas, __main__)."""
+class _CallPickler(_Dependencies, pickle.Pickler):
+    """Pickles calls' (args, kwargs) with their dependencies left out."""
 
     def __init__(self, file, client):
-        self.dispatch_table = _dispatch_table(cloudpickle.CloudPickler.dispatch_table,
-                                              self._reduce_handle)
+        # The C pickler reads its dispatch table when it is made.
+        self.dispatch_table = _dispatch_table(copyreg.dispatch_table, self)
         self.client = client
         self.deps = []
         super().__init__(file, pickle.HIGHEST_PROTOCOL)
 
-    _reduce_handle = _CallPickler._reduce_handle
+
+class _CloudCallPickler(_Dependencies, cloudpickle.CloudPickler):
+    """The same, by value where plain pickle cannot (lambdas, __main__)."""
+
+    def __init__(self, file, client):
+        self.dispatch_table = _dispatch_table(cloudpickle.CloudPickler.dispatch_table, self)
+        self.client = client
+        self.deps = []
+        super().__init__(file, pickle.HIGHEST_PROTOCOL)
 
 
-def _dispatch_table(base, reduce_handle):
+def _dispatch_table(base, pickler):
     table = dict(base)
-    table[_Handle] = reduce_handle
+    table[_Handle] = pickler._reduce_handle
+    table[_distributed().Future] = pickler._reduce_dask_future
     return table
 
 
@@ -458,20 +617,58 @@ def _identity(value):
     return value
 
 
-class _CallDumper:
-    """Pickles the calls of one batch: dump(call) -> (blob, deps)."""
+def _may_share(value):
+    """Whether a call's argument could be worth sharing: not a small scalar
+    or string, not a result handle (those go as dependencies anyway)."""
+    kind = type(value)
+    if kind in (str, bytes):
+        return len(value) >= SHARED_BYTES
+    return kind not in _PLAIN and kind is not _Handle
 
-    def __init__(self, client):
+
+def _size_of(value):
+    """About how many bytes `value` takes to send (its buffers counted, not
+    copied)."""
+    if type(value) in (str, bytes):
+        return len(value)
+    buffers = []
+    try:
+        size = len(pickle.dumps(value, protocol=5, buffer_callback=buffers.append))
+    except Exception:
+        return 0        # left in the calls: pickling them tells what is wrong
+    return size + sum(buffer.raw().nbytes for buffer in buffers)
+
+
+class _SharedRef:
+    """Stands for a shared value in a call: it goes as dependency `index`."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index):
+        self.index = index
+
+    def __reduce__(self):
+        return _dep, (self.index,)
+
+
+class _CallDumper:
+    """Pickles the calls of one batch: dump(call) -> (blob, deps).
+    `shared` maps id(value) to the dask future of each shared value
+    scattered (see _Dispatch._shared_values)."""
+
+    def __init__(self, client, shared):
         self.client = client
+        self.shared = shared
         self.buffer = io.BytesIO()
         self.pickler = _CallPickler(self.buffer, client)
 
     def dump(self, call):
+        call, deps = self._with_shared(call)
         buffer, pickler = self.buffer, self.pickler
         buffer.seek(0)
         buffer.truncate()
         pickler.clear_memo()
-        pickler.deps = []
+        pickler.deps = list(deps)
         try:
             pickler.dump(call)
             blob = buffer.getvalue()
@@ -481,8 +678,45 @@ class _CallDumper:
             pass
         other = io.BytesIO()
         cloud = _CloudCallPickler(other, self.client)
+        cloud.deps = list(deps)
         cloud.dump(call)
         return other.getvalue(), cloud.deps
+
+    def _with_shared(self, call):
+        """The call with its shared values (top-level arguments) replaced
+        by references, and their futures, the first of its deps."""
+        args, kwargs = call
+        shared = self.shared
+        if not shared:
+            return call, ()
+        deps = []
+        if any(id(value) in shared for value in args):
+            args = tuple(self._ref(value, deps) for value in args)
+        if kwargs and any(id(value) in shared for value in kwargs.values()):
+            kwargs = {name: self._ref(value, deps) for name, value in kwargs.items()}
+        return (args, kwargs), deps
+
+    def _ref(self, value, deps):
+        future = self.shared.get(id(value))
+        if future is None:
+            return value
+        deps.append(future)
+        return _SharedRef(len(deps) - 1)
+
+
+def _gather_each(client, futures):
+    """(value, error) for each dask future: one gather for all; if that
+    fails, each half again, so that each bad one gets its own error at a
+    cost of a few gathers, not one per future."""
+    if not futures:
+        return []
+    try:
+        return [(value, None) for value in client.gather(futures)]
+    except Exception as error:
+        if len(futures) == 1:
+            return [(None, error)]
+    middle = len(futures) // 2
+    return _gather_each(client, futures[:middle]) + _gather_each(client, futures[middle:])
 
 
 # -- the dispatcher and the watcher ---------------------------------------------------------
@@ -507,6 +741,7 @@ class _Dispatch:
         self.settling = 0               # runs dropped here, not yet ended in the engine
         self.recalled_any = False
         self.handles = weakref.WeakSet()    # of completed runs, to fetch at exit
+        self.scattered = {}             # id(value) -> (value, dask future): see _shared_values
         self.completions = None
         self.closing = False
         self.threads = []
@@ -528,6 +763,7 @@ class _Dispatch:
             self.closing = True
             self.wake.notify_all()
         self.completions.clear()
+        self.scattered.clear()
         for thread in self.threads:
             thread.join()
         try:
@@ -539,16 +775,25 @@ class _Dispatch:
         finally:
             _close_quietly(self.client, self.cluster)
 
+    def prefetch(self, handles):
+        """Fetch the values of `handles` not yet here in one gather, and
+        keep them in the handles (the engine's prefetch hook: for runs of
+        other runners that take many of them)."""
+        todo = [h for h in handles if h.future is not None and not h.kept]
+        for handle, (value, error) in zip(todo, self._gather(todo)):
+            handle.value, handle.error, handle.kept = value, error, True
+
     def fetch_many(self, handles, timeout):
         """The values `handles` stand for, those still on the cluster
         fetched in one gather (the engine's fetch_many hook)."""
         on_cluster = [h for h in handles if h.future is not None]
-        if on_cluster:
-            if timeout is not None:
-                # A gather does not time out by itself: wait for the data first.
-                with self.client.as_current():
-                    _distributed().wait([h.future for h in on_cluster], timeout=timeout)
-        fetched = dict(zip(map(id, on_cluster), self._gather(on_cluster)))
+        try:
+            gathered = _within(timeout, self._gather, on_cluster) if on_cluster else []
+        except TimeoutError:
+            raise TimeoutError(
+                f"the results of {len(on_cluster)} task runs ({on_cluster[0].name!r}, ...) "
+                f"did not arrive from the Dask cluster within {timeout} seconds") from None
+        fetched = dict(zip(map(id, on_cluster), gathered))
         values = []
         for handle in handles:
             value, error = fetched.get(id(handle)) or (_fetch(handle, timeout), None)
@@ -558,27 +803,13 @@ class _Dispatch:
         return values
 
     def _fetch_held(self):
-        handles = [h for h in list(self.handles) if h.future is not None]
+        handles = [h for h in list(self.handles) if h.future is not None and not h.kept]
         for handle, (value, error) in zip(handles, self._gather(handles)):
             handle.value, handle.error, handle.future = value, error, None
 
     def _gather(self, handles):
-        """(value, error) for each handle's dask future: one gather for all,
-        or, if that fails, one fetch each, so each gets its own error."""
-        if not handles:
-            return []
-        futures = [h.future for h in handles]
-        try:
-            return [(value, None) for value in self.client.gather(futures)]
-        except Exception:
-            pass
-        outcomes = []
-        for future in futures:
-            try:
-                outcomes.append((future.result(), None))
-            except Exception as error:
-                outcomes.append((None, error))
-        return outcomes
+        """(value, error) for each handle's dask future (see _gather_each)."""
+        return _gather_each(self.client, [h.future for h in handles])
 
     # -- handing runs over ----------------------------------------------------------------
 
@@ -612,22 +843,24 @@ class _Dispatch:
                 keys.append(key)
         fns, asyncs, blobs, deps, sent_keys = [], [], [], [], []
         unpicklable = []
-        dumper = _CallDumper(self.client)
-        i = 0
-        for spec, args_list, kwargs_list in self.engine.calls_of(futures):
+        groups = self.engine.calls_of(futures)
+        specs, calls = [], []
+        for spec, args_list, kwargs_list in groups:
             for j, args in enumerate(args_list):
-                key = keys[i]
-                i += 1
-                try:
-                    blob, dep = dumper.dump((args, kwargs_list[j] if kwargs_list else None))
-                except Exception as error:
-                    unpicklable.append((key, error))
-                    continue
-                fns.append(spec.fn)
-                asyncs.append(spec.is_async)
-                blobs.append(blob)
-                deps.append(dep)
-                sent_keys.append(key)
+                specs.append(spec)
+                calls.append((args, kwargs_list[j] if kwargs_list else None))
+        dumper = _CallDumper(self.client, self._shared_values(calls))
+        for key, spec, call in zip(keys, specs, calls):
+            try:
+                blob, dep = dumper.dump(call)
+            except Exception as error:
+                unpicklable.append((key, spec, call, error))
+                continue
+            fns.append(spec.fn)
+            asyncs.append(spec.is_async)
+            blobs.append(blob)
+            deps.append(dep)
+            sent_keys.append(key)
         if unpicklable:
             self._fail_unpicklable(unpicklable)
         with self.lock:
@@ -648,15 +881,49 @@ class _Dispatch:
         # Watched once registered: the watcher and recall() find them here.
         self.completions.update(dask_futures)
 
+    def _shared_values(self, calls):
+        """{id(value): dask future} of the values several calls of a batch
+        share (an unmapped parameter, say) that are large enough to be
+        worth sending once: each is scattered to the cluster the first
+        time, and goes to the calls as a dependency, not inside each call.
+        Kept for the runner's life, with the value, so that the id stays
+        the value's."""
+        scattered = self.scattered
+        counts = {}
+        for args, kwargs in calls:
+            for value in args:
+                if _may_share(value):
+                    counts[id(value)] = counts.get(id(value), 0) + 1
+            if kwargs:
+                for value in kwargs.values():
+                    if _may_share(value):
+                        counts[id(value)] = counts.get(id(value), 0) + 1
+        if not counts:
+            return {}
+        shared = {}
+        values = {}
+        for args, kwargs in calls:
+            for value in (*args, *(kwargs or {}).values()):
+                if counts.get(id(value), 0) > 1 or id(value) in scattered:
+                    values[id(value)] = value
+        for key, value in values.items():
+            found = scattered.get(key)
+            if found is None:
+                if _size_of(value) < SHARED_BYTES:
+                    continue
+                found = scattered[key] = (value, self.client.scatter([value], hash=False)[0])
+            shared[key] = found[1]
+        return shared
+
     def _fail_unpicklable(self, failures):
         futures, errors = [], []
         with self.lock:
-            for key, error in failures:
+            for key, spec, (args, kwargs), error in failures:
                 future = self._forget(key)
                 if future is not None:
                     futures.append(future)
-                    errors.append(TypeError(f"the arguments of this run cannot be pickled to "
-                                            f"go to the Dask cluster: {error}"))
+                    errors.append(unsendable_call_error(
+                        spec, args, kwargs, dumps, "the Dask cluster", error))
         try:
             self.engine.finish(futures, errors, [_FAILED] * len(futures))
         finally:
@@ -742,7 +1009,11 @@ class _Dispatch:
                     continue            # recalled: the recall ends it
             status = dask_future.status
             if status == "finished":
-                outcome = _Handle(dask_future), _COMPLETED
+                outcome = _Handle(dask_future, None), _COMPLETED
+            elif status == "cancelled":
+                # Not by a recall (that one ends the run itself): the
+                # scheduler went, or the cluster restarted.
+                outcome = self._lost_reason(), _CRASHED
             elif status not in ("error", "cancelled"):
                 # Its result was lost with a worker after it ended, and Dask
                 # computes it again: watch for that.
@@ -765,6 +1036,7 @@ class _Dispatch:
                 continue
             value, state = outcome
             if state == _COMPLETED:
+                value.name = future.task_name
                 self.handles.add(value)
             elif state == _CRASHED:
                 value = CrashedRun(f"task run {future.task_name!r} ({future.task_run_id}): "
@@ -781,6 +1053,12 @@ class _Dispatch:
                 self.engine.finish(futures, values, states)
         finally:
             self._settled(len(requeue) + len(futures))
+
+    def _lost_reason(self):
+        if self.client.status != "running":
+            return ("the Dask scheduler was lost (the client's connection to it closed) "
+                    "while this run was on the cluster")
+        return "Dask cancelled it (the cluster restarted, or another client cancelled it)"
 
     # -- taking runs back ---------------------------------------------------------------------
 
@@ -834,6 +1112,11 @@ class _Dispatch:
 
     def _hold_back(self, keys):
         """Mark `keys` on every worker; the set that may have started."""
+        if self.client.status != "running":
+            # No scheduler to reach the workers through (it is lost, or
+            # being reconnected to): asking would block until a timeout.
+            # The runs end as Dask reports them.
+            return set(keys)
         try:
             answers = self.client.run(_hold_back, keys, on_error="return")
         except Exception:

@@ -7,7 +7,7 @@ is where they are documented and imported from.
 import collections
 import queue
 
-from taskrunner._futures import TaskFuture
+from taskrunner._futures import TaskFuture, blocking
 from taskrunner._mapped import FutureList
 
 __all__ = ["TaskFuture", "FutureList", "wait", "as_completed", "DoneAndNotDoneFutures"]
@@ -55,7 +55,11 @@ def as_completed(futures, timeout=None):
         future.add_done_callback(finished.put)
     for count in range(len(futures)):
         try:
-            yield finished.get(timeout=_remaining(deadline))
+            # A task of a runner iterating over its own runner's futures
+            # makes room while it waits, as result() does.
+            with blocking():
+                future = finished.get(timeout=_remaining(deadline))
         except queue.Empty:
             raise TimeoutError(
                 f"{len(futures) - count} (of {len(futures)}) futures unfinished") from None
+        yield future

@@ -37,9 +37,10 @@ from taskrunner._engine import Engine
 from taskrunner._graph import STATES
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import (
-    check_picklable, checked_map_value, dumps, dumps_checked, with_remote_traceback,
+    check_picklable, checked_map_value, dumps, dumps_checked, unsendable_call_error,
+    with_remote_traceback,
 )
-from taskrunner._worker import BLOCK_WORDS, ControlBlock, serve, unpacked
+from taskrunner._worker import BLOCK_WORDS, SKIP, ControlBlock, serve, unpacked
 from taskrunner.base import EngineTaskRunner, checked_max_workers
 from taskrunner.exceptions import CrashedRun, TaskRunnerError
 
@@ -53,6 +54,7 @@ BATCH_SECONDS = 0.01        # worker time one batch aims to take
 MAX_BATCH = 20_000          # runs in one batch at most
 _FIRST_GUESS = 0.001        # seconds a run takes, before any was timed
 _UNLIMITED = 2**30          # the engine's running limit: the feeder sets the pace
+REBALANCE_POLL = 0.02       # seconds between looks while a rebalance waits for a load
 
 
 class ProcessPoolTaskRunner(EngineTaskRunner):
@@ -116,7 +118,7 @@ class ProcessPoolTaskRunner(EngineTaskRunner):
         return futures
 
     def _start(self):
-        engine = Engine(_UNLIMITED, None, self._recall)
+        engine = Engine(_UNLIMITED, None, self._recall, callbacks_apart=True)
         self._pool = _Pool(engine, self._context, self._max_workers, self._setup)
         try:
             self._pool.start()
@@ -158,6 +160,19 @@ def _context_of(mp_context):
 
 # -- the pool -------------------------------------------------------------------
 
+class _Batch:
+    """Runs in flight to one worker, numbered first .. first+len(runs)-1:
+    `taken` of them (from the start) have been answered."""
+
+    __slots__ = ("first", "runs", "taken", "by_value")
+
+    def __init__(self, first, runs, by_value):
+        self.first = first
+        self.runs = runs            # a RunList
+        self.taken = 0
+        self.by_value = by_value    # pickled by value (cloudpickle): no retry by value
+
+
 class _Worker:
     """This process's view of one worker process."""
 
@@ -170,34 +185,34 @@ class _Worker:
         self.outbox = queue.SimpleQueue()   # pickled batches for the sender
         self.functions = set()              # function ids it has
         self.next_run = 0                   # number of the next run sent
-        self.in_flight = collections.deque()    # [first run, runs, taken] per batch
-        self.count = 0                      # runs in flight
+        self.in_flight = collections.deque()    # of _Batch, oldest first
+        self.count = 0                      # runs in flight, those given back aside
         self.given_back = set()             # runs in flight no longer ours
         self.cancel_if_skipped = set()      # given back if it skips them: cancelled
         self.ready = False
         self.by_value = False               # its batches go pickled by value
         self.sender = None
 
-    def enter_flight(self, runs):
+    def enter_flight(self, runs, by_value=False):
         """Number a batch and count it in flight; returns its first run."""
         first = self.next_run
         self.next_run += len(runs)
-        self.in_flight.append([first, runs, 0])
+        self.in_flight.append(_Batch(first, runs, by_value))
         self.count += len(runs)
         return first
 
     def take_range(self, first, count):
-        """The runs first .. first+count-1 (a RunList), leaving flight."""
+        """The runs first .. first+count-1 (a RunList), leaving flight.
+        The worker answers every run sent, in order: anything else is a bug."""
         out = []
         while count:
             batch = self.in_flight[0]
-            start, runs, taken = batch
-            if start + taken != first:
+            if batch.first + batch.taken != first:
                 raise AssertionError(f"worker {self.index}: results out of order")
-            n = min(count, len(runs) - taken)
-            out.append(runs[taken:taken + n])
-            batch[2] += n
-            if batch[2] == len(runs):
+            n = min(count, len(batch.runs) - batch.taken)
+            out.append(batch.runs[batch.taken:batch.taken + n])
+            batch.taken += n
+            if batch.taken == len(batch.runs):
                 self.in_flight.popleft()
             first += n
             count -= n
@@ -205,20 +220,28 @@ class _Worker:
         self.count -= len(out)
         return out
 
+    def give_up(self, runs):
+        """Runs in flight (their numbers) are no longer ours: the worker
+        will answer them (skipped, or a result nobody uses)."""
+        fresh = set(runs) - self.given_back
+        self.given_back |= fresh
+        self.count -= len(fresh)
+
     def run_of(self, future):
         """The number of `future`'s run if it is in flight here and ours."""
-        for start, runs, taken in self.in_flight:
-            position = runs.position_of(future)
-            if position >= taken and start + position not in self.given_back:
-                return start + position
+        for batch in self.in_flight:
+            position = batch.runs.position_of(future)
+            if position >= batch.taken and batch.first + position not in self.given_back:
+                return batch.first + position
         return None
 
-    def runs_from(self, first):
+    def runs_from(self, first, end=None):
         """(run, that run as a RunList) for every run in flight numbered
-        `first` or later."""
-        for start, runs, taken in self.in_flight:
-            for i in range(max(taken, first - start), len(runs)):
-                yield start + i, runs[i:i + 1]
+        `first` or later (and before `end`)."""
+        for batch in self.in_flight:
+            stop = len(batch.runs) if end is None else min(len(batch.runs), end - batch.first)
+            for i in range(max(batch.taken, first - batch.first), stop):
+                yield batch.first + i, batch.runs[i:i + 1]
 
 
 class _Pool:
@@ -244,6 +267,7 @@ class _Pool:
         self.unstarted = list(range(1, size))   # workers to start when there is work for them
         self.runs_submitted = 0
         self.early_deaths = 0               # workers in a row that died before ready
+        self.rebalance_due = False          # a rebalance waits for a worker to load a batch
 
     # -- functions ------------------------------------------------------------
 
@@ -399,7 +423,7 @@ class _Pool:
             cut = start + share % size if share % size else start + size
             while start < end:
                 batch = runs[start:cut]
-                plan.append((worker, batch, worker.enter_flight(batch)))
+                plan.append((worker, batch, worker.enter_flight(batch, worker.by_value)))
                 start, cut = cut, cut + size
         if start < len(runs):
             self.engine.give_back(runs[start:], False)
@@ -407,15 +431,32 @@ class _Pool:
 
     def _bad_batch(self, worker, text):
         """The worker could not unpickle its next batch (an object of a
-        __main__ it cannot import, say): send it again pickled by value, or
-        if that was already so, fail its runs with the reason."""
+        __main__ it cannot import, say): send the runs still ours again,
+        pickled by value, or if the batch already went so, fail them with
+        the reason."""
         with self.lock:
-            start, runs, taken = worker.in_flight[0]
-            runs = worker.take_range(start + taken, len(runs) - taken)
-            again = not worker.by_value
+            batch = worker.in_flight[0]
+            numbers = range(batch.first + batch.taken, batch.first + len(batch.runs))
+            taken = worker.take_range(numbers.start, len(numbers))
+            ours, cancelled = [], []
+            for number, one in zip(numbers, _each(taken)):
+                if number in worker.given_back:
+                    worker.given_back.discard(number)
+                    worker.count += 1       # take_range counted it out already
+                elif number in worker.cancel_if_skipped:
+                    cancelled.append(one)   # cancel_all() meant it: it never started
+                else:
+                    ours.append(one)
+            worker.cancel_if_skipped.difference_update(numbers)
+            runs = join_runs(ours)
+            again = not batch.by_value
+            # From now on this worker gets every batch by value.
             worker.by_value = True
-            if again:
-                first = worker.enter_flight(runs)
+            if again and len(runs):
+                first = worker.enter_flight(runs, by_value=True)
+        self._give_back(cancelled, [])
+        if not len(runs):
+            return
         if again:
             self._send_batch(worker, runs, first, by_value=True)
         else:
@@ -426,52 +467,68 @@ class _Pool:
         """Pickle a batch in flight to `worker`, its first run numbered
         `run`, and hand it to the worker's sender."""
         groups = self.engine.calls_of(runs, True)
-        new_functions = []
+        new_functions = {}
         wire = []
         with self.lock:
             for spec, args_list, kwargs_list, single in groups:
                 function_id, name, blob, is_async = self.function_of(spec.task)
                 if function_id not in worker.functions:
-                    worker.functions.add(function_id)
-                    new_functions.append((function_id, name, blob, is_async))
+                    new_functions[function_id] = (function_id, name, blob, is_async)
                 wire.append((function_id, run, args_list, kwargs_list, single))
                 run += len(args_list)
         # Functions go apart from the arguments: if the worker cannot load
         # the arguments, it has the functions all the same.
+        dump = cloudpickle.dumps if by_value else dumps
         try:
-            runs = (cloudpickle.dumps if by_value else dumps)(wire)
-        except Exception as error:
-            runs = self._fail_unpicklable(worker, wire, error)
-        worker.outbox.put(pickle.dumps((new_functions, runs), pickle.HIGHEST_PROTOCOL))
+            body = dump(wire)
+        except Exception:
+            body = dump(self._fail_unpicklable(worker, groups, wire, dump))
+        worker.outbox.put(pickle.dumps((list(new_functions.values()), body),
+                                       pickle.HIGHEST_PROTOCOL))
+        # Known to the worker only once they are on their way to it.
+        with self.lock:
+            worker.functions.update(new_functions)
 
-    def _fail_unpicklable(self, worker, wire, error):
+    def _fail_unpicklable(self, worker, groups, wire, dump):
         """A batch did not pickle (an upstream's result, say): fail the runs
-        that do not, and return the rest pickled."""
-        bad = []
-        kept = []
-        for function_id, first, args_list, kwargs_list, single in wire:
+        that do not, each naming its parameter, and return the wire with
+        those runs left as SKIP groups, so that the worker still answers
+        every number."""
+        kept, bad = [], {}
+        for (spec, _, _, _), (function_id, first, args_list, kwargs_list, single) in zip(
+                groups, wire):
             for i, args in enumerate(args_list):
                 kwargs = kwargs_list[i] if kwargs_list else None
                 try:
-                    dumps((args, kwargs))
+                    dump((args, kwargs))
+                except Exception as error:
+                    call = (args,) if single else args
+                    bad[first + i] = unsendable_call_error(
+                        spec, call, kwargs, dump, "a worker process", error)
+                    kept.append((SKIP, first + i, [None], None, True))
+                else:
                     kept.append((function_id, first + i, [args], [kwargs], single))
-                except Exception as err:
-                    bad.append((first + i, err))
         with self.lock:
-            numbers = {run for run, _ in bad}
-            failed = join_runs(f for run, f in worker.runs_from(0) if run in numbers)
-            worker.given_back.update(numbers)
-        self.engine.finish(
-            failed,
-            [TypeError(f"the arguments of this run cannot be pickled to go to a worker "
-                       f"process: {err}") for _, err in bad],
-            _FAILED)
-        return dumps(kept)
+            ours = [(number, one) for number, one in worker.runs_from(min(bad), max(bad) + 1)
+                    if number in bad and number not in worker.given_back]
+            worker.give_up(bad)
+        if ours:
+            self.engine.finish(join_runs(one for _, one in ours),
+                               [bad[number] for number, _ in ours], _FAILED)
+        return kept
 
     def _fail_in_flight(self, worker, runs, first, error):
+        """Sending a batch failed (a bug): fail its runs still ours, and have
+        the worker answer their numbers as skipped."""
+        numbers = range(first, first + len(runs))
         with self.lock:
-            worker.given_back.update(range(first, first + len(runs)))
-        self.engine.finish(runs, [error] * len(runs), _FAILED)
+            ours = [one for number, one in worker.runs_from(numbers.start, numbers.stop)
+                    if number not in worker.given_back]
+            worker.give_up(numbers)
+        worker.outbox.put(pickle.dumps(
+            ([], dumps([(SKIP, first, range(len(runs)), None, True)])), pickle.HIGHEST_PROTOCOL))
+        if ours:
+            self.engine.finish(join_runs(ours), [error] * len(ours), _FAILED)
 
     def _send(self, worker):
         while True:
@@ -518,15 +575,27 @@ class _Pool:
     def _rebalance(self):
         """A worker is idle and no run is ready, while another worker has
         runs waiting behind the one it runs (a long one, say): take half of
-        those back, for the feeder to hand out again."""
+        those back, for the feeder to hand out again.
+
+        Nothing is taken from a worker that is loading a batch (see
+        _worker.pyx): runs whose arguments are slow to arrive or to unpickle
+        would only start that wait again on the idle worker, and then be
+        taken back from there, and so on for ever."""
         requeued = []
         with self.lock:
+            self.rebalance_due = False
             if self.closing or self.engine.ready_count:
                 return
             ready = [w for w in self.workers if w.ready]
             if not any(w.count == 0 for w in ready):
                 return
             busiest = max(ready, key=lambda w: w.count)
+            if busiest.block.loading:
+                # Look again soon: once it has loaded, what waits behind
+                # the run it starts may move.
+                self.rebalance_due = busiest.count > 0
+                return
+            self.rebalance_due = False
             # The runs numbered after the one it started last wait, those
             # given back aside; the later half of them go.  (Counted, not
             # listed: there may be many.)
@@ -542,20 +611,22 @@ class _Pool:
             self._take_back(busiest, first, None, [], requeued, cancel=False)
         self._give_back([], requeued)
 
-    def _take_back(self, worker, first, target, cancelled, requeued, cancel=True):
-        """Stop `worker` before run `first` and take back what surely never
-        starts: `target` (every such run if None, when `cancel`) is to be
-        cancelled, the rest requeued.  Runs that may have started just now
-        stay in flight; if the worker reports them skipped they are requeued,
-        or with `target` None (cancel_all) cancelled.  Lock held."""
-        end = worker.next_run
+    def _take_back(self, worker, first, target, cancelled, requeued, cancel=True, end=None):
+        """Stop `worker` from run `first` (to `end`, by default every run
+        sent) and take back what surely never starts: `target` (every such
+        run if None, when `cancel`) is to be cancelled, the rest requeued.
+        Runs that may have started just now stay in flight; if the worker
+        reports them skipped they are requeued, or with `target` None
+        (cancel_all) cancelled.  Lock held."""
+        if end is None:
+            end = worker.next_run
         if first >= end:
             return
         old_first, old_end = worker.block.stop_window
         if worker.block.started < old_end - 1:          # the old window still matters
             first, end = min(first, old_first), max(end, old_end)
         started = worker.block.stop(first, end)
-        for run, one in list(worker.runs_from(first)):
+        for run, one in list(worker.runs_from(first, end)):
             if run in worker.given_back:
                 continue
             is_target = cancel and (target is None or one.position_of(target) == 0)
@@ -586,7 +657,11 @@ class _Pool:
             for worker in workers:
                 waiting[worker.results] = worker
                 waiting[worker.process.sentinel] = worker
-            for ready in connection.wait(list(waiting)):
+            events = connection.wait(
+                list(waiting), timeout=REBALANCE_POLL if self.rebalance_due else None)
+            if not events:
+                self._rebalance()
+            for ready in events:
                 worker = waiting[ready]
                 try:
                     self._attend(ready, worker)
@@ -739,6 +814,11 @@ class _Pool:
             if self.failure is None:
                 self.failure = error
             self.room.notify_all()
+
+
+def _each(runs):
+    """A RunList's runs one by one, each as a RunList (no future made)."""
+    return (runs[i:i + 1] for i in range(len(runs)))
 
 
 def _room_of(worker, size):

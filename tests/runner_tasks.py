@@ -497,3 +497,60 @@ def show(x):
 
 def type_name(x):
     return type(x).__name__
+
+
+# The runner a task submits to when it runs in this very process (a Dask
+# cluster whose workers are threads here): set by the test.
+OWN_RUNNER = {}
+
+
+def submit_to_own_runner_and_wait(x):
+    runner = OWN_RUNNER["runner"]
+    return runner.submit(inc, {"x": x}).result(timeout=60) * 10
+
+
+def lock_if_bad(x, bad):
+    """A result that cannot be pickled (a lock) for the items in `bad`."""
+    return threading.Lock() if x in bad else x
+
+
+class SlowToUnpickle:
+    """A small value that takes `seconds` to unpickle."""
+
+    def __init__(self, value, seconds):
+        self.value = value
+        self.seconds = seconds
+
+    def __reduce__(self):
+        return _load_slowly, (self.value, self.seconds)
+
+
+def _load_slowly(value, seconds):
+    time.sleep(seconds)
+    return SlowToUnpickle.__new__(SlowToUnpickle)._init(value, seconds)
+
+
+def _init_slow(self, value, seconds):
+    self.value = value
+    self.seconds = seconds
+    return self
+
+
+SlowToUnpickle._init = _init_slow
+
+
+def value_attr(x):
+    return x.value
+
+
+def size_of(b, i=None):
+    return len(b)
+
+
+def unloadable_if(x, bad):
+    """x, except item ``bad``: a result that pickles but cannot be unpickled."""
+    return UnloadableResult() if x == bad else x
+
+
+def big_bytes(n):
+    return b"b" * n

@@ -11,6 +11,7 @@ import collections
 import functools
 import os
 import random
+import sys
 import threading
 import time
 import uuid
@@ -19,6 +20,7 @@ import pytest
 
 import runner_tasks as rt
 import taskrunner
+from harness import running
 from runner_tasks import read_lines, wait_path, wait_until
 from taskrunner import (
     CancelledRun,
@@ -1239,6 +1241,71 @@ def test_a_raising_done_callback_does_not_stop_the_others(runner_factory):
     assert calls == [f]
 
 
+def test_a_done_callback_may_submit_to_its_runner_and_wait(runner_factory, make_gate):
+    # With one worker, and for the runners that end runs on one thread:
+    # the callback must not block the thread that completes other runs
+    # (issue 13, point 3).
+    got = []
+    done = threading.Event()
+    with running(runner_factory(max_workers=1)) as r:
+        def callback(fut):
+            follow = r.submit(rt.inc, {"x": fut.result()})
+            got.append(follow.result(timeout=30))
+            got.append(r.map(rt.inc, {"x": [1, 2]}).result(timeout=30))
+            done.set()
+
+        first = r.submit(rt.inc, {"x": 1})
+        first.add_done_callback(callback)
+        assert done.wait(40), "the done callback never finished"
+        assert got == [3, [2, 3]]
+        # Several callbacks blocked on a future at once (of another runner,
+        # held by a gate) stop neither the runner nor each other.
+        waiting = []
+        with ThreadPoolTaskRunner(1) as other, make_gate() as gate:
+            held = other.submit(rt.gated, {"value": 4, "gate": gate.path})
+            for i in range(3):
+                r.submit(rt.inc, {"x": i}).add_done_callback(
+                    lambda fut: waiting.append(held.result(timeout=30)))
+            assert r.submit(rt.inc, {"x": 5}).result(timeout=30) == 6
+            assert r.map(rt.inc, {"x": range(10)}).result(timeout=30) == list(range(1, 11))
+            assert waiting == []
+    assert waiting == [4, 4, 4]
+
+
+def _in_exit_of(runner):
+    """Whether some thread is inside runner.__exit__ now."""
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code.co_name == "__exit__" and frame.f_locals.get("self") is runner:
+                return True
+            frame = frame.f_back
+    return False
+
+
+def test_a_done_callback_may_submit_while_the_runner_exits(runner_factory, make_gate):
+    # The exit waits for the callbacks of runs that ended before it
+    # returns, and for the runs they submit (issue 13, point 13).
+    follow = []
+    errors = []
+    r = runner_factory()
+
+    def callback(fut):
+        try:
+            assert wait_until(lambda: _in_exit_of(r), timeout=20), "the exit never began"
+            follow.append(r.submit(rt.inc, {"x": fut.result()}))
+            follow.append(r.map(rt.inc, {"x": [7, 8]}))
+        except BaseException as error:
+            errors.append(error)
+
+    with running(r), make_gate() as gate:
+        # Held until the callback is in place: it must not run right here.
+        first = r.submit(rt.gated, {"value": 2, "gate": gate.path})
+        first.add_done_callback(callback)
+    assert errors == []
+    assert follow[0].done() and follow[0].result() == 3
+    assert follow[1].result(timeout=0) == [8, 9]
+
+
 def test_done_callback_on_a_cancelled_future(runner_factory, make_gate):
     calls = []
     with runner_factory() as r, make_gate() as gate:
@@ -1492,6 +1559,19 @@ def test_task_submits_to_its_own_runner_with_one_worker(inprocess_runner_factory
 
     with r:
         assert r.submit(outer, {"x": 1}).result(timeout=30) == 20
+
+
+def test_as_completed_inside_a_task_with_one_worker(inprocess_runner_factory):
+    # as_completed() makes room while it waits, as result() and wait() do
+    # (issue 13, point 7).
+    r = inprocess_runner_factory(max_workers=1)
+
+    def outer(n):
+        inner = [r.submit(rt.inc, {"x": i}) for i in range(n)]
+        return sorted(f.result() for f in as_completed(inner, timeout=20))
+
+    with running(r):
+        assert r.submit(outer, {"n": 5}).result(timeout=30) == [1, 2, 3, 4, 5]
 
 
 def test_nested_submissions_three_deep_with_one_worker(inprocess_runner_factory):

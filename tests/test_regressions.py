@@ -11,7 +11,7 @@ import os
 import pytest
 
 import runner_tasks as rt
-from harness import run_script
+from harness import run_script, running
 from taskrunner import quote, unmapped
 
 pytestmark = pytest.mark.timeout(180)
@@ -88,3 +88,370 @@ def test_a_hidden_future_is_a_type_error_at_submit(remote_runner_factory, make_p
         assert r.submit(rt.identity, {"x": [{"k": (up,)}]}).result(timeout=30) == [{"k": (2,)}]
         assert up.result(timeout=30) == 2
     assert not os.path.exists(ran)
+
+
+# -- 5. Dask: a task that submits to its own runner and waits -----------------
+
+def test_dask_tasks_may_submit_to_their_own_runner_and_wait():
+    pytest.importorskip("distributed")
+    from taskrunner import DaskTaskRunner
+
+    # Two worker threads, four tasks each waiting on a run of its own: the
+    # waiting tasks secede from the worker's pool.
+    runner = DaskTaskRunner(cluster_kwargs={
+        "n_workers": 1, "threads_per_worker": 2, "processes": False,
+        "dashboard_address": None})
+    rt.OWN_RUNNER["runner"] = runner
+    try:
+        with running(runner, exit_timeout=60):
+            parents = [runner.submit(rt.submit_to_own_runner_and_wait, {"x": i})
+                       for i in range(4)]
+            assert [p.result(timeout=60) for p in parents] == [10, 20, 30, 40]
+    finally:
+        rt.OWN_RUNNER.clear()
+
+
+# -- 1. process runner: an upstream whose result cannot be sent ---------------
+
+@pytest.mark.parametrize("n, bad, workers", [
+    (8, {2}, 2), (8, {2}, 1), (100, {0, 37, 38, 99}, 2), (300, set(range(0, 300, 7)), 2)])
+def test_an_unsendable_upstream_fails_its_run_alone(n, bad, workers):
+    from taskrunner import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+    with ThreadPoolTaskRunner(4) as threads:
+        made = threads.map(rt.lock_if_bad, {"x": range(n), "bad": unmapped(bad)})
+        made.wait(30)
+        with running(ProcessPoolTaskRunner(max_workers=workers), exit_timeout=60) as procs:
+            out = procs.map(rt.identity, {"x": made})
+            got = out.result(timeout=60, raise_on_failure=False)
+    for i, value in enumerate(got):
+        if i in bad:
+            assert isinstance(value, TypeError), (i, value)
+            assert "parameter 'x'" in str(value) and "lock" in str(value), value
+            assert out[i].state.is_failed()
+        else:
+            assert value == i, (i, value)
+    assert all(f.done() for f in out)
+
+
+# -- 4. process runner: arguments slow to arrive or to unpickle ---------------
+
+@pytest.mark.parametrize("case", ["slow-unpickle", "big-items", "big-unmapped"])
+def test_runs_whose_arguments_are_slow_to_arrive_run(case):
+    from taskrunner import ProcessPoolTaskRunner
+
+    with running(ProcessPoolTaskRunner(max_workers=2), exit_timeout=90) as r:
+        if case == "slow-unpickle":
+            out = r.map(rt.value_attr, {"x": [rt.SlowToUnpickle(i, 0.05) for i in range(4)]})
+            expected = [0, 1, 2, 3]
+        elif case == "big-items":
+            out = r.map(rt.size_of, {"b": [b"z" * (20 << 20)] * 3})
+            expected = [20 << 20] * 3
+        else:
+            out = r.map(rt.size_of, {"b": unmapped(b"q" * (100 << 20)), "i": range(20)})
+            expected = [100 << 20] * 20
+        assert out.result(timeout=60) == expected
+
+
+# -- 17. process runner: classes defined under the __main__ guard -------------
+
+MAIN_GUARD_CLASSES = """
+    from taskrunner import ProcessPoolTaskRunner
+
+    def value(p):
+        return p.v
+
+    if __name__ == "__main__":
+        class Point:
+            def __init__(self, v):
+                self.v = v
+
+        with ProcessPoolTaskRunner(max_workers=2) as r:
+            got = r.map(value, {"p": [Point(i) for i in range(40)]}).result(timeout=60)
+            assert got == list(range(40)), got
+            # And again, now that the workers take every batch by value.
+            got = r.map(value, {"p": [Point(i) for i in range(100)]}).result(timeout=60)
+            assert got == list(range(100)), got
+        print("all ran")
+"""
+
+
+def test_every_batch_of_main_guard_classes_is_resent_by_value():
+    proc = run_script(MAIN_GUARD_CLASSES, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "all ran" in proc.stdout
+
+
+# -- the Dask runner ---------------------------------------------------------------
+
+def dask_specs():
+    from conftest import RUNNERS
+
+    return [spec for spec in RUNNERS if spec.name == "dask"]
+
+
+@pytest.fixture(params=dask_specs(), ids=lambda spec: spec.id)
+def dask_factory(request):
+    pytest.importorskip("distributed")
+    return request.param
+
+
+# -- 6. Dask: a result that cannot leave its worker ----------------------------------
+
+def test_dask_an_unpicklable_result_fails_its_run_naming_the_type(dask_factory):
+    from taskrunner import UpstreamTaskError
+
+    with running(dask_factory(), exit_timeout=60) as r:
+        locks = [r.submit(rt.produce_unpicklable, {"kind": "result-holding-a-lock"})
+                 for _ in range(4)]
+        total = r.submit(rt.identity, {"x": locks})
+        total.wait(60)
+        for f in locks:
+            f.wait(60)
+            assert f.state.is_failed(), f.state
+            with pytest.raises(TypeError, match="LockHolder.*cannot be pickled"):
+                f.result(timeout=10)
+        assert total.state.name == "NotReady"
+        with pytest.raises(UpstreamTaskError):
+            total.result(timeout=10)
+        # A result that can leave goes on as before.
+        assert r.submit(rt.inc, {"x": 1}).result(timeout=30) == 2
+
+
+# -- 8. Dask: a value shared by many runs travels once -----------------------------
+
+def test_dask_a_shared_unmapped_value_is_sent_once(dask_factory):
+    import resource
+
+    big = b"u" * (20 << 20)
+    with running(dask_factory(), exit_timeout=120) as r:
+        assert r.map(rt.size_of, {"b": [b"warm"], "i": [0]}).result(timeout=60) == [4]
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10
+        out = r.map(rt.size_of, {"b": unmapped(big), "i": range(60)})
+        assert out.result(timeout=120) == [20 << 20] * 60
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss << 10) - peak_before
+    # One copy (and the pickling of it), not one per run: 60 copies would be 1.2 GB.
+    assert grown < 300 << 20, f"the client grew by {grown >> 20} MiB"
+
+
+def test_dask_a_scattered_value_reaches_the_task_as_its_value(dask_factory):
+    with running(dask_factory(), exit_timeout=60) as r:
+        scattered = r.client.scatter(b"s" * 1000)
+        assert r.submit(rt.size_of, {"b": scattered}).result(timeout=30) == 1000
+        assert r.submit(rt.identity, {"x": [scattered, 1]}).result(timeout=30) == [b"s" * 1000, 1]
+        assert r.map(rt.size_of, {"b": unmapped(scattered), "i": range(3)}).result(
+            timeout=30) == [1000] * 3
+
+
+# -- 10. Dask: the scheduler is lost ------------------------------------------------
+
+def test_dask_runs_on_a_lost_scheduler_end_crashed(make_gate, make_path):
+    pytest.importorskip("distributed")
+    import signal
+    import time
+
+    from dask_cluster import DaskCluster
+    from taskrunner import CrashedRun, DaskTaskRunner
+
+    cluster = DaskCluster((1,)).start()
+    started = make_path()
+    try:
+        with running(DaskTaskRunner(address=cluster.address), exit_timeout=60) as r, \
+                make_gate() as gate:
+            held = r.submit(rt.gated, {"value": 1, "gate": gate.path, "started": started})
+            queued = [r.submit(rt.inc, {"x": i}) for i in range(5)]
+            rt.wait_path(started, 30)
+            os.killpg(cluster.scheduler.pid, signal.SIGKILL)
+            cluster.scheduler.wait()
+            begun = time.monotonic()
+            r.cancel_all()
+            assert time.monotonic() - begun < 5, "cancel_all() waited for the lost scheduler"
+            for f in [held, *queued]:
+                f.wait(60)
+                assert f.state.is_crashed() or f.state.is_cancelled(), f.state
+            assert held.state.is_crashed(), held.state
+            with pytest.raises(CrashedRun, match="scheduler was lost"):
+                held.result(timeout=1)
+    finally:
+        cluster.stop()
+
+
+# -- 15. Dask: fetching results, settings -----------------------------------------
+
+@pytest.fixture
+def count_fetches(monkeypatch):
+    """{id(client): round trips to fetch results (Client.gather and
+    Future.result calls)}, counted from now on."""
+    distributed = pytest.importorskip("distributed")
+    counts = {}
+    gather, result = distributed.Client.gather, distributed.Future.result
+
+    def counting_gather(self, *args, **kwargs):
+        counts[id(self)] = counts.get(id(self), 0) + 1
+        return gather(self, *args, **kwargs)
+
+    def counting_result(self, *args, **kwargs):
+        counts[id(self.client)] = counts.get(id(self.client), 0) + 1
+        return result(self, *args, **kwargs)
+
+    monkeypatch.setattr(distributed.Client, "gather", counting_gather)
+    monkeypatch.setattr(distributed.Future, "result", counting_result)
+    return counts
+
+
+def test_dask_one_unloadable_held_result_does_not_fetch_the_rest_one_by_one(
+        dask_factory, count_fetches):
+    from taskrunner import TaskRunnerError
+
+    r = dask_factory()
+    with running(r, exit_timeout=120):
+        out = r.map(rt.unloadable_if, {"x": range(2000), "bad": 1234})
+        out.wait(60)
+        client = r.client
+    assert count_fetches.get(id(client), 0) <= 30, count_fetches
+    # Every other result was fetched at the exit; the bad one says why not.
+    assert [f.result() for i, f in enumerate(out) if i != 1234] == [
+        i for i in range(2000) if i != 1234]
+    with pytest.raises(TaskRunnerError, match="could not be fetched"):
+        out[1234].result()
+
+
+def test_dask_results_of_another_runner_are_fetched_in_one_gather(dask_factory, count_fetches):
+    with running(dask_factory(), exit_timeout=120) as a:
+        squares = a.map(rt.inc, {"x": range(3000)})
+        squares.wait(60)
+        with running(dask_factory(), exit_timeout=120) as b:
+            total = b.submit(rt.total, {"xs": squares})
+            assert total.result(timeout=60) == sum(range(1, 3001))
+        assert count_fetches.get(id(a.client), 0) <= 2, count_fetches
+
+
+def test_dask_result_timeouts_count_the_transfer_and_raise_the_builtin_error(dask_factory):
+    with running(dask_factory(), exit_timeout=60) as r:
+        big = r.submit(rt.big_bytes, {"n": 50 << 20})
+        several = r.map(rt.big_bytes, {"n": [20 << 20] * 3})
+        big.wait(60)
+        several.wait(60)
+        with pytest.raises(TimeoutError, match="did not arrive from the Dask cluster") as info:
+            big.result(timeout=0.001)
+        assert type(info.value) is TimeoutError
+        with pytest.raises(TimeoutError, match="did not arrive from the Dask cluster") as info:
+            several.result(timeout=0.001)
+        assert type(info.value) is TimeoutError
+        assert len(big.result(timeout=60)) == 50 << 20
+
+
+def test_dask_settings_name_the_bad_argument():
+    pytest.importorskip("distributed")
+    from taskrunner import DaskTaskRunner
+
+    with pytest.raises(ImportError, match="cluster_class") as info:
+        DaskTaskRunner(cluster_class="nosuchmod.Cluster")
+    assert isinstance(info.value, ValueError)
+    for address in ["not an address", "tcp://", "tcp://host:port", "nosuchscheme://h:1"]:
+        with pytest.raises(ValueError, match="address"):
+            DaskTaskRunner(address=address)
+    for address in ["tcp://10.0.0.5:8786", "127.0.0.1:8786", "tls://host:1"]:
+        assert DaskTaskRunner(address=address).address == address
+
+
+# -- 9. a kept future does not pin its runner's graph -----------------------------
+
+KEPT_FUTURES = """
+    import gc
+    import os
+    from taskrunner import ThreadPoolTaskRunner
+
+    def rss_mib():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def inc(x):
+        return x + 1
+
+    kept = []
+    for _ in range(2):                  # warm up the allocator
+        with ThreadPoolTaskRunner(4) as r:
+            r.map(inc, {"x": range(200_000)}).wait()
+    gc.collect()
+    before = rss_mib()
+    for _ in range(20):
+        with ThreadPoolTaskRunner(4) as r:
+            out = r.map(inc, {"x": range(200_000)})
+            out.wait()
+            kept.append(out[0])
+        del out
+    gc.collect()
+    grown = rss_mib() - before
+    assert [f.result() for f in kept] == [1] * 20
+    print(f"grown {grown:.1f}")
+"""
+
+
+def test_futures_kept_from_exited_runners_do_not_pin_their_graphs():
+    proc = run_script(KEPT_FUTURES, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    grown = float(proc.stdout.split()[-1])
+    # Each graph of 200,000 runs is about 7 MiB: twenty of them pinned would
+    # be 140 MiB.  What stays is the futures and the allocator's arenas
+    # they sit in.
+    assert grown < 50, f"resident memory grew by {grown:.1f} MiB"
+
+
+def test_futures_of_an_exited_runner_keep_working(runner_factory):
+    from taskrunner import ThreadPoolTaskRunner, UpstreamTaskError
+
+    with runner_factory() as r:
+        done = r.submit(rt.inc, {"x": 1})
+        failed = r.submit(rt.fail, {"message": "kept"})
+        not_ready = r.submit(rt.inc, {"x": failed})
+        cancelled = r.submit(rt.inc, {"x": not_ready})
+        mapped = r.map(rt.inc, {"x": range(5)})       # not used as a list yet
+        mapped.wait(30)
+        cancelled.wait(30)
+    assert done.result() == 2 and done.state.is_completed() and done.done()
+    assert done.cancel() is False
+    with pytest.raises(ValueError, match="kept"):
+        failed.result()
+    assert not_ready.state.name == "NotReady"
+    error = not_ready.exception()
+    assert isinstance(error, UpstreamTaskError) and error.upstream is failed
+    assert repr(not_ready) == "<TaskFuture inc NotReady>"
+    assert cancelled.state.name == "NotReady" or cancelled.state.is_cancelled()
+    calls = []
+    done.add_done_callback(calls.append)
+    assert calls == [done]
+    done.wait()
+    assert mapped.result() == [1, 2, 3, 4, 5]
+    assert [f.result() for f in mapped] == [1, 2, 3, 4, 5]
+    assert all(f.state.is_completed() for f in mapped)
+    with ThreadPoolTaskRunner(2) as other:
+        assert other.submit(rt.total, {"xs": [done, *mapped]}).result(timeout=30) == 17
+        assert other.map(rt.inc, {"x": mapped}).result(timeout=30) == [2, 3, 4, 5, 6]
+
+
+WAITERS_AT_EXIT = """
+    import threading
+    from taskrunner import ThreadPoolTaskRunner
+
+    def inc(x):
+        return x + 1
+
+    for _ in range(1500):
+        with ThreadPoolTaskRunner(1) as r:
+            futures = [r.submit(inc, {"x": i}) for i in range(4)]
+            waiters = [threading.Thread(target=f.result) for f in futures for _ in range(2)]
+            for w in waiters:
+                w.start()
+        # The exit frees the graph while waiters may still be waking up.
+        for w in waiters:
+            w.join()
+        assert [f.result() for f in futures] == [1, 2, 3, 4]
+    print("survived")
+"""
+
+
+def test_threads_waiting_as_their_runner_exits_survive_the_release_of_its_graph():
+    proc = run_script(WAITERS_AT_EXIT, timeout=170)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+    assert "survived" in proc.stdout

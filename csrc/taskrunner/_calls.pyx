@@ -205,5 +205,14 @@ cdef class CallSpec:
                             + ", ".join(repr(u) for u in unknown))
         raise TypeError(f"task {self.name!r}: " + "; ".join(problems))
 
+    def name_of_position(self, Py_ssize_t i):
+        """The name of the parameter a call's i-th positional argument
+        binds to."""
+        if self.checked and i < len(self.pos_names):
+            return self.pos_names[i]
+        if self.var_pos_name is not None:
+            return f"*{self.var_pos_name}"
+        return f"positional argument {i}"
+
     def __repr__(self):
         return f"<CallSpec {self.name}>"

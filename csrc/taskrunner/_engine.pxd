@@ -20,6 +20,7 @@ cdef class Engine(EngineBase):
     cdef object _spawn_consumer
     cdef object _recall         # runner hook: un-start taken runs (see cancel())
     cdef bint _cancel_new       # exiting by exception: new runs end CANCELLED at once
+    cdef object _callback_pool  # runs done callbacks apart (see taskrunner._callbacks), or None
     cdef readonly int64_t taken_epoch   # graph.cancel_epoch when take_ready() last took runs
 
     cdef CallSpec _spec_for(self, object task)
@@ -43,4 +44,5 @@ cdef class Engine(EngineBase):
     cdef object _call(self, CallSpec spec, object args, object kwargs, uint8_t flags,
                       object context)
     cdef void _ended(self, RunVec* out)
+    cdef void _run_callbacks(self, TaskFuture fut, list callbacks)
     cdef inline void _settle(self, RunVec* out, int32_t spawn)

@@ -36,19 +36,21 @@ from taskrunner._mapped cimport (
     item_payload, new_block, new_runlist, owner_of,
 )
 from taskrunner._graph cimport (
-    CANCELLED, CAUSE_OUTSIDE, COMPLETED, CRASHED, EDGE_BROKEN, FAILED, Graph, NOT_READY, PENDING,
+    CANCELLED, CAUSE_OUTSIDE, COMPLETED, CRASHED, EDGE_BROKEN, FAILED, FREE_SLOT, Graph, NOT_READY,
+    PENDING,
     RUNNING, RunVec,
     TAKE_CLOSED, TAKE_NONE, runvec_clear, runvec_free, tr_monotonic,
 )
 from taskrunner._params cimport (
-    Upstream, Upstreams, checked_dependencies, is_plain, resolve, resolve_args, scan, scan_call,
-    upstreams_free, upstreams_init, wait_for_upstreams,
+    Upstream, Upstreams, checked_dependencies, find_kept_elsewhere, is_plain, prefetch_found,
+    resolve, resolve_args, scan, scan_call, upstreams_free, upstreams_init, wait_for_upstreams,
 )
 
 import io
 import logging
 import types
 
+from taskrunner._callbacks import CallbackPool
 from taskrunner.annotations import allow_failure, quote, unmapped
 from taskrunner.exceptions import (
     MappingLengthMismatch, MappingMissingIterable, UpstreamTaskError,
@@ -79,17 +81,29 @@ cdef class Engine(EngineBase):
     values it passes to finish() for completed runs are then handles,
     handed as they are to downstream runs of this engine, and result()
     calls fetch to get what one stands for (FutureList.result() calls
-    `fetch_many(values, timeout)` once for all, if it is given).
+    `fetch_many(values, timeout)` once for all, if it is given).  Its
+    `prefetch(values)` fetches many such results at once and keeps them:
+    a run of another engine that takes them (a FutureList of them, say)
+    then gets them without a round trip each.
+
+    Done callbacks run on the thread that ends the run, unless
+    `callbacks_apart`: then they run on threads of their own (see
+    taskrunner._callbacks), for a runner whose one receiving thread ends
+    its runs and must never block in a user's callback.
     """
 
     def __cinit__(self, int max_running, spawn_consumer=None, recall=None, fetch=None,
-                  fetch_many=None):
+                  fetch_many=None, prefetch=None, bint callbacks_apart=False):
         self.graph = Graph(max_running, spawn_consumer is not None)
+        if callbacks_apart:
+            self._callback_pool = CallbackPool(self._call_callbacks, self._callbacks_done,
+                                               "taskrunner-callbacks")
         self._specs = {}
         self._spawn_consumer = spawn_consumer
         self._recall = recall
         self.fetch = fetch
         self.fetch_many = fetch_many
+        self.prefetch = prefetch
 
     cdef CallSpec _spec_for(self, object task):
         cdef CallSpec spec = self._last_spec
@@ -175,10 +189,18 @@ cdef class Engine(EngineBase):
 
     cdef void _unlock_and_settle(self, RunVec* out):
         """Leave a critical section: unlock, then settle what it ended and
-        start the consumers it asked for."""
+        start the consumers it asked for.  Runs that ended are counted as
+        being settled until their done callbacks have run (or are queued to
+        run elsewhere), so the graph is not quiet meanwhile: a callback may
+        still submit."""
         cdef int32_t spawn = self.graph.pop_spawn_wanted_locked()
+        cdef bint settling = out.len > 0
+        if settling:
+            self.graph.settling_begin_locked()
         self.graph.unlock()
         self._settle(out, spawn)
+        if settling:
+            self.graph.settling_end()
 
     cdef int _register(self, PyObject** futs, Py_ssize_t n, Upstreams* shared,
                        Upstreams* own, Py_ssize_t* first) except -1:
@@ -218,16 +240,21 @@ cdef class Engine(EngineBase):
             graph.runs[run].cause = cause     # kept until the release below
         for i in range(added):
             self._release_new_locked((<TaskFuture>futs[i])._run, oom, &out)
-        spawn = graph.pop_spawn_wanted_locked()
-        graph.unlock()
         if any_outside and not oom:
+            # Hooked before the runs can be settled (a run hooked outside
+            # waits for that upstream; one that ended already is settled
+            # below): the hooks must not run under the lock.
+            spawn = graph.pop_spawn_wanted_locked()
+            graph.unlock()
             for i in range(n):
                 fut = <TaskFuture>futs[i]
                 if fut._flags & HAS_OUTSIDE:
                     self._hook_outside(fut, shared.items, shared.len)
                     if first != NULL:
                         self._hook_outside(fut, own.items + first[i], first[i + 1] - first[i])
-        self._settle(&out, spawn)
+            self._settle(&out, spawn)
+        else:
+            self._unlock_and_settle(&out)
         if oom:
             raise MemoryError("the scheduler cannot hold this many runs or edges")
         return 0
@@ -483,8 +510,7 @@ cdef class Engine(EngineBase):
         for i in range(block.registered):
             if block.futures[i] == NULL:
                 graph.cancel_locked(block.runs[i], &out)
-        graph.unlock()
-        self._settle(&out, 0)
+        self._unlock_and_settle(&out)
 
     # -- running ----------------------------------------------------------
 
@@ -496,6 +522,7 @@ cdef class Engine(EngineBase):
         cdef void* payload = NULL
         cdef int32_t run = TAKE_NONE, ran, spawn = 0
         cdef uint8_t state
+        cdef bint settling
         cdef TaskFuture fut = None
         cdef MapBlock block = None
         cdef Py_ssize_t i
@@ -526,12 +553,13 @@ cdef class Engine(EngineBase):
                     fut = <TaskFuture>payload
                     state = self._execute(fut, context)
                     ran = fut._run
-                run = graph.complete_and_take(ran, state, &out, &payload, &spawn)
-                if (run >= 0 and fut is not None and fut._extra is not None
-                        and fut._extra.callbacks):
-                    # Its done callbacks may block: hold no run meanwhile, or
+                settling = (fut is not None and fut._extra is not None
+                            and bool(fut._extra.callbacks))
+                run = graph.complete_and_take(ran, state, &out, &payload, &spawn, &settling)
+                if settling and run >= 0:
+                    # Done callbacks may block: hold no run meanwhile, or
                     # this thread would start it on top of the consumers
-                    # started in its place.
+                    # started in its place (or wait for the run it holds).
                     graph.lock()
                     graph.unstart_locked(run, False, &out)
                     spawn += graph.pop_spawn_wanted_locked()
@@ -540,12 +568,18 @@ cdef class Engine(EngineBase):
                 consumer.holding = run >= 0
                 if spawn:
                     self._spawn(spawn)
+                # A callback that blocks makes this thread step aside: the
+                # graph starts another consumer in its place.
+                consumer.in_callbacks = settling
                 if out.len:
                     self._ended(&out)
                 if fut is not None:
                     fut._fire_callbacks()
                     let_go(fut)
                     fut = None
+                consumer.in_callbacks = False
+                if settling:
+                    graph.settling_end()
                 if block is not None:
                     block.release_if_done()
                     block = None
@@ -588,6 +622,14 @@ cdef class Engine(EngineBase):
         """Call the task with its upstream futures resolved; await it if it
         is async.  Raises what the task raises."""
         cdef bint one = flags & ONE_ARG
+        cdef dict found
+        if flags & HAS_OUTSIDE:
+            # Results kept elsewhere among its upstreams: fetched at once.
+            found = {}
+            find_kept_elsewhere(args, self, found, 0)
+            find_kept_elsewhere(kwargs, self, found, 0)
+            if found:
+                prefetch_found(found)
         if flags & NEEDS_RESOLVE:
             args = resolve(args, False, 0, self) if one else resolve_args(args, self)
             if kwargs is not None:
@@ -667,6 +709,26 @@ cdef class Engine(EngineBase):
             runvec_free(out)
         if spawn:
             self._spawn(spawn)
+
+    cdef void _run_callbacks(self, TaskFuture fut, list callbacks):
+        if self._callback_pool is None:
+            EngineBase._run_callbacks(self, fut, callbacks)
+            return
+        # Counted as settling until they have run: the exit waits for them.
+        self.graph.lock()
+        self.graph.settling_begin_locked()
+        self.graph.unlock()
+        try:
+            self._callback_pool.put(fut, callbacks)
+        except BaseException:
+            self.graph.settling_end()
+            _log.exception("could not queue the done callbacks of task run %r", fut.task_name)
+
+    def _call_callbacks(self, TaskFuture fut, list callbacks):
+        EngineBase._run_callbacks(self, fut, callbacks)
+
+    def _callbacks_done(self):
+        self.graph.settling_end()
 
     cdef void _spawn(self, int32_t n):
         cdef int32_t i
@@ -753,6 +815,7 @@ cdef class Engine(EngineBase):
         cdef bint single = False, one
         cdef uint8_t flags
         args_list = None        # a list, or a range while it is one stretch of a range
+        _prefetch_for(runs, self)
         i = 0
         while i < n:
             payload = runs.items[i]
@@ -846,6 +909,7 @@ cdef class Engine(EngineBase):
         cdef void* payload
         cdef uint8_t* codes
         cdef bint remote = self.fetch is not None
+        cdef bint settling = False
         if PyList_GET_SIZE(values) != n:
             raise ValueError("futures and values differ in length")
         codes = <uint8_t*>malloc(n + 1)
@@ -870,10 +934,17 @@ cdef class Engine(EngineBase):
                 if remote and codes[i] == COMPLETED:
                     fut._flags |= REMOTE_VALUE
                 codes[i] |= _AS_FUTURE
+                if fut._extra is not None and fut._extra.callbacks:
+                    settling = True
             graph.lock()
             for i in range(n):
                 graph.complete_taken_locked(runs.run_at(i), codes[i] & ~_AS_FUTURE, &out)
             spawn = graph.pop_spawn_wanted_locked()
+            # Settled below: until the done callbacks ran (or are queued),
+            # the graph is not quiet (see _unlock_and_settle).
+            settling = settling or out.len > 0
+            if settling:
+                graph.settling_begin_locked()
             graph.unlock()
             block = None
             self._settle(&out, spawn)
@@ -887,6 +958,8 @@ cdef class Engine(EngineBase):
                     block_of(payload).release_if_done()     # the end of a stretch of its items
         finally:
             free(codes)
+            if settling:
+                graph.settling_end()
 
     def give_back(self, futures, bint cancel):
         """Taken runs (a RunList or a list of futures) that never started:
@@ -906,10 +979,11 @@ cdef class Engine(EngineBase):
         cdef Graph graph = self.graph
         cdef RunVec out = RunVec(NULL, 0, 0)
         cdef bint cancelled
+        if fut._run < 0:
+            return fut._state() == CANCELLED     # detached: final
         graph.lock()
         cancelled = graph.cancel_locked(fut._run, &out)
-        graph.unlock()
-        self._settle(&out, 0)
+        self._unlock_and_settle(&out)
         if not cancelled and self._recall is not None and fut._state() == RUNNING:
             cancelled = bool(self._recall(fut))
         # As in concurrent.futures: a cancelled run stays cancelled, and
@@ -922,8 +996,7 @@ cdef class Engine(EngineBase):
         cdef RunVec out = RunVec(NULL, 0, 0)
         graph.lock()
         graph.cancel_all_locked(&out)
-        graph.unlock()
-        self._settle(&out, 0)
+        self._unlock_and_settle(&out)
         if self._recall is not None:
             self._recall(None)
 
@@ -957,10 +1030,42 @@ cdef class Engine(EngineBase):
         callables and the runner: ended futures keep the engine alive, and
         must not keep those alive through it."""
         self.graph.close()
+        if self._callback_pool is not None:
+            self._callback_pool.stop()
         self._specs.clear()
         self._last_spec = None
         self._spawn_consumer = None
         self._recall = None
+
+    def release(self):
+        """After close(), once no run is unfinished and the consumers are
+        gone: the futures and map blocks still alive keep their final states
+        themselves, and the graph's arrays are freed, so that a future kept
+        from an exited runner holds a few bytes, not the runner's graph.
+        Does nothing if runs are unfinished (an interrupted exit)."""
+        cdef Graph graph = self.graph
+        cdef int32_t run
+        cdef void* payload
+        cdef PyObject* owner
+        graph.lock()
+        if graph.released or not graph.closed or graph.n_unfinished or graph.n_settling:
+            graph.unlock()
+            return False
+        # Field writes only: nothing here allocates or lets go of an object
+        # (see _graph.pxd on the GIL and the lock).
+        for run in range(graph.run_cap):
+            payload = graph.payloads[run]
+            if graph.runs[run].state == FREE_SLOT or payload == NULL:
+                continue
+            owner = owner_of(payload)
+            if is_item(payload):
+                (<MapBlock>owner).detached = True
+            else:
+                (<TaskFuture>owner)._final = graph.runs[run].state
+                (<TaskFuture>owner)._run = -1
+        graph.free_arrays_locked()
+        graph.unlock()
+        return True
 
     @property
     def unfinished(self):
@@ -1003,6 +1108,26 @@ cdef inline void _forget_call(TaskFuture fut):
     fut._args = None
     fut._kwargs = None
     fut._flags &= ~ONE_ARG
+
+
+cdef int _prefetch_for(RunList runs, Engine engine) except -1:
+    """Fetch, one call per engine that keeps them, the results kept
+    elsewhere that the taken runs take as upstreams of another runner."""
+    cdef dict found = None
+    cdef TaskFuture fut
+    cdef Py_ssize_t i
+    for i in range(runs.n):
+        if is_item(runs.items[i]):
+            continue        # a block's items have upstreams of this engine only
+        fut = <TaskFuture>runs.items[i]
+        if fut._flags & HAS_OUTSIDE:
+            if found is None:
+                found = {}
+            find_kept_elsewhere(fut._args, engine, found, 0)
+            find_kept_elsewhere(fut._kwargs, engine, found, 0)
+    if found:
+        prefetch_found(found)
+    return 0
 
 
 cdef object _as_range(list values):

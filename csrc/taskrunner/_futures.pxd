@@ -45,9 +45,14 @@ cdef class EngineBase:
     # this engine's runners keep every result here)
     cdef object fetch
     cdef object fetch_many      # fetch_many(values, timeout): fetch of many at once, or None
+    # prefetch(values): fetch many at once and keep them, so that fetch(value,
+    # None) finds them without a round trip (or None): for the upstreams of
+    # another engine's runs
+    cdef object prefetch
 
     cdef void _spawn(self, int32_t n)
     cdef bint _cancel(self, TaskFuture fut) except -1
+    cdef void _run_callbacks(self, TaskFuture fut, list callbacks)
 
 
 cdef class _Extra:
@@ -63,8 +68,9 @@ cdef class TaskFuture:
     cdef object _value          # result; exception; for NOT_READY the cause
     cdef object _uuid
     cdef _Extra _extra
-    cdef int32_t _run
+    cdef int32_t _run           # its run in the graph; -1 before it is one, and once detached
     cdef uint8_t _flags
+    cdef uint8_t _final         # its final state, once detached from the graph (see Engine.release)
 
     cdef uint8_t _state(self)
     cdef bint _wait(self, object timeout) except -1
@@ -77,10 +83,15 @@ cdef class TaskFuture:
 
 
 cdef class Consumer:
-    """A thread running an engine's work loop: its engine, and whether it
-    holds one of the engine's running places right now."""
+    """A thread that must make room when it blocks on a future: one running
+    an engine's work loop (its engine; whether it holds one of the engine's
+    running places right now, or runs done callbacks and holds none), or
+    one with hooks of its own to call (a thread running done callbacks for
+    a runner elsewhere, a Dask worker's thread)."""
     cdef EngineBase engine
     cdef bint holding
+    cdef bint in_callbacks
+    cdef object hooks           # hooks.blocking() before it blocks, hooks.resumed() after
 
 
 cdef Consumer consumer_begin(EngineBase engine)

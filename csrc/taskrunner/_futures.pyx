@@ -93,13 +93,14 @@ cdef bint _wait_final(Graph graph, int32_t run, double deadline) except -1:
 
 
 cdef bint wait_run(Graph graph, int32_t run, double deadline) except -1:
-    """_wait_final for a caller that may be a consumer thread: it gives its
-    place up while it blocks."""
-    consumer = _secede()
+    """_wait_final for a caller that may be a consumer thread: it makes
+    room while it blocks (see _secede)."""
+    cdef Consumer consumer = _consumer()
+    cdef int how = _secede(consumer)
     try:
         return _wait_final(graph, run, deadline)
     finally:
-        _rejoin(consumer)
+        _rejoin(consumer, how)
 
 
 # -- consumers ----------------------------------------------------------------
@@ -121,25 +122,94 @@ cdef void consumer_end():
     _current.consumer = None
 
 
-cdef Consumer _secede():
-    """If this thread holds a consumer's place, give it up while it blocks,
-    so a task waiting on another never holds the pool hostage.  Returns the
-    consumer to rejoin afterwards, or None."""
-    cdef Consumer consumer = getattr(_current, "consumer", None)
+cdef inline Consumer _consumer():
+    return getattr(_current, "consumer", None)
+
+
+cdef enum:
+    _STAYED = 0         # nothing to give up
+    _GAVE_PLACE = 1     # gave its running place up
+    _STEPPED_ASIDE = 2  # ran callbacks: stopped counting as a consumer
+    _TOLD_HOOKS = 3     # called its hooks
+
+
+cdef int _secede(Consumer consumer) except -1:
+    """If this thread is a consumer, make room while it blocks, so a task
+    (or a done callback) waiting on another run never holds the pool
+    hostage: give its running place up, or stop counting as one of the
+    engine's consumers, or tell its hooks.  Returns what it did, for
+    _rejoin to undo."""
     cdef int32_t wanted
-    if consumer is None or not consumer.holding:
-        return None
-    consumer.holding = False
-    wanted = consumer.engine.graph.secede()
-    if wanted:
-        consumer.engine._spawn(wanted)
-    return consumer
+    if consumer is None:
+        return _STAYED
+    if consumer.holding or consumer.in_callbacks:
+        wanted = consumer.engine.graph.secede(consumer.holding)
+        if wanted:
+            consumer.engine._spawn(wanted)
+        if consumer.holding:
+            consumer.holding = False
+            return _GAVE_PLACE
+        return _STEPPED_ASIDE
+    if consumer.hooks is not None:
+        consumer.hooks.blocking()
+        return _TOLD_HOOKS
+    return _STAYED
 
 
-cdef void _rejoin(Consumer consumer):
-    if consumer is not None:
-        consumer.engine.graph.rejoin()
+cdef void _rejoin(Consumer consumer, int how):
+    if how == _GAVE_PLACE:
+        consumer.engine.graph.rejoin(True)
         consumer.holding = True
+    elif how == _STEPPED_ASIDE:
+        consumer.engine.graph.rejoin(False)
+    elif how == _TOLD_HOOKS:
+        try:
+            consumer.hooks.resumed()
+        except BaseException:
+            _log.exception("could not resume after a blocking wait")
+
+
+@cython.final
+cdef class blocking:
+    """`with blocking():` around a wait that is not on a future (a queue,
+    say) but may last until other runs end: a consumer thread makes room
+    meanwhile, as it does when it blocks on a future."""
+    cdef Consumer consumer
+    cdef int how
+
+    def __enter__(self):
+        self.consumer = _consumer()
+        self.how = _secede(self.consumer)
+        return self
+
+    def __exit__(self, *exc_info):
+        _rejoin(self.consumer, self.how)
+        self.consumer = None
+        return False
+
+
+@cython.final
+cdef class consumer_hooks:
+    """`with consumer_hooks(hooks):` makes this thread a consumer that calls
+    hooks.blocking() before it blocks on a future (or in blocking()) and
+    hooks.resumed() after, until the block ends."""
+    cdef object hooks
+    cdef object saved
+
+    def __cinit__(self, hooks):
+        self.hooks = hooks
+
+    def __enter__(self):
+        cdef Consumer consumer = Consumer.__new__(Consumer)
+        consumer.hooks = self.hooks
+        self.saved = _consumer()
+        _current.consumer = consumer
+        return self
+
+    def __exit__(self, *exc_info):
+        _current.consumer = self.saved
+        self.saved = None
+        return False
 
 
 # -- futures ------------------------------------------------------------------
@@ -151,6 +221,11 @@ cdef class EngineBase:
 
     cdef bint _cancel(self, TaskFuture fut) except -1:
         return False
+
+    cdef void _run_callbacks(self, TaskFuture fut, list callbacks):
+        """Run a future's done callbacks, here and now."""
+        for fn in callbacks:
+            _call_callback(fn, fut)
 
 
 @cython.final
@@ -182,11 +257,13 @@ cdef class TaskFuture:
             self._engine.graph.drop(self._run)
 
     cdef uint8_t _state(self):
+        if self._run < 0:
+            return self._final
         return self._engine.graph.state_of(self._run)
 
     cdef bint _wait(self, object timeout) except -1:
         cdef double deadline
-        if self._engine.graph.state_of(self._run) >= COMPLETED:
+        if self._state() >= COMPLETED:
             return True
         deadline = deadline_of(timeout)
         return wait_run(self._engine.graph, self._run, deadline)
@@ -236,6 +313,8 @@ cdef class TaskFuture:
         # reference to the cause, the core's record still names it.
         cdef Graph graph = self._engine.graph
         cdef void* payload
+        if self._run < 0:
+            return None
         graph.lock()
         payload = graph.cause_payload_locked(self._run)
         graph.unlock()
@@ -269,8 +348,7 @@ cdef class TaskFuture:
             return
         callbacks = self._extra.callbacks
         self._extra.callbacks = None
-        for fn in callbacks:
-            _call_callback(fn, self)
+        self._engine._run_callbacks(self, callbacks)
 
     @property
     def task_run_id(self):
@@ -319,10 +397,12 @@ cdef class TaskFuture:
         """The task's return value.  If the run did not complete, raise its
         exception (with raise_on_failure=False, return it).  TimeoutError if
         the run is not final within `timeout` seconds."""
+        # A result kept elsewhere: fetching it counts against the timeout too.
+        cdef double deadline = deadline_of(timeout) if self._engine.fetch is not None else -1.0
         cdef uint8_t state = self._final_state(timeout)
         if state == COMPLETED:
             if self._flags & REMOTE_VALUE:
-                return self._engine.fetch(self._value, timeout)
+                return self._engine.fetch(self._value, remaining(deadline))
             return self._value
         error = self._error(state)
         if raise_on_failure:

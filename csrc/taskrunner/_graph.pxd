@@ -109,6 +109,10 @@ cdef class Graph:
     cdef int32_t ring_len
 
     cdef readonly int64_t n_unfinished   # runs not yet visibly final
+    # Owners still settling runs that ended (letting go of them, running
+    # their done callbacks, which may submit more): the graph is quiet only
+    # when this is 0 too.
+    cdef readonly int32_t n_settling
     cdef readonly int32_t n_ready        # runs in state READY
     cdef readonly int32_t n_live         # slots in use
 
@@ -126,6 +130,7 @@ cdef class Graph:
     cdef int32_t quiet_waiters
     cdef bint spawns            # the owner starts consumers when asked (spawn_wanted)
     cdef readonly bint closed
+    cdef readonly bint released    # its arrays are freed (see release_quiet)
     cdef readonly int64_t cancel_epoch  # cancel_all_locked() calls so far
 
     cdef inline void lock(self) noexcept nogil:
@@ -150,11 +155,15 @@ cdef class Graph:
     cdef void complete_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil
     cdef void complete_taken_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil
     cdef int32_t complete_and_take(self, int32_t run, uint8_t state, RunVec* out,
-                                   void** payload, int32_t* spawn) noexcept nogil
+                                   void** payload, int32_t* spawn, bint* settling) noexcept nogil
     cdef int32_t consumer_enter(self) noexcept nogil
     cdef void consumer_exit(self) noexcept nogil
-    cdef int32_t secede(self) noexcept nogil
-    cdef void rejoin(self) noexcept nogil
+    cdef int32_t secede(self, bint holding) noexcept nogil
+    cdef void rejoin(self, bint holding) noexcept nogil
+    cdef void settling_end(self) noexcept nogil
+
+    cdef inline void settling_begin_locked(self) noexcept nogil:
+        self.n_settling += 1
     cdef int32_t pop_spawn_wanted_locked(self) noexcept nogil
 
     # Ending runs from outside.
@@ -164,6 +173,7 @@ cdef class Graph:
     cdef void drop_locked(self, int32_t run) noexcept nogil
     cdef void close(self) noexcept nogil
     cdef bint close_if_quiet(self) noexcept nogil
+    cdef void free_arrays_locked(self) noexcept nogil
 
     # Reading and waiting.
     cdef uint8_t state_of(self, int32_t run) noexcept nogil

@@ -72,6 +72,7 @@ cdef class Graph:
         self.ring_mask = 0
 
     def __dealloc__(self):
+        # (free(NULL) is a no-op: a released graph's arrays are gone already.)
         tr_cond_destroy(&self.done_cond)
         tr_cond_destroy(&self.work_cond)
         tr_mutex_destroy(&self.mutex)
@@ -387,8 +388,11 @@ cdef class Graph:
         self.complete_locked(run, state, out)
 
     cdef int32_t complete_and_take(self, int32_t run, uint8_t state, RunVec* out,
-                                   void** payload, int32_t* spawn) noexcept nogil:
-        """A consumer's step: end its run and take the next in one lock."""
+                                   void** payload, int32_t* spawn, bint* settling) noexcept nogil:
+        """A consumer's step: end its run and take the next in one lock.
+        If `settling` is set (the run has done callbacks to run) or runs
+        ended downstream, the consumer is counted as settling them, and
+        `settling` says so: it calls settling_end() when it is done."""
         cdef Py_ssize_t start = out.len
         cdef int32_t nxt
         self.lock()
@@ -396,6 +400,9 @@ cdef class Graph:
         self._finish(run, state)
         self._fire_edges(run, state == COMPLETED, out)
         self._fail_downstream(start, out)
+        if settling[0] or out.len > start:
+            self.n_settling += 1
+            settling[0] = True
         # Take before waking anyone: the runs this completion released are
         # best run here, while their inputs are warm.
         nxt = self.take_locked(payload)
@@ -420,24 +427,37 @@ cdef class Graph:
         self._demand()
         self.unlock()
 
-    cdef int32_t secede(self) noexcept nogil:
-        """A consumer is about to block in a nested wait: free its place.
+    cdef int32_t secede(self, bint holding) noexcept nogil:
+        """A consumer is about to block in a nested wait: free its place
+        (the running place it holds, if `holding`; else it runs no task,
+        done callbacks say, and only stops counting as a consumer).
         Returns how many new consumers are wanted."""
         cdef int32_t wanted
         self.lock()
-        self.n_running -= 1
+        if holding:
+            self.n_running -= 1
         self.n_seceded += 1
         self._demand()
         wanted = self.pop_spawn_wanted_locked()
         self.unlock()
         return wanted
 
-    cdef void rejoin(self) noexcept nogil:
+    cdef void rejoin(self, bint holding) noexcept nogil:
         # May exceed max_running for a moment; the surplus drains as the
         # consumers finish, since take_locked honours the limit.
         self.lock()
         self.n_seceded -= 1
-        self.n_running += 1
+        if holding:
+            self.n_running += 1
+        self.unlock()
+
+    cdef void settling_end(self) noexcept nogil:
+        """An owner is done settling what one critical section ended (see
+        n_settling)."""
+        self.lock()
+        self.n_settling -= 1
+        if self.n_settling == 0 and self.n_unfinished == 0 and self.quiet_waiters:
+            tr_cond_broadcast(&self.done_cond)
         self.unlock()
 
     cdef int32_t pop_spawn_wanted_locked(self) noexcept nogil:
@@ -500,6 +520,8 @@ cdef class Graph:
     cdef void drop_locked(self, int32_t run) noexcept nogil:
         """The owner lets go of a run: its slot is reused once nothing
         points at it."""
+        if self.released:
+            return
         self.runs[run].flags |= F_DROPPED
         self._maybe_free(run)
 
@@ -509,12 +531,38 @@ cdef class Graph:
         tr_cond_broadcast(&self.work_cond)
         self.unlock()
 
+    cdef void free_arrays_locked(self) noexcept nogil:
+        """Free the run, edge and ring arrays of a closed, quiet graph whose
+        owner has detached every run it still holds (so nothing reads them
+        again): an exited runner keeps only what its surviving futures
+        need, and they keep their states themselves.  The readers a future
+        may still reach (state_of, wait_final, drop) answer as for final
+        runs from now on."""
+        free(self.runs)
+        free(self.payloads)
+        free(self.edges)
+        free(self.ring)
+        self.runs = NULL
+        self.payloads = NULL
+        self.edges = NULL
+        self.ring = NULL
+        self.run_cap = 0
+        self.edge_cap = 0
+        self.edge_top = 0
+        self.free_run = -1
+        self.free_edge = -1
+        self.ring_len = 0
+        self.ring_mask = 0
+        self.n_live = 0
+        self.released = True
+
     cdef bint close_if_quiet(self) noexcept nogil:
-        """Close, but only if no run is unfinished: so a run added from
-        outside at the last moment is refused, never stranded."""
+        """Close, but only if no run is unfinished and none is being
+        settled: so a run added from outside (or by a done callback) at the
+        last moment is refused, never stranded."""
         cdef bint quiet
         self.lock()
-        quiet = self.n_unfinished == 0
+        quiet = self.n_unfinished == 0 and self.n_settling == 0
         if quiet:
             self.closed = True
             tr_cond_broadcast(&self.work_cond)
@@ -526,36 +574,46 @@ cdef class Graph:
     cdef uint8_t state_of(self, int32_t run) noexcept nogil:
         cdef uint8_t state
         self.lock()
-        state = self.runs[run].state
+        # Released: only a reader that took the run number before its
+        # future was detached gets here, and every run was final.
+        state = COMPLETED if self.released else self.runs[run].state
         self.unlock()
         return state
 
     cdef void* cause_payload_locked(self, int32_t run) noexcept nogil:
         # Valid only while the cause's owner still holds it (see Ended).
-        cdef int32_t cause = self.runs[run].cause
+        cdef int32_t cause
+        if self.released:
+            return NULL
+        cause = self.runs[run].cause
         return self.payloads[cause] if cause >= 0 else NULL
 
     cdef bint wait_final(self, int32_t run, double deadline) noexcept nogil:
         cdef bint final
         self.lock()
+        if self.released:
+            self.unlock()
+            return True
         self.runs[run].flags |= F_WAITED
-        while self.runs[run].state < COMPLETED:
+        # Released while this thread slept (woken by the run's end, it
+        # lost the race for the lock to free_arrays_locked): the run is final.
+        while not self.released and self.runs[run].state < COMPLETED:
             if tr_cond_wait_until(&self.done_cond, &self.mutex, deadline):
                 break
-        final = self.runs[run].state >= COMPLETED
+        final = self.released or self.runs[run].state >= COMPLETED
         self.unlock()
         return final
 
     cdef bint wait_quiet(self, double deadline) noexcept nogil:
-        """Wait until no run is unfinished."""
+        """Wait until no run is unfinished and none is being settled."""
         cdef bint quiet
         self.lock()
         self.quiet_waiters += 1
-        while self.n_unfinished > 0:
+        while self.n_unfinished > 0 or self.n_settling > 0:
             if tr_cond_wait_until(&self.done_cond, &self.mutex, deadline):
                 break
         self.quiet_waiters -= 1
-        quiet = self.n_unfinished == 0
+        quiet = self.n_unfinished == 0 and self.n_settling == 0
         self.unlock()
         return quiet
 

@@ -23,6 +23,7 @@ cdef class MapBlock:
     cdef Py_ssize_t registered  # items 0 .. registered-1 are runs of the graph
     cdef Py_ssize_t pending     # runs neither ended (as the block saw it) nor handed over
     cdef bint held              # the engine's reference, while `pending`
+    cdef bint detached          # its runs left the graph (see Engine.release): every item ended
     cdef int32_t* runs          # item i's run
     cdef uint8_t* ended         # item i's final state once the block saw it end, else 0
     cdef PyObject** values      # item i's result, exception, or NOT_READY cause (owned)

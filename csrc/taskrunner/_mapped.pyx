@@ -36,7 +36,7 @@ cdef class MapBlock:
     def __dealloc__(self):
         cdef Py_ssize_t i
         cdef Graph graph = self.engine.graph if self.engine is not None else None
-        if graph is not None and self.registered:
+        if graph is not None and self.registered and not (self.detached or graph.released):
             # Every item has ended.  A handed-over item's slot is its
             # future's to give back, and must no longer point here.
             graph.lock()
@@ -107,7 +107,11 @@ cdef class MapBlock:
                 unfinished += not self.ended[i]
                 continue
             fut = blank_future(self.engine, self.spec)
-            fut._run = self.runs[i] if i < self.registered else -1
+            if self.detached or graph.released:
+                fut._run = -1
+                fut._final = self.ended[i]
+            else:
+                fut._run = self.runs[i] if i < self.registered else -1
             if self.ended[i]:
                 if self.values[i] != NULL:
                     fut._value = <object>self.values[i]
@@ -122,7 +126,7 @@ cdef class MapBlock:
                 unfinished += 1
             Py_INCREF(fut)
             self.futures[i] = <PyObject*>fut
-        if unfinished:
+        if unfinished and not graph.released:
             graph.lock()
             for i in range(lo, min(hi, self.registered)):
                 run = self.runs[i]

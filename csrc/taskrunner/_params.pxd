@@ -42,5 +42,8 @@ cdef int scan(object value, Upstreams* ups, bint allow, int depth) except -1
 cdef int scan_call(TaskFuture fut, Upstreams* ups) except -1
 cdef list wait_for_upstreams(object wait_for, Upstreams* ups)
 cdef dict checked_dependencies(object dependencies)
+cdef int find_kept_elsewhere(object value, EngineBase consumer, dict found,
+                             int depth) except -1
+cdef int prefetch_found(dict found) except -1
 cdef object resolve(object value, bint allow, int depth, EngineBase consumer)
 cdef tuple resolve_args(tuple args, EngineBase consumer)

@@ -14,7 +14,8 @@ from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 
-from taskrunner._futures cimport NEEDS_RESOLVE, EngineBase, TaskFuture
+from taskrunner._futures cimport NEEDS_RESOLVE, REMOTE_VALUE, EngineBase, TaskFuture
+from taskrunner._graph cimport COMPLETED
 from taskrunner._mapped cimport FutureList
 
 import copy
@@ -150,6 +151,41 @@ cdef dict checked_dependencies(object dependencies):
                     f"dependencies[{name!r}] must hold futures, not {type(f).__name__} ({f!r:.60})")
         checked[name] = futures
     return checked
+
+
+cdef int find_kept_elsewhere(object value, EngineBase consumer, dict found,
+                             int depth) except -1:
+    """Add to `found` (engine -> {id: value}) the results kept elsewhere
+    (REMOTE_VALUE) of the completed futures inside `value` that resolve()
+    will fetch for a run of `consumer`: futures of another engine that can
+    prefetch."""
+    cdef TaskFuture fut
+    if is_plain(value) or depth >= _MAX_DEPTH:
+        return 0
+    if isinstance(value, TaskFuture):
+        fut = <TaskFuture>value
+        if (fut._flags & REMOTE_VALUE and fut._engine is not consumer
+                and fut._engine.prefetch is not None and fut._state() == COMPLETED):
+            found.setdefault(fut._engine, {})[id(fut._value)] = fut._value
+        return 0
+    if PyList_Check(value) or PyTuple_Check(value) or PyAnySet_Check(value):
+        for item in value:
+            if not is_plain(item):
+                find_kept_elsewhere(item, consumer, found, depth + 1)
+    elif PyDict_Check(value):
+        for item in value.values():
+            if not is_plain(item):
+                find_kept_elsewhere(item, consumer, found, depth + 1)
+    elif isinstance(value, _Annotation) and not isinstance(value, quote):
+        find_kept_elsewhere((<object>value).value, consumer, found, depth + 1)
+    return 0
+
+
+cdef int prefetch_found(dict found) except -1:
+    """Fetch what find_kept_elsewhere() found, one call per engine."""
+    for engine, values in found.items():
+        (<EngineBase>engine).prefetch(list(values.values()))
+    return 0
 
 
 cdef object resolve(object value, bint allow, int depth, EngineBase consumer):

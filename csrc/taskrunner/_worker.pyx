@@ -3,14 +3,21 @@
 block it shares with the parent.
 
 The parent sends batches of runs, each run numbered (its sequence number,
-increasing per worker).  The worker runs them in order and sends results
-back in batches, at least every FLUSH_SECONDS while a batch is long, so
-results stream.  Before starting a run it writes the run's number into its
-control block as started and checks the block's stop window: a run inside
-the window is not started but reported as skipped.  After the run it writes
-the number as finished.  So the parent knows, if the worker dies, which run
-killed it (started, not finished) and which runs to run again; and it can
-take back runs it sent that have not started.
+increasing per worker), every number in a batch once, in order.  The worker
+answers every number, in order: with a result, an error, or "skipped" (a
+run in a group of function SKIP, which the parent could not send, or one
+in the stop window).  It sends results back in batches, at least every
+FLUSH_SECONDS while a batch is long, so results stream; each message holds
+consecutive runs.  From the moment it waits for a batch until it has
+unpickled it, its control block says it is loading.  Before starting a run
+it writes the run's number as started and checks the block's stop window:
+a run inside the window is not started but reported as skipped.  After the
+run it writes the number as finished.  So the parent knows, if the worker
+dies, which run killed it (started, not finished) and which runs to run
+again; and it can take back runs it sent that have not started, to run
+them elsewhere while this worker is busy with a long run (not while it is
+loading: a batch slow to arrive or to unpickle would be as slow on another
+worker, and taking it back would only move the wait).
 """
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
@@ -47,6 +54,12 @@ cdef enum:
     FINISHED = 1                # the run it finished (or skipped) last
     STOP_FROM = 2               # it must not start runs STOP_FROM <= n < STOP_TO
     STOP_TO = 3
+    LOADING = 4                 # 1 while it waits for, reads or unpickles a batch
+
+# The function id of a group of runs the parent could not send (their
+# arguments did not pickle): the worker reports them skipped, so that its
+# answers stay in step with the numbers sent.
+SKIP = -1
 
 
 cdef class ControlBlock:
@@ -66,6 +79,7 @@ cdef class ControlBlock:
         tr_store64(&self.words[FINISHED], -1)
         tr_store64(&self.words[STOP_FROM], 0)
         tr_store64(&self.words[STOP_TO], 0)
+        tr_store64(&self.words[LOADING], 1)
 
     @property
     def started(self):
@@ -74,6 +88,10 @@ cdef class ControlBlock:
     @property
     def finished(self):
         return tr_load64(&self.words[FINISHED])
+
+    @property
+    def loading(self):
+        return tr_load64(&self.words[LOADING]) != 0
 
     @property
     def stop_window(self):
@@ -96,6 +114,9 @@ cdef class ControlBlock:
 
     cdef void finish(self, long long seq) noexcept:
         tr_store64(&self.words[FINISHED], seq)
+
+    cdef void set_loading(self, bint loading) noexcept:
+        tr_store64(&self.words[LOADING], 1 if loading else 0)
 
 
 def _describe(exc):
@@ -136,6 +157,8 @@ cdef class _Results:
         self.last_send = tr_monotonic()
 
     cdef void start_group(self, long long first, str name):
+        if self.values and first != self.first + len(self.values):
+            self.flush()        # a message holds consecutive runs only
         if not self.values:
             self.first = first
         self.spans.append((first, name))
@@ -362,6 +385,7 @@ def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup):
     result_conn.send_bytes(pickle.dumps(("ready", os.getpid())))
     flusher.start()
     while True:
+        block.set_loading(True)
         try:
             data = task_conn.recv_bytes()
         except (EOFError, OSError):
@@ -382,13 +406,26 @@ def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup):
             with results.send_lock:
                 result_conn.send_bytes(pickle.dumps(("bad-batch", _describe(exc)[1])))
             continue
+        block.set_loading(False)
         for function_id, first, args_list, kwargs_list, single in groups:
+            if function_id == SKIP:
+                _skip_group(first, len(args_list), block, results)
+                continue
             _run_group(functions[function_id], first, args_list, kwargs_list, single,
                        block, results, loop)
         results.flush()
     results.stopped = True
     if loop.loop is not None:
         loop.loop.close()
+
+
+cdef _skip_group(long long first, Py_ssize_t n, ControlBlock block, _Results results):
+    cdef Py_ssize_t i
+    results.start_group(first, "?")
+    for i in range(n):
+        results.add_skipped(first + i)
+        block.finish(first + i)
+    results.end_group()
 
 
 cdef _run_group(tuple function, long long first, object args_list, list kwargs_list,
