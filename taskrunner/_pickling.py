@@ -3,11 +3,11 @@ how values are pickled, the checks that reject an unpicklable task or
 parameter at the call, and the remote traceback a task's exception brings
 back."""
 
-import io
 import pickle
 
 import cloudpickle
 
+from taskrunner._engine import is_mappable
 from taskrunner._futures import TaskFuture
 from taskrunner.annotations import allow_failure, quote, unmapped
 
@@ -65,10 +65,10 @@ def checked_map_value(name, value):
         check_picklable(value.value, f"parameter {name!r}")
         return value
     if (isinstance(value, (allow_failure, quote)) and not isinstance(value.value, TaskFuture)
-            and _iterable(value.value)):
+            and is_mappable(value.value)):
         # Mapped item by item, each item wrapped (see Engine.map).
         return type(value)(checked_map_value(name, value.value))
-    if isinstance(value, (str, bytes, range, TaskFuture)) or not _iterable(value):
+    if isinstance(value, (range, TaskFuture)) or not is_mappable(value):
         check_picklable(value, f"parameter {name!r}")
         return value
     if not isinstance(value, (list, tuple)):
@@ -79,19 +79,6 @@ def checked_map_value(name, value):
         for index, item in enumerate(value):
             check_picklable(item, f"item {index} of parameter {name!r}")
     return value
-
-
-def _iterable(value):
-    """Whether map() maps over `value`, by the engine's rule: not a file,
-    and iter() works (a 0-d array has __iter__, and iter() of it raises
-    TypeError: it is passed whole)."""
-    if isinstance(value, io.IOBase):
-        return False
-    try:
-        iter(value)
-    except TypeError:
-        return False
-    return True
 
 
 class _Discard:

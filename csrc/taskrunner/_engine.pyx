@@ -1214,7 +1214,14 @@ cdef bint _all_of(Engine engine, Upstreams* ups):
     return True
 
 
+def is_mappable(value):
+    """Whether map() maps over `value` (item by item) or passes it whole."""
+    return _is_mappable(value)
+
+
 cdef bint _is_mappable(object value):
+    # Not text or a file; and iter() must work (a 0-d array has __iter__,
+    # and iter() of it raises TypeError).
     if isinstance(value, (str, bytes, io.IOBase)):
         return False
     try:
