@@ -69,6 +69,7 @@ MIN_WINDOW = 1_024      # ... at least (a cluster may have no worker yet)
 MAX_BATCH = 5_000       # runs in one message to the scheduler at most
 SHARED_BYTES = 64 << 10     # a value several runs share goes once from this size
 IN_HAND_TIMEOUT = 10.0  # seconds a recall waits for the dispatcher to register runs
+HOLD_BACK_SECONDS = 3.0     # a recall waits this long for the workers to answer
 
 _INSTALL_HINT = "pip install 'taskrunner[dask]'"
 
@@ -383,15 +384,15 @@ def _is_timeout(error):
     return isinstance(error, (TimeoutError, asyncio.TimeoutError))
 
 
-def _within(timeout, fn, *args):
+def _within(timeout, fn, *args, **kwargs):
     """fn(*args), or TimeoutError after `timeout` seconds (None: no limit):
     a gather has no timeout of its own.  One that outlasts it is left to
     finish on its own."""
     if timeout is None:
-        return fn(*args)
+        return fn(*args, **kwargs)
     outcome = []
-    thread = threading.Thread(target=lambda: outcome.append(_outcome(fn, args)), daemon=True,
-                              name="taskrunner-dask-fetch")
+    thread = threading.Thread(target=lambda: outcome.append(_outcome(fn, args, kwargs)),
+                              daemon=True, name="taskrunner-dask-wait")
     thread.start()
     thread.join(timeout)
     if not outcome:
@@ -402,9 +403,9 @@ def _within(timeout, fn, *args):
     return value
 
 
-def _outcome(fn, args):
+def _outcome(fn, args, kwargs):
     try:
-        return fn(*args), None
+        return fn(*args, **kwargs), None
     except BaseException as error:
         return None, error
 
@@ -768,8 +769,14 @@ class _Dispatch:
             thread.join()
         try:
             self._fetch_held()
-            if self.recalled_any:
-                self.client.run(_forget_marks, self.session, on_error="ignore")
+            if self.recalled_any and self.client.status == "running":
+                # Bounded, as the marks were: a lost scheduler must not hold
+                # the exit (the marks then go with the workers).
+                _within(HOLD_BACK_SECONDS, self.client.run, _forget_marks, self.session,
+                        on_error="ignore")
+        except TimeoutError:
+            _log.warning("the Dask workers did not answer within %s s on exit",
+                         HOLD_BACK_SECONDS)
         except Exception:
             _log.exception("could not settle the Dask results on exit")
         finally:
@@ -804,6 +811,11 @@ class _Dispatch:
 
     def _fetch_held(self):
         handles = [h for h in list(self.handles) if h.future is not None and not h.kept]
+        if handles and self.client.status != "running":
+            lost = TaskRunnerError("the client lost its connection to the Dask scheduler")
+            for handle in handles:
+                handle.error, handle.future = lost, None
+            return
         for handle, (value, error) in zip(handles, self._gather(handles)):
             handle.value, handle.error, handle.future = value, error, None
 
@@ -1118,7 +1130,15 @@ class _Dispatch:
             # The runs end as Dask reports them.
             return set(keys)
         try:
-            answers = self.client.run(_hold_back, keys, on_error="return")
+            # Bounded: a scheduler that died a moment ago (the client has not
+            # noticed yet) would keep the call waiting for Dask's connect
+            # timeout.  Unanswered, every run may have started.
+            answers = _within(HOLD_BACK_SECONDS, self.client.run, _hold_back, keys,
+                              on_error="return")
+        except TimeoutError:
+            _log.warning("the Dask workers did not answer a recall within %s s",
+                         HOLD_BACK_SECONDS)
+            return set(keys)
         except Exception:
             _log.exception("could not recall runs from the Dask workers")
             return set(keys)

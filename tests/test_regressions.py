@@ -256,7 +256,8 @@ def test_dask_runs_on_a_lost_scheduler_end_crashed(make_gate, make_path):
     cluster = DaskCluster((1,)).start()
     started = make_path()
     try:
-        with running(DaskTaskRunner(address=cluster.address), exit_timeout=60) as r, \
+        # The exit must not wait for the lost scheduler either.
+        with running(DaskTaskRunner(address=cluster.address), exit_timeout=15) as r, \
                 make_gate() as gate:
             held = r.submit(rt.gated, {"value": 1, "gate": gate.path, "started": started})
             queued = [r.submit(rt.inc, {"x": i}) for i in range(5)]
