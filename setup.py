@@ -4,7 +4,8 @@ extension modules.  Everything else is in pyproject.toml."""
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-CORE = ["_graph", "_calls", "_futures", "_mapped", "_params", "_engine", "_worker"]
+CORE = ["_graph", "_calls", "_futures", "_mapped", "_params", "_engine", "_consume", "_remote",
+        "_worker"]
 
 extensions = [
     Extension(

@@ -95,7 +95,7 @@ class EngineTaskRunner(TaskRunner):
             self._engine = None
             self._stop()
             # The futures that outlive the runner keep their own states.
-            engine.release()
+            engine.free_graph()
         return None
 
     def submit(self, task, parameters=None, wait_for=None, dependencies=None):

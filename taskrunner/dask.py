@@ -33,7 +33,6 @@ import itertools
 import logging
 import pickle
 import threading
-import time
 import traceback
 import types
 import uuid
@@ -42,7 +41,7 @@ from collections.abc import Mapping
 
 import cloudpickle
 
-from taskrunner._calls import call_spec
+from taskrunner._calls import TaskLoop, call_spec
 from taskrunner._engine import Engine
 from taskrunner._futures import consumer_hooks
 from taskrunner._graph import STATES
@@ -52,7 +51,8 @@ from taskrunner._pickling import (
     check_picklable, checked_map_value, dumps, dumps_checked, unsendable_call_error,
     with_remote_traceback,
 )
-from taskrunner.threads import _WorkerLoop
+from taskrunner._mapped import join_runs
+from taskrunner._remote import Outbox
 
 __all__ = ["DaskTaskRunner"]
 
@@ -68,7 +68,6 @@ RUNS_PER_THREAD = 512   # runs handed to the cluster at once, per worker thread
 MIN_WINDOW = 1_024      # ... at least (a cluster may have no worker yet)
 MAX_BATCH = 5_000       # runs in one message to the scheduler at most
 SHARED_BYTES = 64 << 10     # a value several runs share goes once from this size
-IN_HAND_TIMEOUT = 10.0  # seconds a recall waits for the dispatcher to register runs
 HOLD_BACK_SECONDS = 3.0     # a recall waits this long for the workers to answer
 
 _INSTALL_HINT = "pip install 'taskrunner[dask]'"
@@ -458,7 +457,7 @@ def _run(fn, is_async, key, blob, deps):
             with consumer_hooks(_Seceder()):
                 value = fn(*args, **kwargs) if kwargs else fn(*args)
             if is_async or type(value) is types.CoroutineType:
-                loop = _WorkerLoop()
+                loop = TaskLoop()
                 try:
                     value = loop.run_coroutine(value)
                 finally:
@@ -722,6 +721,16 @@ def _gather_each(client, futures):
 
 # -- the dispatcher and the watcher ---------------------------------------------------------
 
+class _Sent:
+    """A run handed to Dask: the run (a RunList of one) and its task's name."""
+
+    __slots__ = ("runs", "name")
+
+    def __init__(self, runs, name):
+        self.runs = runs
+        self.name = name
+
+
 class _Dispatch:
     """The client side of one entered runner: hands runs to the scheduler,
     ends them as Dask reports them done, takes back recalled ones."""
@@ -735,11 +744,10 @@ class _Dispatch:
         self.numbers = itertools.count()
         self.lock = threading.Lock()
         self.wake = threading.Condition(self.lock)
-        self.keys = {}                  # TaskFuture -> key, for runs handed over
-        self.runs = {}                  # key -> TaskFuture
+        self.keys = {}                  # run id -> key, for runs handed over
+        self.runs = {}                  # key -> _Sent
         self.dask_futures = {}          # key -> distributed.Future, once sent
         self.recalling = set()          # keys being recalled now
-        self.settling = 0               # runs dropped here, not yet ended in the engine
         self.recalled_any = False
         self.handles = weakref.WeakSet()    # of completed runs, to fetch at exit
         self.scattered = {}             # id(value) -> (value, dask future): see _shared_values
@@ -751,6 +759,7 @@ class _Dispatch:
         from distributed import as_completed
 
         self.engine = engine
+        self.outbox = Outbox(engine)
         self.completions = as_completed(loop=self.client.loop)
         for target, name in ((self._dispatch, "dispatcher"), (self._watch, "watcher")):
             thread = threading.Thread(target=target, name=f"taskrunner-dask-{name}", daemon=True)
@@ -826,7 +835,7 @@ class _Dispatch:
     # -- handing runs over ----------------------------------------------------------------
 
     def _dispatch(self):
-        engine = self.engine
+        outbox = self.outbox
         low = self.window // 2
         while True:
             # With more than half the window in flight the cluster has work
@@ -834,35 +843,42 @@ class _Dispatch:
             with self.lock:
                 while len(self.runs) > low and not self.closing:
                     self.wake.wait()
-            futures = engine.take_ready(MAX_BATCH)
-            if futures is None:
+            runs = outbox.take(MAX_BATCH)
+            if runs is None:
                 return
             try:
-                self._send(futures)
+                self._send(runs)
             except Exception as error:     # a bug, or the cluster is gone: never lose runs
                 _log.exception("could not hand runs to the Dask scheduler")
-                self._crash_unsent(futures, error)
+                self._crash_unsent(runs, error)
 
-    def _send(self, futures):
-        numbers = self.numbers
-        session = self.session
-        with self.lock:
-            keys = []
-            for future in futures:
-                key = f"{future.task_name}-{session}-{next(numbers)}"
-                self.keys[future] = key
-                self.runs[key] = future
-                keys.append(key)
-        fns, asyncs, blobs, deps, sent_keys = [], [], [], [], []
-        unpicklable = []
-        groups = self.engine.calls_of(futures)
+    def _send(self, runs):
         specs, calls = [], []
-        for spec, args_list, kwargs_list in groups:
+        for spec, args_list, kwargs_list, _ in self.outbox.calls(runs):
             for j, args in enumerate(args_list):
                 specs.append(spec)
                 calls.append((args, kwargs_list[j] if kwargs_list else None))
+        session = self.session
+        with self.lock:
+            # Sent and registered in one critical section of ours: a recall
+            # (under this lock) finds every run sent.  Those cancelled since
+            # we took them stay behind.
+            sent = set(self.outbox.mark_sent(runs).run_ids())
+            keys = []
+            for i, run_id in enumerate(runs.run_ids()):
+                if run_id not in sent:
+                    keys.append(None)
+                    continue
+                key = f"{specs[i].name}-{session}-{next(self.numbers)}"
+                self.keys[run_id] = key
+                self.runs[key] = _Sent(runs[i:i + 1], specs[i].name)
+                keys.append(key)
+        fns, asyncs, blobs, deps, sent_keys = [], [], [], [], []
+        unpicklable = []
         dumper = _CallDumper(self.client, self._shared_values(calls))
         for key, spec, call in zip(keys, specs, calls):
+            if key is None:
+                continue
             try:
                 blob, dep = dumper.dump(call)
             except Exception as error:
@@ -928,62 +944,38 @@ class _Dispatch:
         return shared
 
     def _fail_unpicklable(self, failures):
-        futures, errors = [], []
+        ended, errors = [], []
         with self.lock:
             for key, spec, (args, kwargs), error in failures:
-                future = self._forget(key)
-                if future is not None:
-                    futures.append(future)
+                sent = self._forget(key)
+                if sent is not None:
+                    ended.append(sent.runs)
                     errors.append(unsendable_call_error(
                         spec, args, kwargs, dumps, "the Dask cluster", error))
-        try:
-            self.engine.finish(futures, errors, [_FAILED] * len(futures))
-        finally:
-            self._settled(len(futures))
+        if ended:
+            self.outbox.finish(join_runs(ended), errors, _FAILED)
 
-    def _crash_unsent(self, futures, error):
+    def _crash_unsent(self, runs, error):
         crashed = []
         with self.lock:
-            for future in futures:
-                key = self.keys.get(future)
+            for run_id in runs.run_ids():
+                key = self.keys.get(run_id)
                 if key is not None and key not in self.dask_futures:
-                    self._forget(key)
-                    crashed.append(future)
-        crash = CrashedRun(f"could not hand the run to the Dask scheduler: "
-                           f"{type(error).__name__}: {error}")
-        try:
-            self.engine.finish(crashed, [crash] * len(crashed), [_CRASHED] * len(crashed))
-        finally:
-            self._settled(len(crashed))
+                    crashed.append(self._forget(key).runs)
+        if crashed:
+            crash = CrashedRun(f"could not hand the run to the Dask scheduler: "
+                               f"{type(error).__name__}: {error}")
+            self.outbox.finish(join_runs(crashed), [crash] * len(crashed), _CRASHED)
 
     def _forget(self, key):
-        """Drop a run handed over; its future, or None if already dropped.
-        The caller ends it in the engine, then calls _settled().  Lock held."""
-        future = self.runs.pop(key, None)
-        if future is not None:
-            del self.keys[future]
+        """Drop a run handed over; its _Sent, or None if already dropped.
+        The caller ends it in the engine.  Lock held."""
+        sent = self.runs.pop(key, None)
+        if sent is not None:
+            del self.keys[sent.runs.run_ids()[0]]
             self.dask_futures.pop(key, None)
-            self.settling += 1
-        return future
-
-    def _settled(self, count):
-        """`count` runs dropped by _forget() have ended in the engine."""
-        if count:
-            with self.lock:
-                self.settling -= count
-                self.wake.notify_all()
-
-    def _wait_in_hand(self):
-        """Wait until every run the engine counts as handed out is known
-        here: the dispatcher has taken none it has not yet registered.
-        Lock held."""
-        deadline = time.monotonic() + IN_HAND_TIMEOUT
-        graph = self.engine.graph
-        while graph.n_running > len(self.runs) + self.settling and not self.closing:
-            if time.monotonic() > deadline:
-                _log.warning("runs taken by the Dask dispatcher were not registered in time")
-                return
-            self.wake.wait(0.01)
+            self.wake.notify_all()
+        return sent
 
     # -- runs ending -----------------------------------------------------------------------
 
@@ -1012,7 +1004,7 @@ class _Dispatch:
                 _log.exception("error handling Dask results")
 
     def _ended(self, batch):
-        futures, values, states = [], [], []
+        ended, values, states = [], [], []
         requeue, rewatch = [], []
         for dask_future in batch:
             key = dask_future.key
@@ -1038,33 +1030,31 @@ class _Dispatch:
                 else:
                     outcome = _outcome_of(error)
             with self.lock:
-                future = self._forget(key)
-            if future is None:
+                sent = self._forget(key)
+            if sent is None:
                 continue
             if outcome is None:
                 # Marks left by a recall that found the run may have started
                 # elsewhere; this attempt did not start: run it again.
-                requeue.append(future)
+                requeue.append(sent.runs)
                 continue
             value, state = outcome
             if state == _COMPLETED:
-                value.name = future.task_name
+                value.name = sent.name
                 self.handles.add(value)
             elif state == _CRASHED:
+                future = sent.runs[0]
                 value = CrashedRun(f"task run {future.task_name!r} ({future.task_run_id}): "
                                    f"{value}")
-            futures.append(future)
+            ended.append(sent.runs)
             values.append(value)
             states.append(state)
         if rewatch:
             self.completions.update(rewatch)
-        try:
-            if requeue:
-                self.engine.give_back(requeue, False)
-            if futures:
-                self.engine.finish(futures, values, states)
-        finally:
-            self._settled(len(requeue) + len(futures))
+        if requeue:
+            self.outbox.give_back(join_runs(requeue), False)
+        if ended:
+            self.outbox.finish(join_runs(ended), values, states)
 
     def _lost_reason(self):
         if self.client.status != "running":
@@ -1074,26 +1064,27 @@ class _Dispatch:
 
     # -- taking runs back ---------------------------------------------------------------------
 
-    def recall(self, future):
+    def recall(self, runs):
         """The engine's recall hook: take back runs handed to Dask that
-        surely never started: `future`'s (True if so), or with None every
-        such run.
+        surely never started, the one run of `runs` or with None every such
+        run, and return them (a RunList) for the engine to cancel.  The
+        dispatcher marks runs sent and registers their keys under this
+        lock, so a run sent always has its key here.
 
         The keys are marked on every worker, in its event loop, where runs
         start (see _hold_back); a worker answers which of them may have
-        started there.  The others never run: they are cancelled here, and
-        their dask futures cancelled.  A worker that joins after the marks
-        and before the scheduler has the cancellation could still run one:
-        the window is one message long."""
+        started there.  The others never run: their dask futures are
+        cancelled.  A worker that joins after the marks and before the
+        scheduler has the cancellation could still run one: the window is
+        one message long."""
         with self.lock:
-            self._wait_in_hand()
-            if future is None:
+            if runs is None:
                 keys = [k for k in self.runs if k not in self.recalling]
             else:
-                key = self.keys.get(future)
+                key = self.keys.get(runs.run_ids()[0])
                 keys = [key] if key is not None and key not in self.recalling else []
             if not keys:
-                return False        # not ours (any more): it is ending, or not handed out
+                return None         # not ours (any more): it is ending
             self.recalling.update(keys)
             self.recalled_any = True
         maybe_started = self._hold_back(keys)
@@ -1104,23 +1095,18 @@ class _Dispatch:
                 if key in maybe_started:
                     continue
                 dask_future = self.dask_futures.get(key)
-                run = self._forget(key)
-                if run is not None:
-                    cancelled.append(run)
+                sent = self._forget(key)
+                if sent is not None:
+                    cancelled.append(sent.runs)
                     if dask_future is not None:
                         dask_futures.append(dask_future)
-        try:
-            if dask_futures:
-                try:
-                    self.client.cancel(dask_futures)
-                except Exception:
-                    pass        # marked: they cannot run anyway
-            if cancelled:
-                self.engine.give_back(cancelled, True)
-        finally:
-            self._settled(len(cancelled))
+        if dask_futures:
+            try:
+                self.client.cancel(dask_futures)
+            except Exception:
+                pass        # marked: they cannot run anyway
         self._watch_again([k for k in keys if k in maybe_started])
-        return future is not None and bool(cancelled)
+        return join_runs(cancelled)
 
     def _hold_back(self, keys):
         """Mark `keys` on every worker; the set that may have started."""

@@ -27,7 +27,6 @@ import pickle
 import queue
 import signal
 import threading
-import time
 from multiprocessing import connection
 
 import cloudpickle
@@ -36,6 +35,7 @@ from taskrunner._calls import call_spec
 from taskrunner._engine import Engine
 from taskrunner._graph import STATES
 from taskrunner._mapped import join_runs
+from taskrunner._remote import Outbox
 from taskrunner._pickling import (
     check_picklable, checked_map_value, dumps, dumps_checked, unsendable_call_error,
     with_remote_traceback,
@@ -227,10 +227,11 @@ class _Worker:
         self.given_back |= fresh
         self.count -= len(fresh)
 
-    def run_of(self, future):
-        """The number of `future`'s run if it is in flight here and ours."""
+    def run_of(self, run_id):
+        """The number of run `run_id` (an engine id) if it is in flight here
+        and ours."""
         for batch in self.in_flight:
-            position = batch.runs.position_of(future)
+            position = batch.runs.position_of(run_id)
             if position >= batch.taken and batch.first + position not in self.given_back:
                 return batch.first + position
         return None
@@ -249,6 +250,7 @@ class _Pool:
 
     def __init__(self, engine, context, size, setup):
         self.engine = engine
+        self.outbox = Outbox(engine)
         self.context = context
         self.size = size
         self.setup = setup
@@ -263,7 +265,6 @@ class _Pool:
         self.wake_read, self.wake_write = os.pipe()
         self.threads = []
         self.failure = None                 # why no worker can run tasks, if none can
-        self.recalled_epoch = 0             # graph.cancel_epoch that recall(None) last saw
         self.unstarted = list(range(1, size))   # workers to start when there is work for them
         self.runs_submitted = 0
         self.early_deaths = 0               # workers in a row that died before ready
@@ -367,7 +368,7 @@ class _Pool:
 
     def _feed(self):
         """Take ready runs as workers have room, and send them in batches."""
-        engine = self.engine
+        outbox = self.outbox
         while True:
             with self.lock:
                 while not self.closing and self.failure is None and self._free_room() == 0:
@@ -376,22 +377,21 @@ class _Pool:
                     return
                 failure = self.failure
                 room = self._free_room() if failure is None else MAX_BATCH
-            runs = engine.take_runs(room)
+            runs = outbox.take(room)
             if runs is None:
                 return
             if failure is not None:
-                engine.finish(runs, [failure] * len(runs), _CRASHED)
+                outbox.finish(runs, [failure] * len(runs), _CRASHED)
                 continue
             with self.lock:
                 if self.closing:
-                    engine.give_back(runs, True)
+                    outbox.give_back(runs, True)
                     return
-                if engine.taken_epoch < self.recalled_epoch:
-                    # cancel_all() came between our taking these and now,
-                    # and its recall could not see them: they never started.
-                    engine.give_back(runs, True)
-                    continue
-                plan = self._plan(runs)
+                # Sent and in flight in one critical section of ours: a
+                # recall (under this lock) finds every run sent.  Those
+                # cancelled since we took them stay behind.
+                runs = outbox.mark_sent(runs)
+                plan = self._plan(runs) if len(runs) else []
             for worker, batch, first in plan:
                 try:
                     self._send_batch(worker, batch, first, worker.by_value)
@@ -426,7 +426,7 @@ class _Pool:
                 plan.append((worker, batch, worker.enter_flight(batch, worker.by_value)))
                 start, cut = cut, cut + size
         if start < len(runs):
-            self.engine.give_back(runs[start:], False)
+            self.outbox.give_back(runs[start:], False)
         return plan
 
     def _bad_batch(self, worker, text):
@@ -461,12 +461,12 @@ class _Pool:
             self._send_batch(worker, runs, first, by_value=True)
         else:
             error = TaskRunnerError(f"a worker process could not unpickle these runs:\n{text}")
-            self.engine.finish(runs, [error] * len(runs), _FAILED)
+            self.outbox.finish(runs, [error] * len(runs), _FAILED)
 
     def _send_batch(self, worker, runs, run, by_value):
         """Pickle a batch in flight to `worker`, its first run numbered
         `run`, and hand it to the worker's sender."""
-        groups = self.engine.calls_of(runs, True)
+        groups = self.outbox.calls(runs, True)
         new_functions = {}
         wire = []
         with self.lock:
@@ -513,7 +513,7 @@ class _Pool:
                     if number in bad and number not in worker.given_back]
             worker.give_up(bad)
         if ours:
-            self.engine.finish(join_runs(one for _, one in ours),
+            self.outbox.finish(join_runs(one for _, one in ours),
                                [bad[number] for number, _ in ours], _FAILED)
         return kept
 
@@ -528,7 +528,7 @@ class _Pool:
         worker.outbox.put(pickle.dumps(
             ([], dumps([(SKIP, first, range(len(runs)), None, True)])), pickle.HIGHEST_PROTOCOL))
         if ours:
-            self.engine.finish(join_runs(ours), [error] * len(ours), _FAILED)
+            self.outbox.finish(join_runs(ours), [error] * len(ours), _FAILED)
 
     def _send(self, worker):
         while True:
@@ -546,31 +546,22 @@ class _Pool:
 
     # -- taking runs back ----------------------------------------------------------
 
-    def recall(self, future):
-        """Take back runs sent but not started: `future`'s, to cancel it
-        (True if it surely never started), or with None every such run, to
-        cancel them all."""
+    def recall(self, runs):
+        """The engine's recall hook: take back runs sent but not started,
+        the one run of `runs`, or with None every such run, and return
+        those (a RunList) for the engine to cancel.  The feeder marks runs
+        sent and puts them in flight under this lock, so a run sent is
+        always in some worker's flight here."""
+        target = None if runs is None else runs.run_ids()[0]
         cancelled, requeued = [], []
-        found = False
         with self.lock:
-            if future is None:
-                self.recalled_epoch = self.engine.graph.cancel_epoch
             for worker in self.workers:
-                first = worker.block.started + 1 if future is None else worker.run_of(future)
+                first = worker.block.started + 1 if target is None else worker.run_of(target)
                 if first is not None:
-                    found = True
-                    self._take_back(worker, first, future, cancelled, requeued)
+                    self._take_back(worker, first, target, cancelled, requeued)
             self.room.notify_all()
-        self._give_back(cancelled, requeued)
-        if future is None:
-            return False
-        if not found and future.state.is_running():
-            # Between the feeder taking it and putting it in flight, or
-            # between the receiver reading its result and finishing it, a
-            # run is in no worker's flight for a few microseconds.
-            time.sleep(0.001)
-            return self.recall(future)
-        return any(runs.position_of(future) >= 0 for runs in cancelled)
+        self._give_back([], requeued)
+        return join_runs(cancelled)
 
     def _rebalance(self):
         """A worker is idle and no run is ready, while another worker has
@@ -584,7 +575,7 @@ class _Pool:
         requeued = []
         with self.lock:
             self.rebalance_due = False
-            if self.closing or self.engine.ready_count:
+            if self.closing or self.outbox.ready_count:
                 return
             ready = [w for w in self.workers if w.ready]
             if not any(w.count == 0 for w in ready):
@@ -640,9 +631,9 @@ class _Pool:
     def _give_back(self, cancelled, requeued):
         """Give back runs (lists of RunLists)."""
         if requeued:
-            self.engine.give_back(join_runs(requeued), False)
+            self.outbox.give_back(join_runs(requeued), False)
         if cancelled:
-            self.engine.give_back(join_runs(cancelled), True)
+            self.outbox.give_back(join_runs(cancelled), True)
 
     # -- receiving -----------------------------------------------------------------
 
@@ -763,7 +754,7 @@ class _Pool:
             self.room.notify_all()
         self._give_back(cancel, back)
         if runs:
-            self.engine.finish(runs, values, states)
+            self.outbox.finish(runs, values, states)
         self._rebalance()
 
     def _lost(self, worker):
@@ -802,10 +793,10 @@ class _Pool:
         worker.results.close()
         if crashed:
             crashed = join_runs(crashed)
-            self.engine.finish(crashed, [_crash_error(crashed[0], worker.process.pid, code)],
+            self.outbox.finish(crashed, [_crash_error(crashed[0], worker.process.pid, code)],
                                _CRASHED)
         if rerun:
-            self.engine.give_back(join_runs(rerun), False)
+            self.outbox.give_back(join_runs(rerun), False)
 
     def _broken(self, error):
         """No worker can run tasks (the initializer raises, say): every run

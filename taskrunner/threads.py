@@ -1,35 +1,20 @@
-"""ThreadPoolTaskRunner: runs tasks on a pool of threads in this process."""
+"""ThreadPoolTaskRunner: runs tasks on a pool of threads in this process.
 
-import asyncio
+Each worker thread runs the engine's consumer loop (_consume.work): the
+graph asks for a thread when a run is ready and none is idle, up to
+max_workers running at once, and one more while a worker is blocked on a
+future.
+"""
+
 import os
 import threading
 
+from taskrunner._calls import TaskLoop
+from taskrunner._consume import work
 from taskrunner._engine import Engine
 from taskrunner.base import EngineTaskRunner, checked_max_workers
 
 __all__ = ["ThreadPoolTaskRunner"]
-
-
-class _WorkerLoop:
-    """The event loop of one worker thread, made for its first async task."""
-
-    __slots__ = ("loop",)
-
-    def __init__(self):
-        self.loop = None
-
-    def run_coroutine(self, coro):
-        if self.loop is None:
-            self.loop = asyncio.new_event_loop()
-        return self.loop.run_until_complete(coro)
-
-    def close(self):
-        if self.loop is not None:
-            try:
-                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-            finally:
-                self.loop.close()
-                self.loop = None
 
 
 class ThreadPoolTaskRunner(EngineTaskRunner):
@@ -71,9 +56,9 @@ class ThreadPoolTaskRunner(EngineTaskRunner):
 
     @staticmethod
     def _work(engine):
-        loop = _WorkerLoop()
+        loop = TaskLoop()
         try:
-            engine.work(loop)
+            work(engine, loop)
         finally:
             loop.close()
 

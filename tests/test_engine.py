@@ -246,6 +246,7 @@ def test_a_runner_keeping_results_elsewhere_hands_out_handles_and_fetches():
     # downstream runs of the same engine get the handles, result() fetches.
     from taskrunner._engine import Engine
     from taskrunner._graph import STATES
+    from taskrunner._remote import Outbox
 
     store = {"h1": 41}
     fetches = []
@@ -255,18 +256,19 @@ def test_a_runner_keeping_results_elsewhere_hands_out_handles_and_fetches():
         return store[handle]
 
     engine = Engine(4, None, None, fetch)
+    box = Outbox(engine)
     try:
         up = engine.submit(lambda: None)
         down = engine.submit(lambda x: x, {"x": up})
-        [taken] = engine.take_ready(10, 0)
-        assert taken is up
-        engine.finish([up], ["h1"], [STATES["COMPLETED"]])
-        [taken] = engine.take_ready(10, 0)
-        [(spec, args_list, kwargs_list)] = engine.calls_of([down])
+        taken = box.take(10, 0)
+        assert list(taken) == [up]
+        box.finish(taken, ["h1"], [STATES["COMPLETED"]])
+        taken = box.take(10, 0)
+        [(spec, args_list, kwargs_list, single)] = box.calls(taken)
         assert args_list == [("h1",)]            # the handle, not the value
         assert fetches == []
         assert up.result() == 41 and fetches == ["h1"]
-        engine.finish([down], [ValueError("no")], [STATES["FAILED"]])
+        box.finish(taken, [ValueError("no")], [STATES["FAILED"]])
         assert isinstance(down.exception(), ValueError)
     finally:
         engine.shutdown(True)
@@ -276,6 +278,7 @@ def test_a_runner_keeping_results_elsewhere_hands_out_handles_and_fetches():
 def test_a_future_list_fetches_the_results_kept_elsewhere_at_once():
     from taskrunner._engine import Engine
     from taskrunner._graph import STATES
+    from taskrunner._remote import Outbox
 
     calls = []
 
@@ -284,10 +287,11 @@ def test_a_future_list_fetches_the_results_kept_elsewhere_at_once():
         return [h.upper() for h in handles]
 
     engine = Engine(8, None, None, lambda handle, timeout: handle.upper(), fetch_many)
+    box = Outbox(engine)
     try:
         futures = engine.map(lambda x: x, {"x": range(3)})
-        taken = engine.take_ready(10, 0)
-        engine.finish(taken, ["a", "b", "c"], [STATES["COMPLETED"]] * 3)
+        taken = box.take(10, 0)
+        box.finish(taken, ["a", "b", "c"], [STATES["COMPLETED"]] * 3)
         assert futures.result(timeout=5) == ["A", "B", "C"]
         assert calls == [["a", "b", "c"]]              # one call for all
         assert futures[1].result() == "B" and len(calls) == 1    # one alone: fetch

@@ -950,12 +950,41 @@ def _engine():
     return Engine(4)
 
 
+class _Remote:
+    """A runner elsewhere, as the tests drive it: an engine and its Outbox.
+    What it takes it marks sent at once (as a runner does before a run can
+    start), so a taken run is RUNNING and cancel() cannot take it back."""
+
+    def __init__(self, engine):
+        from taskrunner._remote import Outbox
+
+        self.engine = engine
+        self.box = Outbox(engine)
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def take_runs(self, max_n, timeout=None):
+        runs = self.box.take(max_n, timeout)
+        return runs if runs is None or not len(runs) else self.box.mark_sent(runs)
+
+    def calls_of(self, runs, singles=False):
+        groups = self.box.calls(runs, singles)
+        return groups if singles else [group[:3] for group in groups]
+
+    def finish(self, runs, values, states):
+        self.box.finish(runs, values, states)
+
+    def give_back(self, runs, cancel):
+        self.box.give_back(runs, cancel)
+
+
 def test_engine_take_runs_calls_of_and_finish_over_a_block():
     from taskrunner._graph import STATES
     from taskrunner._mapped import RunList
 
     completed = STATES["COMPLETED"]
-    e = _engine()
+    e = _Remote(_engine())
     try:
         fl = e.map(rt.inc, {"x": range(10)})
         assert isinstance(fl, FutureList) and len(fl) == 10
@@ -1033,7 +1062,7 @@ def test_engine_give_back_cancels_or_requeues_taken_items():
     from taskrunner._graph import STATES
 
     completed = STATES["COMPLETED"]
-    e = _engine()
+    e = _Remote(_engine())
     try:
         fl = e.map(rt.inc, {"x": range(8)})
         runs = e.take_runs(4)
@@ -1066,13 +1095,13 @@ def test_engine_defers_to_a_future_handed_over_while_taken():
 
     completed = STATES["COMPLETED"]
     callbacks = CallbackLog()
-    e = _engine()
+    e = _Remote(_engine())
     try:
         fl = e.map(rt.inc, {"x": range(6)})
         runs = e.take_runs(4)                # items 0..3 are RUNNING
         second = runs[1]                     # hands item 1 over
         assert type(second) is TaskFuture and second.state.is_running()
-        assert runs.position_of(second) == 1
+        assert runs.position_of(runs.run_ids()[1]) == 1
         assert runs[1] is second and list(runs)[1] is second
         second.add_done_callback(callbacks)
         # the stretch of a range goes on through the handed-over item
@@ -1110,7 +1139,7 @@ def test_engine_defers_to_a_future_handed_over_while_taken():
 
 
 def test_engine_calls_of_keyword_and_several_mapped_parameters():
-    e = _engine()
+    e = _Remote(_engine())
     try:
         fl = e.map(rt.add, {"x": range(2), "y": unmapped(10)})
         taken = e.take_runs(4)
@@ -1247,13 +1276,15 @@ def test_engine_take_ready_and_finish_with_futures_give_a_block_back():
     # finish(RunList), as the process runner does, was fine.)
     from taskrunner._graph import STATES
 
-    e = _engine()
+    # take_ready() is gone; its case is taken items handed over to their
+    # futures (list(taken)) and finished through the RunList.
+    e = _Remote(_engine())
     try:
         graph = e.graph
         fl = e.map(rt.inc, {"x": range(6)})
         while e.unfinished:
-            taken = e.take_ready(4, 1)
-            assert all(type(f) is TaskFuture for f in taken)
+            taken = e.take_runs(4, 1)
+            assert all(type(f) is TaskFuture for f in list(taken))
             e.finish(taken, [f"v{i}" for i in range(len(taken))], STATES["COMPLETED"])
         assert fl.result(timeout=1) == ["v0", "v1", "v2", "v3", "v0", "v1"]
         del fl, taken

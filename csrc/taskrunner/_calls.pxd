@@ -40,9 +40,14 @@ cdef class CallSpec:
     cdef bint var_kw            # takes **kwargs
     cdef bint checked           # False when the signature is unknown
     cdef frozenset declared     # every named parameter
+    # What a runner that sends calls elsewhere keeps for this task (its
+    # pickled function, see taskrunner.remote): specs are cached per engine,
+    # so this is once per runner.
+    cdef public object wire
 
     cdef tuple bind(self, dict params, PyObject** kwargs)
 
 
 cdef CallSpec spec_of(object task)
 cdef dict as_params(object parameters)
+cdef object awaited(object value, bint is_async, object loop)

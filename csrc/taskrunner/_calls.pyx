@@ -12,6 +12,7 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 
+import asyncio
 import inspect
 import types
 from collections.abc import Mapping
@@ -79,6 +80,45 @@ cdef CallSpec spec_of(object task):
     spec.declared = frozenset(pos_names + kw_names
                               + ([spec.var_pos_name] if spec.var_pos_name else []))
     return spec
+
+
+cdef object _CoroutineType = types.CoroutineType
+
+
+cdef object awaited(object value, bint is_async, object loop):
+    """A task's return value: if it is a coroutine (an async task), what
+    it returns, run on `loop` (a TaskLoop)."""
+    if is_async or type(value) is _CoroutineType:
+        return loop.run_coroutine(value)
+    return value
+
+
+@cython.final
+cdef class TaskLoop:
+    """The event loop async tasks run on, one per consumer thread (or worker
+    process), made for the first of them and kept until close()."""
+    cdef object loop
+
+    def run_coroutine(self, coro):
+        if self.loop is None:
+            self.loop = asyncio.new_event_loop()
+        return self.loop.run_until_complete(coro)
+
+    def close(self):
+        if self.loop is not None:
+            try:
+                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            finally:
+                self.loop.close()
+                self.loop = None
+
+
+def call_task(fn, bint is_async, args, kwargs, loop):
+    """Call `fn(*args, **kwargs)` (kwargs may be None), and if it returns a
+    coroutine, run it on `loop`: what a task's call means, wherever it
+    runs."""
+    value = fn(*args) if not kwargs else fn(*args, **kwargs)
+    return awaited(value, is_async, loop)
 
 
 def call_spec(task):

@@ -1,16 +1,16 @@
 # The engine: turns submit() and map() calls into runs of the graph, and
-# runs ready runs on the threads that call work().  Runner modules speak to
-# it through its Python methods: submit, map, cancel_all, shutdown, close,
-# and work (the loop of a consumer thread).
+# ends runs from outside (cancel, shutdown).  Runner modules speak to it
+# through its Python methods (submit, map, cancel_all, shutdown, close,
+# free_graph); the consumer loop (_consume.pyx) and the interface of a runner
+# elsewhere (_remote.pyx) through the cdef methods below.
 
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from cpython.object cimport PyObject
+from libc.stdint cimport int32_t, uint8_t
 
 from taskrunner._calls cimport CallSpec
 from taskrunner._futures cimport EngineBase, TaskFuture
-from taskrunner._mapped cimport FutureList, MapBlock
-from cpython.object cimport PyObject
-
 from taskrunner._graph cimport RunVec
+from taskrunner._mapped cimport FutureList, MapBlock, RunList
 from taskrunner._params cimport Upstream, Upstreams
 
 
@@ -18,16 +18,19 @@ cdef class Engine(EngineBase):
     cdef dict _specs            # task -> CallSpec
     cdef CallSpec _last_spec    # the spec of the last task seen: most calls repeat it
     cdef object _spawn_consumer
-    cdef object _recall         # runner hook: un-start taken runs (see cancel())
+    cdef object _recall         # runner hook: take back runs sent on (see the class docstring)
     cdef bint _cancel_new       # exiting by exception: new runs end CANCELLED at once
     cdef object _callback_pool  # runs done callbacks apart (see taskrunner._callbacks), or None
-    cdef readonly int64_t taken_epoch   # graph.cancel_epoch when take_ready() last took runs
+
+    # For the consumer loop and the remote interface.
+    cdef void unlock_and_settle(self, RunVec* out)
+    cdef void settle(self, RunVec* out, int32_t spawn)
+    cdef int unstart(self, RunList runs, bint cancel) except -1
 
     cdef CallSpec _spec_for(self, object task)
     cdef CallSpec _find_spec(self, object task)
     cdef int _lock_open(self) except -1
     cdef void _release_new_locked(self, int32_t run, bint cancel, RunVec* out)
-    cdef void _unlock_and_settle(self, RunVec* out)
     cdef int _register(self, PyObject** futs, Py_ssize_t n, Upstreams* shared,
                        Upstreams* own, Py_ssize_t* first) except -1
     cdef int32_t _add_edges_locked(self, int32_t run, Upstream* ups, Py_ssize_t n,
@@ -39,10 +42,4 @@ cdef class Engine(EngineBase):
     cdef int _register_items(self, MapBlock block, Py_ssize_t lo, Py_ssize_t hi,
                              Upstreams* shared) except -1
     cdef void _cancel_items(self, MapBlock block)
-    cdef uint8_t _execute(self, TaskFuture fut, object context)
-    cdef uint8_t _execute_item(self, MapBlock block, Py_ssize_t i, object context)
-    cdef object _call(self, CallSpec spec, object args, object kwargs, uint8_t flags,
-                      object context)
-    cdef void _ended(self, RunVec* out)
     cdef void _run_callbacks(self, TaskFuture fut, list callbacks)
-    cdef inline void _settle(self, RunVec* out, int32_t spawn)

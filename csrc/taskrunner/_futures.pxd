@@ -128,6 +128,14 @@ cdef inline TaskFuture new_future(EngineBase engine, CallSpec spec, dict params)
     return fut
 
 
+cdef inline void forget_call(TaskFuture fut) noexcept:
+    """Drop a run's call once it started or ended.  Its flag goes too: with
+    ONE_ARG, None is an argument, not the mark of a dropped call."""
+    fut._args = None
+    fut._kwargs = None
+    fut._flags &= ~ONE_ARG
+
+
 cdef inline void hold(TaskFuture fut) noexcept:
     """Take the engine's reference to an unfinished run's future.
 

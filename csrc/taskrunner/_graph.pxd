@@ -45,6 +45,9 @@ cdef enum:
     F_WAITED = 1     # someone sleeps on done_cond for this run
     F_DROPPED = 2    # the owner let go; the slot is reused once nothing points at it
     F_QUEUED = 4     # an entry for it sits in the ready ring
+    # The ledger of runs taken by a consumer elsewhere (see take_out):
+    F_OUT = 8        # in its hands, RUNNING, not started: cancellable here
+    F_SENT = 16      # sent on (mark_sent): it may start; only its consumer can take it back
 
 # The cause of a run made NOT_READY by an upstream outside this graph.
 cdef enum:
@@ -131,7 +134,6 @@ cdef class Graph:
     cdef bint spawns            # the owner starts consumers when asked (spawn_wanted)
     cdef readonly bint closed
     cdef readonly bint released    # its arrays are freed (see release_quiet)
-    cdef readonly int64_t cancel_epoch  # cancel_all_locked() calls so far
 
     cdef inline void lock(self) noexcept nogil:
         tr_mutex_lock(&self.mutex)
@@ -148,8 +150,10 @@ cdef class Graph:
     # Consuming ready runs.
     cdef int32_t take_locked(self, void** payload) noexcept nogil
     cdef int32_t take(self, void** payload, double deadline) noexcept nogil
-    cdef int32_t take_many(self, void** payloads, int32_t max_n, double deadline,
-                           int64_t* epoch) noexcept nogil
+    cdef int32_t take_out(self, void** payloads, int32_t max_n, double deadline) noexcept nogil
+    cdef bint mark_sent_locked(self, int32_t run) noexcept nogil
+    cdef bint swap_payload_locked(self, int32_t run, void* old, void* new,
+                                  bint if_running) noexcept nogil
     cdef int32_t _take_waiting_locked(self, void** payload, double deadline) noexcept nogil
     cdef void unstart_locked(self, int32_t run, bint cancel, RunVec* out) noexcept nogil
     cdef void complete_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil

@@ -269,22 +269,48 @@ cdef class Graph:
             return run
         return TAKE_NONE
 
-    cdef int32_t take_many(self, void** payloads, int32_t max_n, double deadline,
-                           int64_t* epoch) noexcept nogil:
-        """Take up to `max_n` ready runs, sleeping until there is one, the
-        deadline passes (TAKE_TIMEOUT) or the graph closes (TAKE_CLOSED).
-        Returns how many were taken; their payloads land in `payloads`, and
-        in `epoch` the cancel_epoch they were taken in."""
-        cdef int32_t n = 1
+    cdef int32_t take_out(self, void** payloads, int32_t max_n, double deadline) noexcept nogil:
+        """Take up to `max_n` ready runs for a consumer elsewhere, sleeping
+        until there is one, the deadline passes (TAKE_TIMEOUT) or the graph
+        closes (TAKE_CLOSED).  Returns how many were taken; their payloads
+        land in `payloads`.  The ledger has them out (F_OUT) from this
+        critical section on: until the consumer marks them sent, cancelling
+        one is done here; after, only the consumer can take it back."""
+        cdef int32_t n = 0, run
         self.lock()
-        if self._take_waiting_locked(payloads, deadline) < 0:
+        run = self._take_waiting_locked(payloads, deadline)
+        if run < 0:
             self.unlock()
             return TAKE_CLOSED if self.closed else TAKE_TIMEOUT
-        epoch[0] = self.cancel_epoch
-        while n < max_n and self.take_locked(&payloads[n]) >= 0:
+        while True:
+            self.runs[run].flags |= F_OUT
             n += 1
+            if n == max_n:
+                break
+            run = self.take_locked(&payloads[n])
+            if run < 0:
+                break
         self.unlock()
         return n
+
+    cdef bint swap_payload_locked(self, int32_t run, void* old, void* new,
+                                  bint if_running) noexcept nogil:
+        """Give a run a new payload, if it has `old` (and is not RUNNING,
+        unless `if_running`: a consumer may hold the old one).  The owner
+        changes its payload only through this (a mapped item handed over to
+        its future)."""
+        if self.payloads[run] != old or (not if_running and self.runs[run].state == RUNNING):
+            return False
+        self.payloads[run] = new
+        return True
+
+    cdef bint mark_sent_locked(self, int32_t run) noexcept nogil:
+        """The consumer sends a run on, where it may start.  False if it was
+        cancelled while out: it is final, and must not be sent."""
+        if self.runs[run].state != RUNNING or not (self.runs[run].flags & F_OUT):
+            return False
+        self.runs[run].flags |= F_SENT
+        return True
 
     cdef int32_t take(self, void** payload, double deadline) noexcept nogil:
         """Take a ready run, sleeping until one comes, the deadline passes
@@ -385,6 +411,7 @@ cdef class Graph:
     cdef void complete_taken_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil:
         """complete_locked() for a run a consumer took: its place is free."""
         self.n_running -= 1
+        self.runs[run].flags &= ~(F_OUT | F_SENT)
         self.complete_locked(run, state, out)
 
     cdef int32_t complete_and_take(self, int32_t run, uint8_t state, RunVec* out,
@@ -468,12 +495,16 @@ cdef class Graph:
     # -- ending runs from outside ----------------------------------------
 
     cdef bint cancel_locked(self, int32_t run, RunVec* out) noexcept nogil:
-        """Cancel a run that has not started.  False if it has."""
+        """Cancel a run that has not started (and is not sent on: see
+        take_out).  False if it may have."""
         cdef uint8_t state = self.runs[run].state
-        if state != PENDING and state != READY:
-            return False
-        if state == READY:
+        if state == RUNNING and (self.runs[run].flags & (F_OUT | F_SENT)) == F_OUT:
+            self.n_running -= 1
+            self.runs[run].flags &= ~F_OUT
+        elif state == READY:
             self.n_ready -= 1
+        elif state != PENDING:
+            return False
         self._cancel(run, out)
         return True
 
@@ -488,6 +519,7 @@ cdef class Graph:
         """A consumer gives back a run it took but never started: to the
         ready ring again, or cancelled."""
         self.n_running -= 1
+        self.runs[run].flags &= ~(F_OUT | F_SENT)
         if cancel:
             self._cancel(run, out)
         else:
@@ -495,15 +527,19 @@ cdef class Graph:
             self._demand()
 
     cdef void cancel_all_locked(self, RunVec* out) noexcept nogil:
-        # Mark every unstarted run first, then fire: so each of them ends
-        # CANCELLED, none NOT_READY because of a sibling.
+        # Mark every unstarted run first (out but not sent on included),
+        # then fire: so each of them ends CANCELLED, none NOT_READY because
+        # of a sibling.
         cdef Py_ssize_t start = out.len
         cdef Py_ssize_t i
         cdef int32_t run
-        self.cancel_epoch += 1
         cdef uint8_t state
         for run in range(self.run_cap):
             state = self.runs[run].state
+            if state == RUNNING and (self.runs[run].flags & (F_OUT | F_SENT)) == F_OUT:
+                self.n_running -= 1
+                self.runs[run].flags &= ~F_OUT
+                state = PENDING
             if state == PENDING or state == READY:
                 if state == READY:
                     self.n_ready -= 1

@@ -14,6 +14,7 @@ from libc.stdint cimport int32_t, uint8_t, uintptr_t
 
 from taskrunner._calls cimport CallSpec
 from taskrunner._futures cimport ITEM_TAG, EngineBase, TaskFuture, is_item
+from taskrunner._graph cimport RunVec
 
 
 cdef class MapBlock:
@@ -45,7 +46,10 @@ cdef class MapBlock:
     cdef TaskFuture take_over(self, Py_ssize_t i)
     cdef int hand_over(self, Py_ssize_t lo, Py_ssize_t hi, bint taker) except -1
     cdef void item_ended(self, Py_ssize_t i, uint8_t state, object value)
-    cdef void release_if_done(self)
+    cdef void item_added(self, Py_ssize_t i, int32_t run)
+    cdef void hold_while_pending(self)
+    cdef void cancel_unstarted_locked(self, RunVec* out)
+    cdef void let_go_if_done(self)
 
 
 cdef MapBlock new_block(EngineBase engine, CallSpec spec, Py_ssize_t n)
@@ -106,3 +110,28 @@ cdef class RunList:
 
 
 cdef RunList new_runlist(Py_ssize_t n)
+
+
+# -- taken runs --------------------------------------------------------------
+# A consumer holds the payloads of the runs it took.  These read and end
+# them the same way whether a payload is a future or a mapped item: the one
+# place outside MapBlock that tells them apart.
+
+cdef class TakenCall:
+    """The call of a taken run, as read() found it."""
+    cdef CallSpec spec
+    cdef object args            # a tuple (or with ONE_ARG the one argument); () once dropped
+    cdef object kwargs
+    cdef uint8_t flags          # its TaskFuture flags
+
+    cdef int read(self, void* payload, bint starting) except -1
+
+
+cdef int32_t run_of(void* payload) noexcept
+cdef TaskFuture record_end(void* payload, uint8_t state, object value, bint kept_elsewhere)
+cdef void settle_end(void* payload, TaskFuture fut, bint last_of_stretch)
+cdef void settle_ended(RunVec* out)
+cdef void detach(void* payload, uint8_t state) noexcept
+cdef RunList runlist_of(TaskFuture fut)
+cdef MapBlock plain_stretch(void** payloads, Py_ssize_t n, Py_ssize_t* first,
+                            Py_ssize_t* length)

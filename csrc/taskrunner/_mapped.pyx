@@ -20,10 +20,12 @@ from libc.stdlib cimport calloc, free, malloc
 
 from taskrunner._calls cimport CallSpec, untracked_if_atomic
 from taskrunner._futures cimport (
-    CALLBACKS_FIRED, ONE_ARG, REMOTE_VALUE, EngineBase, TaskFuture, blank_future,
-    deadline_of, hold, remaining, wait_run,
+    CALLBACKS_FIRED, NEEDS_RESOLVE, ONE_ARG, REMOTE_VALUE, EngineBase, TaskFuture, blank_future,
+    deadline_of, forget_call, hold, let_go, remaining, wait_run,
 )
-from taskrunner._graph cimport COMPLETED, RUNNING, Graph, tr_monotonic
+from taskrunner._graph cimport (
+    CANCELLED, COMPLETED, NOT_READY, RUNNING, Graph, RunVec, runvec_clear, tr_monotonic,
+)
 
 
 @cython.final
@@ -44,7 +46,8 @@ cdef class MapBlock:
                 if self.futures[i] == NULL:
                     graph.drop_locked(self.runs[i])
                 else:
-                    graph.payloads[self.runs[i]] = <void*>self.futures[i]
+                    graph.swap_payload_locked(self.runs[i], item_payload(self, i),
+                                              <void*>self.futures[i], True)
             graph.unlock()
         if self.values != NULL:
             for i in range(self.n):
@@ -129,14 +132,12 @@ cdef class MapBlock:
         if unfinished and not graph.released:
             graph.lock()
             for i in range(lo, min(hi, self.registered)):
-                run = self.runs[i]
-                if (not self.ended[i] and graph.payloads[run] == item_payload(self, i)
-                        and (taker or graph.runs[run].state != RUNNING)):
-                    graph.payloads[run] = <void*>self.futures[i]
+                if not self.ended[i] and graph.swap_payload_locked(
+                        self.runs[i], item_payload(self, i), <void*>self.futures[i], taker):
                     swapped += 1
             graph.unlock()
             self.pending -= swapped
-            self.release_if_done()
+            self.let_go_if_done()
         return 0
 
     cdef void item_ended(self, Py_ssize_t i, uint8_t state, object value):
@@ -150,7 +151,27 @@ cdef class MapBlock:
         self.ended[i] = state
         self.pending -= 1
 
-    cdef void release_if_done(self):
+    cdef void item_added(self, Py_ssize_t i, int32_t run):
+        """Item i is now run `run` of the graph (items are added in order)."""
+        self.runs[i] = run
+        self.registered = i + 1
+        self.pending += 1
+
+    cdef void hold_while_pending(self):
+        """The engine's reference, kept while an item is its to end."""
+        if self.pending and not self.held:
+            self.held = True
+            Py_INCREF(self)
+
+    cdef void cancel_unstarted_locked(self, RunVec* out):
+        """Cancel the items not started and not handed over (the graph's
+        lock held)."""
+        cdef Py_ssize_t i
+        for i in range(self.registered):
+            if self.futures[i] == NULL:
+                self.engine.graph.cancel_locked(self.runs[i], out)
+
+    cdef void let_go_if_done(self):
         """The engine lets go of the block once no item is its to end.  The
         caller holds a reference of its own."""
         if self.held and self.pending == 0:
@@ -194,6 +215,182 @@ cdef tuple fill_args(tuple template, list column_at, list row):
         Py_INCREF(value)
         PyTuple_SET_ITEM(args, i, value)
     return untracked_if_atomic(args)
+
+
+# -- taken runs ------------------------------------------------------------------
+
+@cython.final
+cdef class TakenCall:
+    """The call of a taken run (see _mapped.pxd): one per consumer, read
+    again for each run, so that reading a call makes no object of its own."""
+
+    cdef int read(self, void* payload, bint starting) except -1:
+        """Read the call of the run `payload` stands for.  `starting`: it
+        starts now, and a future drops its call (its arguments may be
+        large); a consumer that may send it again later reads it without."""
+        cdef MapBlock block
+        cdef TaskFuture fut
+        cdef Py_ssize_t i
+        if is_item(payload):
+            block = block_of(payload)
+            i = index_of(payload, block)
+            if block.futures[i] == NULL:
+                self.spec = block.spec
+                self.args = block.args_at(i)
+                self.kwargs = block.kwargs_at(i)
+                self.flags = block.flags
+                return 0
+            fut = <TaskFuture>block.futures[i]
+        else:
+            fut = <TaskFuture>payload
+        self.spec = fut._spec
+        self.flags = fut._flags
+        self.args = fut._args
+        self.kwargs = fut._kwargs
+        if self.args is None and not (self.flags & ONE_ARG):
+            self.args = ()          # ended meanwhile (cancelled): it will not run
+        if starting:
+            forget_call(fut)
+        return 0
+
+
+cdef int32_t run_of(void* payload) noexcept:
+    """The run a taken payload stands for."""
+    cdef PyObject* block
+    if is_item(payload):
+        block = owner_of(payload)
+        return (<MapBlock>block).runs[(<void**>untagged(payload)) - (<MapBlock>block).tags]
+    return (<TaskFuture>payload)._run
+
+
+cdef TaskFuture record_end(void* payload, uint8_t state, object value, bint kept_elsewhere):
+    """A taken run ended in `state` with `value` (its result or exception):
+    keep them where readers look, before the graph marks the run final.  A
+    mapped item ends in its block, unless it has a future by now, or the
+    value is a handle to a result kept elsewhere (`kept_elsewhere`, which
+    only a future can stand for).  Returns the future to settle after the
+    graph's update (settle_end), or None."""
+    cdef MapBlock block
+    cdef TaskFuture fut
+    cdef Py_ssize_t i
+    if is_item(payload):
+        block = block_of(payload)
+        i = index_of(payload, block)
+        if block.futures[i] == NULL and not kept_elsewhere:
+            block.item_ended(i, state, value)
+            return None
+        fut = block.future_at(i)
+        # It ends as its future, and the block counted it until now.
+        block.pending -= 1
+    else:
+        fut = <TaskFuture>payload
+    fut._value = value
+    forget_call(fut)
+    if kept_elsewhere and state == COMPLETED:
+        fut._flags |= REMOTE_VALUE
+    return fut
+
+
+cdef void settle_end(void* payload, TaskFuture fut, bint last_of_stretch):
+    """After the graph marked a taken run final: run its future's done
+    callbacks and let the future go; and, if this is the last of a stretch
+    of one block's items, let go of the block if none is left to end."""
+    if fut is not None:
+        fut._fire_callbacks()
+        let_go(fut)
+    if last_of_stretch and is_item(payload):
+        block_of(payload).let_go_if_done()
+
+
+cdef void settle_ended(RunVec* out):
+    """Record and settle the runs the graph ended without running them:
+    cancelled (cause -1), or NOT_READY because of their cause."""
+    cdef Py_ssize_t i, k
+    cdef TaskFuture fut
+    cdef MapBlock block
+    cdef TaskFuture cause
+    cdef void* payload
+    for i in range(out.len):
+        payload = out.items[i].payload
+        if is_item(payload):
+            block = block_of(payload)
+            k = index_of(payload, block)
+            if block.futures[k] == NULL:
+                if out.items[i].cause == -1:
+                    block.item_ended(k, CANCELLED, None)
+                elif out.items[i].cause_payload != NULL and is_item(out.items[i].cause_payload):
+                    block.item_ended(k, NOT_READY, future_of(out.items[i].cause_payload))
+                else:
+                    block.item_ended(k, NOT_READY, <object>out.items[i].cause_payload
+                                     if out.items[i].cause_payload != NULL else None)
+                # Ended as an item: no future to let go.  The entry holds
+                # the block until the loop below is past it.
+                out.items[i].run = -1
+                Py_INCREF(block)
+                continue
+            # Handed over since it was taken: it ends as its future, and
+            # the block counted it until now.
+            block.pending -= 1
+            out.items[i].run = -2
+            Py_INCREF(block)
+            payload = <void*>block.futures[k]
+        fut = <TaskFuture>payload
+        if out.items[i].cause_payload != NULL and is_item(out.items[i].cause_payload):
+            cause = future_of(out.items[i].cause_payload)   # kept by its block
+            out.items[i].cause_payload = <void*>cause
+        forget_call(fut)
+        if out.items[i].cause_payload != NULL and fut._value is None:
+            fut._value = <object>out.items[i].cause_payload
+    for i in range(out.len):
+        payload = out.items[i].payload
+        if out.items[i].run == -1:
+            block = block_of(payload)
+            block.let_go_if_done()
+            Py_DECREF(block)
+            continue
+        fut = future_of(payload)
+        fut._fire_callbacks()
+        let_go(fut)
+        if out.items[i].run == -2:
+            block = block_of(payload)
+            block.let_go_if_done()
+            Py_DECREF(block)
+    runvec_clear(out)
+
+
+cdef void detach(void* payload, uint8_t state) noexcept:
+    """The run a payload stands for leaves its graph, final in `state` (see
+    Engine.free_graph): its future keeps the state, or its block knows all
+    its items ended.  Field writes only: called under the graph's lock."""
+    if is_item(payload):
+        (<MapBlock>owner_of(payload)).detached = True
+    else:
+        (<TaskFuture>payload)._final = state
+        (<TaskFuture>payload)._run = -1
+
+
+cdef MapBlock plain_stretch(void** payloads, Py_ssize_t n, Py_ssize_t* first,
+                            Py_ssize_t* length):
+    """If payloads[0] is a mapped item whose call is its column-0 value
+    alone (one column, no keywords, nothing to resolve) and has no future,
+    the block; first[0] is its index and length[0] how many of the next
+    payloads are its consecutive items likewise (a slice of the column is
+    then their arguments).  Else None."""
+    cdef MapBlock block
+    cdef Py_ssize_t k, count = 1
+    if not is_item(payloads[0]):
+        return None
+    block = block_of(payloads[0])
+    k = index_of(payloads[0], block)
+    if (block.futures[k] != NULL or not block.one_column or block.static_kwargs is not None
+            or block.flags & NEEDS_RESOLVE):
+        return None
+    while (count < n and payloads[count] == item_payload(block, k + count)
+           and block.futures[k + count] == NULL):
+        count += 1
+    first[0] = k
+    length[0] = count
+    return block
 
 
 # -- the list map() returns -----------------------------------------------------
@@ -447,12 +644,7 @@ cdef class RunList:
         free(self.items)
 
     cdef int32_t run_at(self, Py_ssize_t i):
-        cdef void* p = self.items[i]
-        cdef PyObject* block
-        if is_item(p):
-            block = owner_of(p)
-            return (<MapBlock>block).runs[(<void**>untagged(p)) - (<MapBlock>block).tags]
-        return (<TaskFuture>p)._run
+        return run_of(self.items[i])
 
     def __len__(self):
         return self.n
@@ -481,16 +673,29 @@ cdef class RunList:
         for i in range(self.n):
             yield future_of(self.items[i])
 
-    def position_of(self, TaskFuture future):
-        """The index of `future`'s run here, or -1."""
+    def run_ids(self):
+        """The runs' ids (their graph slots), in order: what a consumer
+        keeps its own records of them by, while it holds them."""
+        return [self.run_at(i) for i in range(self.n)]
+
+    def position_of(self, int32_t run):
+        """The index of run `run` (an id, see run_ids) here, or -1."""
         cdef Py_ssize_t i
         for i in range(self.n):
-            if self.run_at(i) == future._run:
+            if self.run_at(i) == run:
                 return i
         return -1
 
     def __repr__(self):
         return f"<RunList of {self.n} runs>"
+
+
+cdef RunList runlist_of(TaskFuture fut):
+    """A RunList of one future's run."""
+    cdef RunList runs = new_runlist(1)
+    Py_INCREF(fut)
+    runs.items[0] = <void*>fut
+    return runs
 
 
 cdef RunList new_runlist(Py_ssize_t n):
