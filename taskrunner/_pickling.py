@@ -11,11 +11,13 @@ from taskrunner._engine import is_mappable
 from taskrunner._futures import TaskFuture
 from taskrunner.annotations import allow_failure, quote, unmapped
 
-__all__ = ["dumps", "dumps_checked", "check_picklable", "checked_map_value",
+__all__ = ["PLAIN_TYPES", "dumps", "dumps_checked", "check_picklable", "checked_map_value",
            "unsendable_call_error", "RemoteTraceback", "with_remote_traceback"]
 
-# Values of these types always pickle: checking them would only cost time.
-_PLAIN = frozenset((int, float, str, bytes, bool, type(None)))
+# Values of these types always pickle, and are small: checking, sharing or
+# scanning them would only cost time.  (The compiled core's is_plain, in
+# _params.pxd, is the same test written as pointer comparisons.)
+PLAIN_TYPES = frozenset((int, float, str, bytes, bool, type(None)))
 
 
 def dumps(value):
@@ -41,7 +43,7 @@ def check_picklable(value, what):
     the engine finds: inside lists, tuples, sets, dict values and
     annotations other than quote(); any other future stays in the value
     and cannot leave this process."""
-    if type(value) in _PLAIN or type(value) is TaskFuture:
+    if type(value) in PLAIN_TYPES or type(value) is TaskFuture:
         return
     try:
         dumps(value)
@@ -92,7 +94,7 @@ _MAX_DEPTH = 1000       # as deep as the engine looks for futures
 def _find_upstreams(value, found, depth):
     """Add to `found` the ids of the futures in `value` that the engine
     replaces by their results (the same walk as _params.scan)."""
-    if type(value) in _PLAIN or depth >= _MAX_DEPTH:
+    if type(value) in PLAIN_TYPES or depth >= _MAX_DEPTH:
         return
     if isinstance(value, TaskFuture):
         found.add(id(value))

@@ -471,6 +471,66 @@ def test_cancel_all_right_after_submit_takes_the_run_back(dask_clusters, make_ga
     assert not any(os.path.exists(p) for p in paths)
 
 
+def _cluster_is_idle(client):
+    """No task left on the scheduler, none executing on a worker: nothing
+    handed to Dask can still start."""
+    on_scheduler = client.run_on_scheduler(lambda dask_scheduler: len(dask_scheduler.tasks))
+    executing = client.run(lambda dask_worker: len(dask_worker.state.executing))
+    return on_scheduler == 0 and not any(executing.values())
+
+
+@pytest.mark.timeout(300)
+def test_a_thousand_rounds_of_submit_then_cancel_all_never_run_a_cancelled_run(
+        dask_clusters, make_path):  # issue 9, point 5
+    # One worker; each round submits one run and cancels it at once, so
+    # that cancel_all() meets the run at every step of its way: in the
+    # engine, taken, placed, named, on the scheduler, on the worker.  A
+    # run that ends CANCELLED must not have called its task (its file).
+    cluster = dask_clusters.get(1)
+    rounds = []
+    with DaskTaskRunner(address=cluster.address) as runner:
+        for i in range(1000):
+            path = make_path()
+            future = runner.submit(rt.record, {"path": path, "x": i})
+            runner.cancel_all()
+            rounds.append((path, future))
+        client = runner.client
+        for _, future in rounds:
+            future.wait(timeout=60)
+            assert future.state.is_final(), future.state
+        rt.wait_until(lambda: _cluster_is_idle(client), timeout=60)
+    cancelled = [path for path, future in rounds if future.state.is_cancelled()]
+    completed = [path for path, future in rounds if future.state.is_completed()]
+    assert len(cancelled) + len(completed) == len(rounds)
+    assert cancelled, "no round was cancelled: the test proves nothing"
+    assert not [path for path in cancelled if os.path.exists(path)]
+    assert all(os.path.exists(path) for path in completed)
+
+
+def test_a_run_recalled_while_a_worker_joins_never_calls_its_task(make_path, monkeypatch):
+    # issue 9, point 5: the worker joins after the recall has marked the
+    # workers there were (none) and before the cancellation reaches the
+    # scheduler (here it never does): the joining worker must know the mark.
+    sent_to_cancel = []
+    monkeypatch.setattr(distributed.Client, "cancel",
+                        lambda self, futures, *args, **kwargs: sent_to_cancel.extend(futures))
+    path = make_path()
+    kwargs = dict(THREADED, n_workers=0)
+    with DaskTaskRunner(cluster_kwargs=kwargs) as runner:
+        future = runner.submit(rt.record, {"path": path, "x": 1})
+        rt.wait_until(lambda: runner.client.run_on_scheduler(
+            lambda dask_scheduler: len(dask_scheduler.tasks)) == 1, timeout=30)
+        runner.cancel_all()
+        assert future.state.is_cancelled()
+        assert len(sent_to_cancel) == 1
+        runner.cluster.scale(1)
+        runner.client.wait_for_workers(1, timeout=30)
+        refusal = sent_to_cancel[0].exception(timeout=30)
+        assert type(refusal).__name__ == "Recalled", refusal    # refused on the worker
+        assert runner.submit(rt.inc, {"x": 1}).result(timeout=30) == 2
+    assert not os.path.exists(path)
+
+
 def test_the_cluster_helper_leaves_no_process_behind():
     from dask_cluster import DaskCluster, _running
 

@@ -51,3 +51,7 @@ cdef class CallSpec:
 cdef CallSpec spec_of(object task)
 cdef dict as_params(object parameters)
 cdef object awaited(object value, bint is_async, object loop)
+
+
+cdef class TaskLoop:
+    cdef object loop

@@ -97,7 +97,6 @@ cdef object awaited(object value, bint is_async, object loop):
 cdef class TaskLoop:
     """The event loop async tasks run on, one per consumer thread (or worker
     process), made for the first of them and kept until close()."""
-    cdef object loop
 
     def run_coroutine(self, coro):
         if self.loop is None:

@@ -109,7 +109,17 @@ cdef class MapBlock:
             if self.futures[i] != NULL:
                 unfinished += not self.ended[i]
                 continue
+            # Whatever allocates comes before the test of ended[i]: an
+            # allocation may run the cyclic GC, and so other threads, and a
+            # consumer ending item i meanwhile must see either no future
+            # (and end it as an item) or this one, complete.
             fut = blank_future(self.engine, self.spec)
+            args = kwargs = None
+            if i < self.registered and not self.ended[i]:
+                args = self.args_at(i)
+                kwargs = self.kwargs_at(i)
+            # From here to the publication below: no allocation, and no
+            # reference dropped to zero.
             if self.detached or graph.released:
                 fut._run = -1
                 fut._final = self.ended[i]
@@ -122,8 +132,8 @@ cdef class MapBlock:
                     self.values[i] = NULL
                 fut._flags = CALLBACKS_FIRED
             elif i < self.registered:
-                fut._args = self.args_at(i)
-                fut._kwargs = self.kwargs_at(i)
+                fut._args = args
+                fut._kwargs = kwargs
                 fut._flags = self.flags
                 hold(fut)
                 unfinished += 1

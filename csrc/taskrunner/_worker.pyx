@@ -25,29 +25,28 @@ from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.ref cimport Py_INCREF
-from libc.stdint cimport int64_t
-from libc.string cimport memcpy
+
+from taskrunner._calls cimport TaskLoop, awaited
+from taskrunner._params cimport is_plain
 
 cdef extern from "sync.h" nogil:
     void tr_store64(volatile long long*, long long)
     long long tr_load64(volatile long long*)
     double tr_monotonic()
 
-import asyncio
 import ctypes
 import os
 import pickle
 import threading
 import time
 import traceback
-import types
 
 from taskrunner._pickling import dumps
+from taskrunner._process.wire import SKIP, Answers, BadBatch, Done, InitFailed, Ready
 
 cdef Py_ssize_t _BLOCK_WORDS = 8    # a 64-byte cache line per worker: no false sharing
 BLOCK_WORDS = _BLOCK_WORDS
 cdef double FLUSH_SECONDS = 0.02
-cdef object _CoroutineType = types.CoroutineType
 
 cdef enum:
     STARTED = 0                 # the run it started last
@@ -56,10 +55,6 @@ cdef enum:
     STOP_TO = 3
     LOADING = 4                 # 1 while it waits for, reads or unpickles a batch
 
-# The function id of a group of runs the parent could not send (their
-# arguments did not pickle): the worker reports them skipped, so that its
-# answers stay in step with the numbers sent.
-SKIP = -1
 
 
 cdef class ControlBlock:
@@ -211,7 +206,7 @@ cdef class _Results:
         # The results go as bytes inside the message: if the parent cannot
         # load them after all, it still knows which runs they were for.
         body = _dumped_results(first, values, errors, skipped, spans)
-        data = pickle.dumps(("done", first, len(values), busy, body), pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(Done(first, len(values), busy, body), pickle.HIGHEST_PROTOCOL)
         with self.send_lock:
             self.conn.send_bytes(data)
             self.last_send = tr_monotonic()
@@ -313,26 +308,22 @@ cdef bytes _dumped_results(long long first, list values, dict errors, list skipp
     trip here first: any value or exception that cannot is replaced by an
     error saying so, and that run fails alone."""
     cdef bytes data
-    body = (_packed(values), errors, skipped)
     try:
-        data = dumps(body)
+        data = dumps(Answers(_packed(values), errors, skipped))
         if errors or not _all_plain(values):
             pickle.loads(data)
         return data
     except Exception:
         pass
     _make_round_trippable(first, values, errors, spans)
-    return dumps((values, errors, skipped))
+    return dumps(Answers(values, errors, skipped))
 
 
 cdef bint _all_plain(list values):
     for value in values:
-        if type(value) not in _PLAIN_TYPES:
+        if not is_plain(value):
             return False
     return True
-
-
-cdef tuple _PLAIN_TYPES = (int, float, str, bytes, bool, type(None))
 
 
 cdef void _make_round_trippable(long long first, list values, dict errors, list spans):
@@ -357,22 +348,12 @@ cdef void _make_round_trippable(long long first, list values, dict errors, list 
                 f"cannot be pickled (and unpickled) to go back: {err!r}"), text)
 
 
-cdef class _Loop:
-    """The worker's event loop, made for its first async task."""
-    cdef object loop
-
-    cdef object run(self, coro):
-        if self.loop is None:
-            self.loop = asyncio.new_event_loop()
-        return self.loop.run_until_complete(coro)
-
-
 def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup):
     """The main loop of worker `index`: run the initializer, then the
     batches that come through `task_conn`, until None or EOF."""
     cdef ControlBlock block = ControlBlock(shared, index)
     cdef _Results results = _Results(result_conn)
-    cdef _Loop loop = _Loop()
+    cdef TaskLoop loop = TaskLoop()
     cdef dict functions = {}
     flusher = threading.Thread(target=results.flush_late, name="taskrunner-flusher", daemon=True)
     try:
@@ -380,9 +361,9 @@ def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup):
         if initializer is not None:
             initializer(*initargs)
     except BaseException as exc:
-        result_conn.send_bytes(pickle.dumps(("init-failed", _describe(exc)[1])))
+        result_conn.send_bytes(pickle.dumps(InitFailed(_describe(exc)[1])))
         return
-    result_conn.send_bytes(pickle.dumps(("ready", os.getpid())))
+    result_conn.send_bytes(pickle.dumps(Ready(os.getpid())))
     flusher.start()
     while True:
         block.set_loading(True)
@@ -390,21 +371,21 @@ def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup):
             data = task_conn.recv_bytes()
         except (EOFError, OSError):
             break
-        message = pickle.loads(data)
-        if message is None:
+        batch = pickle.loads(data)
+        if batch is None:
             break
-        new_functions, runs = message
-        for function_id, name, blob, is_async in new_functions:
+        for function in batch.functions:
             try:
-                functions[function_id] = (pickle.loads(blob), is_async, name, None)
+                functions[function.id] = (pickle.loads(function.blob), function.is_async,
+                                          function.name, None)
             except BaseException as exc:
                 # Every run of it fails with the reason, not the worker.
-                functions[function_id] = (None, False, name, exc)
+                functions[function.id] = (None, False, function.name, exc)
         try:
-            groups = pickle.loads(runs)
+            groups = pickle.loads(batch.groups)
         except BaseException as exc:
             with results.send_lock:
-                result_conn.send_bytes(pickle.dumps(("bad-batch", _describe(exc)[1])))
+                result_conn.send_bytes(pickle.dumps(BadBatch(_describe(exc)[1])))
             continue
         block.set_loading(False)
         for function_id, first, args_list, kwargs_list, single in groups:
@@ -415,8 +396,7 @@ def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup):
                        block, results, loop)
         results.flush()
     results.stopped = True
-    if loop.loop is not None:
-        loop.loop.close()
+    loop.close()
 
 
 cdef _skip_group(long long first, Py_ssize_t n, ControlBlock block, _Results results):
@@ -429,7 +409,7 @@ cdef _skip_group(long long first, Py_ssize_t n, ControlBlock block, _Results res
 
 
 cdef _run_group(tuple function, long long first, object args_list, list kwargs_list,
-                bint single, ControlBlock block, _Results results, _Loop loop):
+                bint single, ControlBlock block, _Results results, TaskLoop loop):
     """Run one stretch of runs of one function.  With `single`, args_list
     (a list or a range) holds each run's only argument rather than its
     argument tuple."""
@@ -452,8 +432,7 @@ cdef _run_group(tuple function, long long first, object args_list, list kwargs_l
                 value = fn(*args_list[i])
             else:
                 value = fn(*args_list[i], **kwargs_list[i])
-            if is_async or type(value) is _CoroutineType:
-                value = loop.run(value)
+            value = awaited(value, is_async, loop)
         except BaseException as exc:
             results.add_error(run, _describe(exc))
         else:

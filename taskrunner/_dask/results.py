@@ -1,0 +1,117 @@
+"""Results kept on the Dask cluster.
+
+A completed run's future holds a Handle: the `distributed.Future` of its
+result on the cluster.  A downstream run names the handle as a dependency
+(see calls.py), so that Dask moves the value worker to worker; the client
+fetches it only when result() asks (fetch), or many at once (gather_each).
+When the runner exits, the values of the handles still held are fetched in
+one gather and kept in them, so that result() works after the client has
+closed.
+"""
+
+import asyncio
+import threading
+
+from taskrunner.exceptions import TaskRunnerError
+
+__all__ = ["Handle", "fetch", "gather_each", "within"]
+
+
+class Handle:
+    """What a completed run's future holds: the `distributed.Future` of its
+    result on the cluster, until the runner exits and the value fetched
+    then (or the error fetching it) takes its place."""
+
+    __slots__ = ("future", "name", "value", "error", "kept", "__weakref__")
+
+    def __init__(self, future, name):
+        self.future = future
+        self.name = name            # the task's, for messages
+        self.value = None
+        self.error = None
+        self.kept = False           # value (or error) fetched and kept here (see prefetch)
+
+
+def fetch(handle, timeout):
+    """The value a handle stands for (the engine's fetch hook).  The
+    transfer counts against `timeout`, as the wait for the run did."""
+    if handle.kept:
+        if handle.error is not None:
+            raise handle.error
+        return handle.value
+    future = handle.future
+    if future is not None:
+        try:
+            return future.result(timeout=timeout)
+        except Exception as error:
+            if _is_timeout(error):
+                raise TimeoutError(
+                    f"the result of task run {handle.name!r} did not arrive from the Dask "
+                    f"cluster within {timeout} seconds") from None
+            if handle.future is not None:
+                if future.status == "cancelled":
+                    raise _lost_result(handle) from error
+                raise
+            # The runner exited meanwhile and fetched the value.
+    if handle.error is not None:
+        raise TaskRunnerError(
+            "this result stayed on the Dask cluster and could not be fetched before the "
+            "runner closed its client") from handle.error
+    return handle.value
+
+
+def _lost_result(handle):
+    """The error for a result Dask no longer has for us (the client lost its
+    connection to the scheduler, the cluster restarted): it says why, as
+    Dask told the client."""
+    cause = getattr(getattr(handle.future, "_state", None), "exception", None)
+    reason = getattr(cause, "reason", None) or "Dask cancelled it"
+    return TaskRunnerError(
+        f"the result of task run {handle.name!r} was lost on the Dask cluster: {reason} "
+        f"({cause})")
+
+
+def _is_timeout(error):
+    # distributed raises asyncio's TimeoutError, not the builtin one before 3.11.
+    return isinstance(error, (TimeoutError, asyncio.TimeoutError))
+
+
+def within(timeout, fn, *args, **kwargs):
+    """fn(*args), or TimeoutError after `timeout` seconds (None: no limit):
+    a gather has no timeout of its own.  One that outlasts it is left to
+    finish on its own."""
+    if timeout is None:
+        return fn(*args, **kwargs)
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(_outcome(fn, args, kwargs)),
+                              daemon=True, name="taskrunner-dask-wait")
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        raise TimeoutError
+    value, error = outcome[0]
+    if error is not None:
+        raise error
+    return value
+
+
+def _outcome(fn, args, kwargs):
+    try:
+        return fn(*args, **kwargs), None
+    except BaseException as error:
+        return None, error
+
+
+def gather_each(client, futures):
+    """(value, error) for each dask future: one gather for all; if that
+    fails, each half again, so that each bad one gets its own error at a
+    cost of a few gathers, not one per future."""
+    if not futures:
+        return []
+    try:
+        return [(value, None) for value in client.gather(futures)]
+    except Exception as error:
+        if len(futures) == 1:
+            return [(None, error)]
+    middle = len(futures) // 2
+    return gather_each(client, futures[:middle]) + gather_each(client, futures[middle:])

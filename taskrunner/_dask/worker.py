@@ -1,0 +1,212 @@
+"""What runs on the Dask workers.
+
+Each run is a call of `run`, which unpickles the call's arguments (their
+upstream results arrive as Dask dependencies, see calls.py), calls the task
+(awaiting it if it is a coroutine), and returns its value.  It raises the
+task's own exceptions inside a TaskRaised, so that anything else Dask
+reports as an error (a worker that kept dying, a task it could not load) is
+known to come from the cluster.
+
+Holding runs back.  A run this runner has recalled must never call its
+task, though the scheduler may still hand it to a worker before the
+cancellation reaches it.  A recall therefore marks the run's key, in this
+order: (1) in the scheduler's metadata, under the runner's session; (2) on
+every worker the scheduler knows, in the worker's event loop (hold_back),
+which answers the keys that may have started there; then the client
+cancels the others.  A worker that joins later reads the marks of step 1
+when it registers, before it takes any run (the MarksPlugin, installed on
+the first recall); one that joined before step 2 is asked in it.  `run`
+checks the marks of this process before it calls a task.  The marks of a
+session go when the runner exits (the plugin's teardown).
+"""
+
+import pickle
+import threading
+import traceback
+import types
+
+import cloudpickle
+import distributed
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from taskrunner._calls import TaskLoop
+from taskrunner._futures import consumer_hooks
+from taskrunner._pickling import PLAIN_TYPES, with_remote_traceback
+from taskrunner.exceptions import TaskRunnerError
+
+__all__ = ["MarksPlugin", "Recalled", "TaskRaised", "dep", "forget_marks", "hold_back",
+           "marks_key", "run"]
+
+# Dask's worker states of a run that has not started.
+_NOT_STARTED = frozenset(("waiting", "ready", "constrained", "released"))
+_marks_lock = threading.Lock()
+_held_back = set()              # keys this worker process must not run
+_loading = threading.local()    # the dependencies of the arguments being unpickled
+
+
+class TaskRaised(Exception):
+    """Carries the exception a task raised, and its traceback text, back
+    from a worker.  Its str stays short: Dask truncates long ones."""
+
+    def __init__(self, error, text):
+        super().__init__(error, text)
+        self.error = error
+        self.text = text
+
+    def __str__(self):
+        return f"the task raised {type(self.error).__name__}"
+
+    def reraised(self):
+        """The task's exception, with the worker's traceback attached."""
+        return with_remote_traceback(self.error, self.text)
+
+
+class Recalled(Exception):
+    """A recalled run reached a worker: it was not run."""
+
+
+def run(fn, is_async, key, blob, deps):
+    """Run one task call on a worker; its arguments are `blob`, pickled
+    with the upstream results left out: those are `deps`."""
+    with _marks_lock:
+        if key in _held_back:
+            _held_back.discard(key)
+            raise Recalled(key)
+    failure = text = None
+    try:
+        _loading.deps = deps
+        try:
+            args, kwargs = pickle.loads(blob)
+        finally:
+            _loading.deps = None
+    except BaseException as error:
+        failure = TaskRunnerError(f"the arguments of this run could not be unpickled on the "
+                                  f"Dask worker: {type(error).__name__}: {error}")
+        text = traceback.format_exc()
+    else:
+        try:
+            with consumer_hooks(_Seceder()):
+                value = fn(*args, **kwargs) if kwargs else fn(*args)
+            if is_async or type(value) is types.CoroutineType:
+                loop = TaskLoop()
+                try:
+                    value = loop.run_coroutine(value)
+                finally:
+                    loop.close()
+        except BaseException as error:
+            failure, text = error, traceback.format_exc()
+        else:
+            failure = _unsendable_result(value, key)
+            if failure is None:
+                return value
+    # Raised outside the except blocks, so it carries no context of its own.
+    raise TaskRaised(_portable(failure), text)
+
+
+def dep(index):
+    """Unpickling an upstream result: the value Dask delivered for it."""
+    return _loading.deps[index]
+
+
+class _Seceder:
+    """The consumer hooks of a task running on a Dask worker: the first
+    time it blocks on a future (of its own runner, say), it secedes from
+    the worker's thread pool, so that the run it waits for can start.  It
+    does not rejoin: Dask lets a task secede only once, and one that has
+    seceded may finish outside the pool."""
+
+    __slots__ = ("seceded",)
+
+    def __init__(self):
+        self.seceded = False
+
+    def blocking(self):
+        if not self.seceded:
+            self.seceded = True
+            distributed.secede()
+
+    def resumed(self):
+        pass
+
+
+def _unsendable_result(value, key):
+    """None if Dask can move `value` off this worker (to a downstream run on
+    another worker, or to the client); else the TypeError that fails the
+    run.  Dask would find out only when a transfer fails, and keep the run
+    that needs the value waiting for ever.  Serializing out of band (as
+    Dask does) does not copy the buffers of large arrays."""
+    if type(value) in PLAIN_TYPES:
+        return None
+    try:
+        pickle.dumps(value, protocol=5, buffer_callback=_out_of_band)
+    except Exception:
+        try:
+            cloudpickle.dumps(value, protocol=5, buffer_callback=_out_of_band)
+        except Exception as error:
+            name = key.rsplit("-", 2)[0]
+            return TypeError(f"the result of task {name!r}, a {type(value).__name__}, cannot "
+                             f"be pickled to leave the Dask worker: {error}")
+    return None
+
+
+def _out_of_band(buffer):
+    return None     # leave the buffer out of the pickle: no copy
+
+
+def _portable(error):
+    """`error` if it survives pickling, else a TaskRunnerError describing it."""
+    try:
+        pickle.loads(cloudpickle.dumps(error))
+        return error
+    except Exception as why:
+        return TaskRunnerError(f"{type(error).__name__}: {error} (the task's exception could "
+                               f"not be pickled to leave the worker: {why})")
+
+
+# -- holding runs back ---------------------------------------------------------------
+
+def marks_key(session):
+    """The scheduler metadata key under which a session's marks are kept."""
+    return f"taskrunner-marks-{session}"
+
+
+def hold_back(keys, dask_worker):
+    """On a worker, in its event loop (where runs start): mark the runs of
+    `keys` not to be run, except those that may have started here.  Returns
+    those."""
+    tasks = dask_worker.state.tasks
+    maybe_started = []
+    with _marks_lock:
+        for key in keys:
+            state = tasks.get(key)
+            if state is None or state.state in _NOT_STARTED:
+                _held_back.add(key)
+            else:
+                maybe_started.append(key)
+    return maybe_started
+
+
+def forget_marks(session):
+    """On a worker: drop the marks of one runner session's keys."""
+    tag = f"-{session}-"
+    with _marks_lock:
+        _held_back.difference_update([key for key in _held_back if tag in key])
+
+
+class MarksPlugin(WorkerPlugin):
+    """Brings a session's marks to each worker that joins, before it takes
+    a run (Dask sets a worker's plugins up before it reads the scheduler's
+    messages), and drops them when the runner exits."""
+
+    def __init__(self, session):
+        self.session = session
+        self.name = marks_key(session)
+
+    async def setup(self, worker):
+        batches = await worker.scheduler.get_metadata(keys=[self.name], default=None)
+        with _marks_lock:
+            for keys in (batches or {}).values():
+                _held_back.update(keys)
+
+    def teardown(self, worker):
+        forget_marks(self.session)

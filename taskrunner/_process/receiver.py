@@ -1,0 +1,254 @@
+"""The receiver side of the process backend: one thread that reads every
+worker's answers and watches the worker processes.
+
+    loop:
+        wait for a message, a worker's exit, a wake-up (the pool changed),
+            or, while a rebalance waits for a worker to finish loading a
+            batch, a short timeout
+        Done        end the runs answered (results, errors; skipped ones
+                    go back, or are cancelled if cancel_all() asked)
+        Ready       the worker can take runs
+        InitFailed  no worker can run tasks: every run ends CRASHED
+        BadBatch    the feeder sends the batch again by value
+        exit        the run it was running ends CRASHED, its other runs
+                    run again, a new worker takes its place
+
+After each, if a worker is idle while another has runs waiting behind a
+long one, half of those move (rebalance).
+"""
+
+import logging
+import os
+import pickle
+import signal
+
+from multiprocessing import connection
+
+from taskrunner._mapped import join_runs
+from taskrunner._pickling import with_remote_traceback
+from taskrunner._process.wire import BadBatch, Done, InitFailed, Ready
+from taskrunner._worker import unpacked
+from taskrunner.exceptions import CrashedRun, TaskRunnerError
+from taskrunner.remote import COMPLETED, CRASHED, FAILED
+
+__all__ = ["Receiver", "REBALANCE_POLL"]
+
+_log = logging.getLogger("taskrunner")
+
+REBALANCE_POLL = 0.02       # seconds between looks while a rebalance waits for a load
+EARLY_DEATHS = 3            # workers in a row dying before ready: the pool is broken
+
+
+class Receiver:
+    """The receiving thread of a ProcessBackend (see the module docstring)."""
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.wake_read, self.wake_write = os.pipe()
+        self.rebalance_due = False      # a rebalance waits for a worker to load a batch
+        self.early_deaths = 0           # workers in a row that died before ready
+
+    def wake(self):
+        try:
+            os.write(self.wake_write, b"x")
+        except OSError:
+            pass
+
+    def close(self):
+        os.close(self.wake_read)
+        os.close(self.wake_write)
+
+    def run(self):
+        """Read answers and watch the workers until the pool stops."""
+        pool = self.pool
+        while True:
+            with pool.lock:
+                workers = list(pool.workers.workers)
+                if pool.closing and not any(w.process.is_alive() for w in workers):
+                    return
+            waiting = {self.wake_read: None}
+            for worker in workers:
+                waiting[worker.results] = worker
+                waiting[worker.process.sentinel] = worker
+            events = connection.wait(
+                list(waiting), timeout=REBALANCE_POLL if self.rebalance_due else None)
+            if not events:
+                self.rebalance()
+            for ready in events:
+                try:
+                    self._attend(ready, waiting[ready])
+                except Exception:               # a bug: log it, never lose the receiver
+                    _log.exception("error handling a message from a worker")
+            if pool.closing and not any(w.process.is_alive() for w in pool.workers.workers):
+                return
+
+    def _attend(self, ready, worker):
+        if worker is None:
+            os.read(self.wake_read, 4096)
+        elif worker not in self.pool.workers.workers:
+            return                              # already replaced this round
+        elif ready is worker.results and self._read(worker):
+            return
+        else:
+            worker.process.join(timeout=5)      # its pipe closed: it is exiting
+            self._drain(worker)
+            self._lost(worker)
+
+    def _read(self, worker):
+        """One message from `worker`; False at EOF (it died)."""
+        try:
+            data = worker.results.recv_bytes()
+        except (EOFError, OSError):
+            return False
+        message = pickle.loads(data)
+        if type(message) is Done:
+            self._done(worker, message)
+        elif type(message) is Ready:
+            with self.pool.lock:
+                worker.ready = True
+                self.pool.room_changed.notify_all()
+            self.rebalance()
+        elif type(message) is InitFailed:
+            self.pool.break_down(CrashedRun(f"the worker initializer failed:\n{message.text}"))
+        elif type(message) is BadBatch:
+            self.pool.feeder.resend_by_value(worker, message.text)
+        return True
+
+    def _drain(self, worker):
+        """Read what a worker sent before it exited."""
+        while True:
+            try:
+                if not worker.results.poll():
+                    return
+            except (EOFError, OSError):
+                return
+            if not self._read(worker):
+                return
+
+    def _done(self, worker, done):
+        first, count = done.first, done.count
+        try:
+            answers = pickle.loads(done.body)
+            values, errors, skipped = unpacked(answers.values), answers.errors, answers.skipped
+        except Exception as error:   # the worker checked; this process differs
+            values, skipped = [None] * count, []
+            failure = TaskRunnerError(f"the result could not be unpickled here: {error!r}")
+            errors = {first + i: (failure, "") for i in range(count)}
+        pool = self.pool
+        with pool.lock:
+            runs = worker.take_answered(first, count)
+            ran = count - len(skipped)
+            if ran:
+                # The batch size follows what runs cost, smoothed.
+                pool.feeder.observe(ran, done.busy)
+            back = cancel = ()
+            states = COMPLETED
+            if worker.given_up or errors or skipped:
+                ours, kept_values, states = [], [], []
+                back, cancel = [], []
+                skipped = set(skipped)
+                for i in range(len(runs)):
+                    number = first + i
+                    if worker.answer_dropped(number):
+                        continue
+                    one = runs[i:i + 1]
+                    if number in skipped:
+                        (cancel if number in worker.cancel_if_skipped else back).append(one)
+                        worker.cancel_if_skipped.discard(number)
+                        continue
+                    worker.cancel_if_skipped.discard(number)
+                    ours.append(one)
+                    if number in errors:
+                        kept_values.append(with_remote_traceback(*errors[number]))
+                        states.append(FAILED)
+                    else:
+                        kept_values.append(values[i])
+                        states.append(COMPLETED)
+                runs, values = join_runs(ours), kept_values
+            pool.room_changed.notify_all()
+        pool.give_back(cancel, back)
+        if runs:
+            pool.outbox.finish(runs, values, states)
+        self.rebalance()
+
+    def _lost(self, worker):
+        """A worker died: the run it was running ends CRASHED, its other
+        runs go back to be run again, and a new worker takes its place."""
+        pool = self.pool
+        code = worker.process.exitcode
+        if not worker.ready and not pool.closing:
+            self.early_deaths += 1
+            if self.early_deaths >= EARLY_DEATHS:
+                pool.break_down(CrashedRun(
+                    f"worker processes die before they can run tasks (the last one "
+                    f"{how_it_ended(code)}); is the main module importable by a new "
+                    f"interpreter?"))
+        elif worker.ready:
+            self.early_deaths = 0
+        with pool.lock:
+            crashed, rerun = worker.crashed_and_rest()
+            if not pool.closing and pool.broken is None:
+                pool.workers.replace(worker)
+            else:
+                pool.workers.remove(worker)
+            pool.room_changed.notify_all()
+        worker.outbox.put(None)
+        worker.tasks.close()
+        worker.results.close()
+        if crashed:
+            crashed = join_runs(crashed)
+            pool.outbox.finish(crashed, [crash_error(crashed[0], worker.process.pid, code)],
+                               CRASHED)
+        if rerun:
+            pool.outbox.give_back(join_runs(rerun), False)
+
+    def rebalance(self):
+        """A worker is idle and no run is ready, while another worker has
+        runs waiting behind the one it runs (a long one, say): take half of
+        those back, for the dispatcher to hand out again.
+
+        Nothing is taken from a worker that is loading a batch (see
+        _worker.pyx): runs whose arguments are slow to arrive or to unpickle
+        would only start that wait again on the idle worker, and then be
+        taken back from there, and so on for ever.  Instead the receiver
+        looks again soon (REBALANCE_POLL)."""
+        pool = self.pool
+        requeued = []
+        with pool.lock:
+            self.rebalance_due = False
+            if pool.closing or pool.outbox.ready_count:
+                return
+            ready = [w for w in pool.workers.workers if w.ready]
+            if not any(w.count == 0 for w in ready):
+                return
+            busiest = max(ready, key=lambda w: w.count)
+            if busiest.block.loading:
+                self.rebalance_due = busiest.count > 0
+                return
+            # The later half of the runs waiting behind the one it started
+            # last go.  (Counted, not listed: there may be many.)
+            waiting = busiest.waiting()
+            if waiting < 1:
+                return
+            started = busiest.block.started
+            first = started + 1 + waiting // 2
+            for number in sorted(n for n in busiest.given_up if n > started):
+                if number <= first:
+                    first += 1
+            _, requeued = busiest.take_back(first, None, cancel=False)
+        pool.give_back([], requeued)
+
+
+def how_it_ended(code):
+    if code is not None and code < 0:
+        try:
+            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def crash_error(future, pid, code):
+    return CrashedRun(
+        f"the worker process (pid {pid}) running task run {future.task_name!r} "
+        f"({future.task_run_id}) died: it {how_it_ended(code)}")

@@ -1,0 +1,82 @@
+"""The messages between the parent and a worker process.
+
+Parent to worker, down the worker's task pipe, each pickled:
+
+    Batch(functions, groups)    functions it has not had yet (Function),
+                                then the runs: a pickled list of Group, apart,
+                                so that a worker that cannot load the runs
+                                still has the functions
+    None                        stop
+
+Worker to parent, up its result pipe:
+
+    Ready(pid)                  it ran the initializer and waits for runs
+    InitFailed(text)            the initializer raised (the traceback)
+    Done(first, count, busy, body)
+                                the answers to runs first .. first+count-1,
+                                in order; `body` pickled apart, so that if it
+                                cannot be loaded here the parent still knows
+                                which runs it was for
+    BadBatch(text)              it could not unpickle the runs of its next batch
+
+A run's number is its sequence number on that worker: every number sent is
+answered once, in order, with a result, an error or "skipped".
+"""
+
+from typing import NamedTuple, Optional
+
+__all__ = ["Function", "Group", "Batch", "Ready", "InitFailed", "Done", "BadBatch",
+           "Answers", "SKIP"]
+
+# The function id of a Group of runs the parent could not send (their
+# arguments did not pickle): the worker answers them skipped.
+SKIP = -1
+
+
+class Function(NamedTuple):
+    id: int
+    name: str
+    blob: bytes             # the function, by cloudpickle
+    is_async: bool
+
+
+class Group(NamedTuple):
+    """Consecutive runs of one function."""
+    function_id: int
+    first: int              # the number of its first run
+    args: object            # a list of argument tuples, or with `single` of sole arguments (or a range)
+    kwargs: Optional[list]  # each run's keywords (a dict or None), or None for none at all
+    single: bool
+
+
+class Batch(NamedTuple):
+    functions: list
+    groups: bytes
+
+
+class Ready(NamedTuple):
+    pid: int
+
+
+class InitFailed(NamedTuple):
+    text: str
+
+
+class Done(NamedTuple):
+    first: int
+    count: int
+    busy: float             # seconds the worker spent in tasks for these runs
+    body: bytes             # a pickled Answers
+
+
+class BadBatch(NamedTuple):
+    text: str
+
+
+class Answers(NamedTuple):
+    """The body of a Done: one value per run (None where it failed or was
+    skipped, or packed, see _worker.pyx), {run: (exception, traceback
+    text)}, and the runs skipped."""
+    values: object
+    errors: dict
+    skipped: list

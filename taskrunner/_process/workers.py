@@ -1,0 +1,262 @@
+"""The worker processes of one entered ProcessPoolTaskRunner, as the parent
+sees them.
+
+Each Worker is a process running _worker.serve, two pipes (runs down,
+answers up), a sender thread that writes its batches (so that a slow
+reader holds no other worker up), and a control block in memory shared
+with the parent (_worker.ControlBlock: the run it started last, the run it
+finished last, a window of runs it must skip, whether it is loading a
+batch).  Its flight is the batches sent and not yet wholly answered: every
+run sent has a number (increasing per worker), and the worker answers the
+numbers in order.
+
+A run in flight that is no longer this worker's to end (taken back for
+another worker, cancelled, failed here before it was sent) is "given up":
+its number goes in `given_up`, and its answer, when it comes, is dropped.
+
+Every method that reads or changes a worker's flight runs under the
+backend's lock.
+"""
+
+import collections
+import pickle
+import queue
+import threading
+from typing import Optional
+
+from taskrunner._mapped import join_runs
+from taskrunner._worker import BLOCK_WORDS, ControlBlock, serve
+
+__all__ = ["InFlight", "Worker", "WorkerSet"]
+
+
+class InFlight:
+    """A batch in flight to one worker: runs numbered first ..
+    first+len(runs)-1, of which `answered` (from the start) have been."""
+
+    __slots__ = ("first", "runs", "answered", "by_value")
+
+    def __init__(self, first, runs, by_value):
+        self.first = first
+        self.runs = runs            # a RunList
+        self.answered = 0
+        self.by_value = by_value    # pickled by value (cloudpickle): no retry by value
+
+
+class Worker:
+    """One worker process (see the module docstring)."""
+
+    def __init__(self, index, process, tasks, results, block):
+        self.index = index
+        self.process = process
+        self.tasks = tasks                  # our end of the pipe runs go down
+        self.results = results              # our end of the pipe answers come up
+        self.block = block
+        self.outbox = queue.SimpleQueue()   # pickled batches for the sender
+        self.functions = set()              # the TaskWire ids it has
+        self.next_run = 0                   # the number of the next run sent
+        self.in_flight = collections.deque()    # of InFlight, oldest first
+        self.count = 0                      # runs in flight, those given up aside
+        self.given_up = set()               # runs in flight no longer ours
+        self.cancel_if_skipped = set()      # given up if it skips them: cancelled
+        self.ready = False                  # it ran the initializer
+        self.by_value = False               # its batches go pickled by value
+        self.sender: Optional[threading.Thread] = None
+
+    # -- flight ---------------------------------------------------------------
+
+    def enter_flight(self, runs, by_value=False):
+        """Number a batch and count it in flight; returns its first run."""
+        first = self.next_run
+        self.next_run += len(runs)
+        self.in_flight.append(InFlight(first, runs, by_value))
+        self.count += len(runs)
+        return first
+
+    def take_answered(self, first, count):
+        """The runs first .. first+count-1 (a RunList), answered: they leave
+        the flight.  The worker answers every run sent, in order: anything
+        else is a bug."""
+        out = []
+        while count:
+            batch = self.in_flight[0]
+            if batch.first + batch.answered != first:
+                raise AssertionError(f"worker {self.index}: answers out of order")
+            n = min(count, len(batch.runs) - batch.answered)
+            out.append(batch.runs[batch.answered:batch.answered + n])
+            batch.answered += n
+            if batch.answered == len(batch.runs):
+                self.in_flight.popleft()
+            first += n
+            count -= n
+        out = join_runs(out)
+        self.count -= len(out)
+        return out
+
+    def give_up(self, numbers):
+        """Runs in flight (their numbers) are no longer ours: the worker
+        will answer them (skipped, or a result nobody uses)."""
+        fresh = set(numbers) - self.given_up
+        self.given_up |= fresh
+        self.count -= len(fresh)
+
+    def answer_dropped(self, number):
+        """The answer to a run given up came: forget the number.  True if it
+        was one (take_answered counted it out of `count` a second time)."""
+        if number not in self.given_up:
+            return False
+        self.given_up.discard(number)
+        self.count += 1
+        return True
+
+    def number_of(self, run_id):
+        """The number of run `run_id` (an engine id) if it is in flight
+        here and ours."""
+        for batch in self.in_flight:
+            position = batch.runs.position_of(run_id)
+            if position >= batch.answered and batch.first + position not in self.given_up:
+                return batch.first + position
+        return None
+
+    def runs_from(self, first, end=None):
+        """(number, that run as a RunList) for every run in flight numbered
+        `first` or later (and before `end`)."""
+        for batch in self.in_flight:
+            stop = len(batch.runs) if end is None else min(len(batch.runs), end - batch.first)
+            for i in range(max(batch.answered, first - batch.first), stop):
+                yield batch.first + i, batch.runs[i:i + 1]
+
+    def waiting(self):
+        """How many runs of ours wait behind the one it started last."""
+        started = self.block.started
+        gone = sum(1 for number in self.given_up if number > started)
+        return self.next_run - started - 1 - gone
+
+    def take_back(self, first, target, cancel=True):
+        """Stop this worker from run `first` on and take back what surely
+        never starts: `target` (an engine run id; every such run if None,
+        when `cancel`) is to be cancelled, the rest requeued.  Runs that may
+        have started just now stay in flight; if the worker reports them
+        skipped they are requeued, or with `target` None (cancel_all)
+        cancelled.  Returns (to cancel, to requeue), lists of RunLists."""
+        cancelled, requeued = [], []
+        end = self.next_run
+        if first >= end:
+            return cancelled, requeued
+        old_first, old_end = self.block.stop_window
+        if self.block.started < old_end - 1:            # the old window still matters
+            first, end = min(first, old_first), max(end, old_end)
+        started = self.block.stop(first, end)
+        for number, one in list(self.runs_from(first, end)):
+            if number in self.given_up:
+                continue
+            is_target = cancel and (target is None or one.position_of(target) == 0)
+            if number > started:                        # surely never starts
+                self.give_up((number,))
+                (cancelled if is_target else requeued).append(one)
+            elif is_target and target is None:
+                self.cancel_if_skipped.add(number)
+        return cancelled, requeued
+
+    def crashed_and_rest(self):
+        """After it died: (the run it was running, if any, as a list of
+        RunLists; the others of ours in flight), and an empty flight."""
+        started, finished = self.block.started, self.block.finished
+        crashed, rest = [], []
+        for number, one in self.runs_from(0):
+            if number in self.given_up:
+                continue
+            if number == started and started > finished:
+                crashed.append(one)
+            else:
+                rest.append(one)
+        self.in_flight.clear()
+        self.count = 0
+        return crashed, rest
+
+    # -- sending --------------------------------------------------------------
+
+    def send_loop(self):
+        """The sender thread: write the queued batches to the worker's pipe."""
+        while True:
+            data = self.outbox.get()
+            if data is None:
+                try:
+                    self.tasks.send_bytes(_STOP)
+                except OSError:
+                    pass
+                return
+            try:
+                self.tasks.send_bytes(data)
+            except OSError:
+                return      # it died; the receiver takes care of its runs
+
+
+_STOP = pickle.dumps(None)
+
+
+class WorkerSet:
+    """The worker processes of one entered runner: spawning (the first at
+    once, the others when a second run is submitted), replacing a dead one
+    in its place, and stopping them all.  `workers` changes under the
+    backend's lock; spawn() may run under it."""
+
+    def __init__(self, context, size, setup):
+        self.context = context
+        self.size = size
+        self.setup = setup          # pickled (initializer, initargs)
+        self.shared = context.RawArray("q", size * BLOCK_WORDS)
+        self.workers = []
+        self.unstarted = list(range(1, size))   # started when there is work for them
+
+    def spawn(self, index):
+        block = ControlBlock(self.shared, index)
+        block.reset()
+        task_read, task_write = self.context.Pipe(duplex=False)
+        result_read, result_write = self.context.Pipe(duplex=False)
+        process = self.context.Process(
+            target=serve, args=(task_read, result_write, self.shared, index, self.setup),
+            name=f"taskrunner-worker-{index}", daemon=True)
+        process.start()
+        task_read.close()
+        result_write.close()
+        worker = Worker(index, process, task_write, result_read, block)
+        worker.sender = threading.Thread(target=worker.send_loop, daemon=True,
+                                         name=f"taskrunner-sender-{index}")
+        worker.sender.start()
+        return worker
+
+    def start_first(self):
+        self.workers.append(self.spawn(0))
+
+    def start_the_rest(self):
+        """Start the workers not started yet; False if there were none."""
+        if not self.unstarted:
+            return False
+        indices, self.unstarted = self.unstarted, []
+        for index in indices:
+            self.workers.append(self.spawn(index))
+        return True
+
+    def replace(self, worker):
+        """A new worker in a dead one's place."""
+        self.workers[self.workers.index(worker)] = self.spawn(worker.index)
+
+    def remove(self, worker):
+        self.workers.remove(worker)
+
+    def stop(self, workers):
+        """Stop `workers`: no worker process outlives this."""
+        for worker in workers:
+            worker.outbox.put(None)
+        for worker in workers:
+            worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.terminate()
+                worker.process.join(timeout=5)
+            if worker.process.is_alive():
+                worker.process.kill()
+                worker.process.join()
+            worker.sender.join()
+            worker.tasks.close()
+            worker.results.close()
