@@ -133,7 +133,10 @@ class ProcessBackend(Backend):
         if self.closing:
             self.outbox.give_back(runs, True)
             return None
-        return self.feeder.place(runs)
+        placed = self.feeder.place(runs)
+        if any(w.ready and w.count == 0 for w in self.workers.workers):
+            self.receiver.ask_rebalance()
+        return placed
 
     def send(self, placed):
         self.feeder.send(placed)

@@ -554,3 +554,18 @@ def unloadable_if(x, bad):
 
 def big_bytes(n):
     return b"b" * n
+
+
+def late_after(tickets, count, gate):
+    """Initializer: the first `count` workers to start go on; each later
+    one waits for the gate first (a worker that comes up late).  Tickets
+    are files made with O_EXCL in the directory `tickets`."""
+    number = 0
+    while True:
+        try:
+            os.close(os.open(os.path.join(tickets, str(number)), os.O_CREAT | os.O_EXCL))
+            break
+        except FileExistsError:
+            number += 1
+    if number >= count:
+        wait_path(gate, timeout=120)

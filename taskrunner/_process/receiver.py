@@ -46,7 +46,13 @@ class Receiver:
         self.pool = pool
         self.wake_read, self.wake_write = os.pipe()
         self.rebalance_due = False      # a rebalance waits for a worker to load a batch
+        self.rebalance_asked = False    # by a placement that left a worker idle
         self.early_deaths = 0           # workers in a row that died before ready
+
+    def ask_rebalance(self):
+        """A placement left a worker idle: look for runs to move (lock held)."""
+        self.rebalance_asked = True
+        self.wake()
 
     def wake(self):
         try:
@@ -72,7 +78,8 @@ class Receiver:
                 waiting[worker.process.sentinel] = worker
             events = connection.wait(
                 list(waiting), timeout=REBALANCE_POLL if self.rebalance_due else None)
-            if not events:
+            if not events or self.rebalance_asked:
+                self.rebalance_asked = False
                 self.rebalance()
             for ready in events:
                 try:
@@ -203,9 +210,11 @@ class Receiver:
             pool.outbox.give_back(join_runs(rerun), False)
 
     def rebalance(self):
-        """A worker is idle and no run is ready, while another worker has
-        runs waiting behind the one it runs (a long one, say): take half of
-        those back, for the dispatcher to hand out again.
+        """More workers are idle than runs are ready, while another worker
+        has runs waiting behind the one it runs (a long one, say): take half
+        of those back, for the dispatcher to hand out again.  Asked after
+        every message, and after every placement that left a worker idle
+        (ProcessBackend.place): no ready run waits while a worker is idle.
 
         Nothing is taken from a worker that is loading a batch (see
         _worker.pyx): runs whose arguments are slow to arrive or to unpickle
@@ -216,10 +225,13 @@ class Receiver:
         requeued = []
         with pool.lock:
             self.rebalance_due = False
-            if pool.closing or pool.outbox.ready_count:
+            if pool.closing:
                 return
             ready = [w for w in pool.workers.workers if w.ready]
-            if not any(w.count == 0 for w in ready):
+            # Ready runs in the engine go to idle workers first: rebalance
+            # only for the idle workers they will not fill.
+            idle = sum(1 for w in ready if w.count == 0)
+            if idle <= pool.outbox.ready_count:
                 return
             busiest = max(ready, key=lambda w: w.count)
             if busiest.block.loading:
