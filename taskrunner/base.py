@@ -1,6 +1,17 @@
 """The abstract TaskRunner, and the part every built-in runner shares."""
 
+from __future__ import annotations
+
 import abc
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, TypeVar
+
+if TYPE_CHECKING:
+    from taskrunner.futures import FutureList, TaskFuture
+
+R = TypeVar("R")
+_Runner = TypeVar("_Runner", bound="TaskRunner")
+_Engined = TypeVar("_Engined", bound="EngineTaskRunner")
+Parameters = Mapping[str, Any]
 
 __all__ = ["TaskRunner"]
 
@@ -27,31 +38,34 @@ class TaskRunner(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def name(self):
+    def name(self) -> str:
         """A short name for the kind of runner: "threadpool", ..."""
 
     @abc.abstractmethod
-    def duplicate(self):
+    def duplicate(self) -> TaskRunner:
         """A new, unstarted runner with the same configuration."""
 
     @abc.abstractmethod
-    def submit(self, task, parameters=None, wait_for=None, dependencies=None):
+    def submit(self, task: Callable[..., R], parameters: Optional[Parameters] = None,
+               wait_for: Optional[Iterable[Any]] = None,
+               dependencies: Optional[Mapping[str, Any]] = None) -> TaskFuture[R]:
         """Run `task` with `parameters` once the futures among them and in
         `wait_for` have completed; returns a TaskFuture."""
 
     @abc.abstractmethod
-    def map(self, task, parameters, wait_for=None):
+    def map(self, task: Callable[..., R], parameters: Parameters,
+            wait_for: Optional[Iterable[Any]] = None) -> FutureList[R]:
         """Submit `task` once per item of the iterable parameters; returns a
         FutureList in input order."""
 
     @abc.abstractmethod
-    def cancel_all(self):
+    def cancel_all(self) -> None:
         """Cancel every run that has not started."""
 
-    def __enter__(self):
+    def __enter__(self: _Runner) -> _Runner:
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         return None
 
     def __repr__(self):
@@ -78,13 +92,13 @@ class EngineTaskRunner(TaskRunner):
                 f"before calling submit or map")
         return engine
 
-    def __enter__(self):
+    def __enter__(self: _Engined) -> _Engined:
         if self._engine is not None:
             raise RuntimeError(f"{type(self).__name__} is already started")
         self._engine = self._start()
         return self
 
-    def __exit__(self, exc_type, exc, tb):
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         engine = self._engine
         if engine is None:
             return None
@@ -98,13 +112,16 @@ class EngineTaskRunner(TaskRunner):
             engine.free_graph()
         return None
 
-    def submit(self, task, parameters=None, wait_for=None, dependencies=None):
+    def submit(self, task: Callable[..., R], parameters: Optional[Parameters] = None,
+               wait_for: Optional[Iterable[Any]] = None,
+               dependencies: Optional[Mapping[str, Any]] = None) -> TaskFuture[R]:
         return self._started().submit(task, parameters, wait_for, dependencies)
 
-    def map(self, task, parameters, wait_for=None):
+    def map(self, task: Callable[..., R], parameters: Parameters,
+            wait_for: Optional[Iterable[Any]] = None) -> FutureList[R]:
         return self._started().map(task, parameters, wait_for)
 
-    def cancel_all(self):
+    def cancel_all(self) -> None:
         engine = self._engine
         if engine is not None:
             engine.cancel_all()

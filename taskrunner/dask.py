@@ -20,6 +20,7 @@ imported only when a runner is made.
 
 import importlib
 from collections.abc import Mapping
+from typing import Any, Callable, Optional, Union
 
 from taskrunner._dask import distributed as _distributed
 from taskrunner.remote import RemoteTaskRunner
@@ -41,7 +42,10 @@ class DaskTaskRunner(RemoteTaskRunner):
     `taskrunner` and the modules the tasks come from.
     """
 
-    def __init__(self, address=None, cluster_class=None, cluster_kwargs=None, client_kwargs=None):
+    def __init__(self, address: Optional[str] = None,
+                 cluster_class: Union[str, Callable[..., Any], None] = None,
+                 cluster_kwargs: Optional[Mapping[str, Any]] = None,
+                 client_kwargs: Optional[Mapping[str, Any]] = None) -> None:
         if address is not None and not isinstance(address, str):
             raise TypeError(
                 f"address must be a scheduler address string such as 'tcp://host:8786', "

@@ -4,15 +4,23 @@ TaskFuture and FutureList are implemented in the compiled core; this module
 is where they are documented and imported from.
 """
 
-import collections
+from __future__ import annotations
+
 import queue
+from typing import Iterable, Iterator, NamedTuple, Optional, Set, TypeVar
 
 from taskrunner._futures import TaskFuture, blocking
 from taskrunner._mapped import FutureList
 
 __all__ = ["TaskFuture", "FutureList", "wait", "as_completed", "DoneAndNotDoneFutures"]
 
-DoneAndNotDoneFutures = collections.namedtuple("DoneAndNotDoneFutures", "done not_done")
+F = TypeVar("F", bound=TaskFuture)
+
+
+class DoneAndNotDoneFutures(NamedTuple):
+    """What wait() returns: the futures final, and the others."""
+    done: Set[TaskFuture]
+    not_done: Set[TaskFuture]
 
 
 def _deadline(timeout):
@@ -27,7 +35,7 @@ def _remaining(deadline):
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def wait(futures, timeout=None):
+def wait(futures: Iterable[TaskFuture], timeout: Optional[float] = None) -> DoneAndNotDoneFutures:
     """Wait until every future is final or `timeout` seconds pass.
 
     Returns a named tuple of two sets, (done, not_done).
@@ -42,7 +50,7 @@ def wait(futures, timeout=None):
     return DoneAndNotDoneFutures(done, futures - done)
 
 
-def as_completed(futures, timeout=None):
+def as_completed(futures: Iterable[F], timeout: Optional[float] = None) -> Iterator[F]:
     """Yield each future once, as it becomes final.
 
     Raises TimeoutError if some are still unfinished after `timeout` seconds
@@ -50,7 +58,7 @@ def as_completed(futures, timeout=None):
     """
     deadline = _deadline(timeout)
     futures = list(dict.fromkeys(futures))
-    finished = queue.SimpleQueue()
+    finished: queue.SimpleQueue = queue.SimpleQueue()
     for future in futures:
         future.add_done_callback(finished.put)
     for count in range(len(futures)):

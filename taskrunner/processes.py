@@ -22,6 +22,8 @@ blocks' stop windows (take_back).
 import multiprocessing
 import os
 import threading
+from multiprocessing.context import BaseContext
+from typing import Any, Callable, Iterable, Optional, Union
 
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import dumps_checked
@@ -45,7 +47,9 @@ class ProcessPoolTaskRunner(RemoteTaskRunner):
     serialised once per runner.
     """
 
-    def __init__(self, max_workers=None, initializer=None, initargs=(), mp_context=None):
+    def __init__(self, max_workers: Optional[int] = None,
+                 initializer: Optional[Callable[..., object]] = None, initargs: Iterable[Any] = (),
+                 mp_context: Union[str, BaseContext, None] = None) -> None:
         max_workers = checked_max_workers(max_workers, os.cpu_count() or 1)
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")

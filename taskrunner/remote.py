@@ -35,17 +35,22 @@ here, once.  A third backend (a Ray cluster, a pool of subinterpreters)
 needs only a Backend.
 """
 
+from __future__ import annotations
+
 import abc
 import itertools
 import logging
 import threading
-from typing import NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 from taskrunner._engine import Engine
 from taskrunner._graph import STATES
 from taskrunner._pickling import check_picklable, checked_map_value, dumps_checked
 from taskrunner._remote import Outbox
-from taskrunner.base import EngineTaskRunner
+from taskrunner.base import EngineTaskRunner, Parameters, R
+
+if TYPE_CHECKING:
+    from taskrunner.futures import FutureList, TaskFuture
 
 __all__ = ["Backend", "RemoteTaskRunner", "TaskWire"]
 
@@ -77,10 +82,10 @@ class Backend(abc.ABC):
     broken: Optional[BaseException] = None   # set when no run can run: each ends CRASHED with it
     singles = False         # calls with one argument as the argument alone (see Outbox.calls)
 
-    def start(self, runner):
+    def start(self, runner):  # noqa: B027 (a hook: most backends need it)
         """Start (the runner's engine and outbox exist now)."""
 
-    def submitted(self, count):
+    def submitted(self, count):  # noqa: B027 (a hint a backend may ignore)
         """`count` runs were submitted (a hint: start more workers, say)."""
 
     @abc.abstractmethod
@@ -123,8 +128,8 @@ class RemoteTaskRunner(EngineTaskRunner):
     Subclasses give `_backend()` (a new Backend for each entry) and
     `_max_out()` (how many runs may be out at once: the engine's limit)."""
 
-    _active = None          # the entered Backend
-    outbox = None           # the engine's Outbox, while entered
+    _active: Any = None     # the entered Backend
+    outbox: Any = None      # the engine's Outbox, while entered
 
     @abc.abstractmethod
     def _backend(self):
@@ -135,7 +140,9 @@ class RemoteTaskRunner(EngineTaskRunner):
 
     # -- submitting -----------------------------------------------------------
 
-    def submit(self, task, parameters=None, wait_for=None, dependencies=None):
+    def submit(self, task: Callable[..., R], parameters: Optional[Parameters] = None,
+               wait_for: Optional[Iterable[Any]] = None,
+               dependencies: Optional[Mapping[str, Any]] = None) -> TaskFuture[R]:
         engine = self._started()
         self.wire_of(task)
         if parameters is not None and hasattr(parameters, "items"):
@@ -145,7 +152,8 @@ class RemoteTaskRunner(EngineTaskRunner):
         self._active.submitted(1)
         return future
 
-    def map(self, task, parameters, wait_for=None):
+    def map(self, task: Callable[..., R], parameters: Parameters,
+            wait_for: Optional[Iterable[Any]] = None) -> FutureList[R]:
         engine = self._started()
         self.wire_of(task)
         if hasattr(parameters, "items"):

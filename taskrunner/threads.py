@@ -8,6 +8,7 @@ future.
 
 import os
 import threading
+from typing import Optional
 
 from taskrunner._calls import TaskLoop
 from taskrunner._consume import work
@@ -25,10 +26,10 @@ class ThreadPoolTaskRunner(EngineTaskRunner):
     place up until it resumes, so nested submits cannot deadlock the pool.
     """
 
-    def __init__(self, max_workers=None):
+    def __init__(self, max_workers: Optional[int] = None) -> None:
         max_workers = checked_max_workers(max_workers, min(32, (os.cpu_count() or 1) + 4))
         self._max_workers = max_workers
-        self._threads = []
+        self._threads: list = []
         self._threads_lock = threading.Lock()
 
     @property

@@ -18,10 +18,7 @@ import uuid
 
 import pytest
 
-import runner_tasks as rt
 import taskrunner
-from harness import running
-from runner_tasks import read_lines, wait_path, wait_until
 from taskrunner import (
     CancelledRun,
     CrashedRun,
@@ -43,6 +40,10 @@ from taskrunner import (
     unmapped,
     wait,
 )
+
+import runner_tasks as rt
+from harness import running
+from runner_tasks import read_lines, wait_path, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

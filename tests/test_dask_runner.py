@@ -18,9 +18,10 @@ import time
 
 import pytest
 
+from taskrunner import CancelledRun, CrashedRun, TaskRunner, TaskRunnerError, UpstreamTaskError
+
 import runner_tasks as rt
 from runner_tasks import read_lines, wait_path
-from taskrunner import CancelledRun, CrashedRun, TaskRunner, TaskRunnerError, UpstreamTaskError
 
 distributed = pytest.importorskip("distributed")
 

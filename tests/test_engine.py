@@ -87,10 +87,10 @@ def test_a_cycle_through_a_closure_over_its_own_future_is_collected():
         with ThreadPoolTaskRunner(2) as runner:
             def task():
                 return holder["box"]
-            holder["box"] = box
+            holder["box"] = box  # noqa: F821 (the closure's; deleted below once run)
             future = runner.submit(task)
             holder["future"] = future     # future -> spec -> task -> holder -> future
-            assert future.result() is box
+            assert future.result() is box  # noqa: F821
 
     run()
     del box

@@ -38,7 +38,6 @@ from graph_model import (  # noqa: E402
     NOT_READY,
     PENDING,
     READY,
-    RUNNING,
     GraphModel,
 )
 

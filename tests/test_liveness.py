@@ -13,9 +13,10 @@ import os
 
 import pytest
 
+from taskrunner import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
 import runner_tasks as rt
 from runner_tasks import wait_path
-from taskrunner import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -42,10 +42,7 @@ import time
 
 import pytest
 
-import runner_tasks as rt
 import taskrunner
-from harness import running
-from runner_tasks import read_lines, wait_path, wait_until
 from taskrunner import (
     CancelledRun,
     CrashedRun,
@@ -59,6 +56,10 @@ from taskrunner import (
     quote,
     unmapped,
 )
+
+import runner_tasks as rt
+from harness import running
+from runner_tasks import read_lines, wait_path, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -29,10 +29,7 @@ import time
 
 import pytest
 
-import runner_tasks as rt
 import taskrunner
-from harness import running
-from runner_tasks import read_lines, wait_path, wait_until
 from taskrunner import (
     CancelledRun,
     CrashedRun,
@@ -44,6 +41,10 @@ from taskrunner import (
     unmapped,
 )
 from taskrunner import wait as wait_futures
+
+import runner_tasks as rt
+from harness import running
+from runner_tasks import read_lines, wait_path, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,9 +10,10 @@ import os
 
 import pytest
 
+from taskrunner import quote, unmapped
+
 import runner_tasks as rt
 from harness import run_script, running
-from taskrunner import quote, unmapped
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -250,8 +251,9 @@ def test_dask_runs_on_a_lost_scheduler_end_crashed(make_gate, make_path):
     import signal
     import time
 
-    from dask_cluster import DaskCluster
     from taskrunner import CrashedRun, DaskTaskRunner
+
+    from dask_cluster import DaskCluster
 
     cluster = DaskCluster((1,)).start()
     started = make_path()

@@ -8,10 +8,11 @@ import time
 
 import pytest
 
-import runner_tasks as rt
-from runner_tasks import wait_until
 from taskrunner import TaskRunner, ThreadPoolTaskRunner
 from taskrunner import unmapped as rt_unmapped
+
+import runner_tasks as rt
+from runner_tasks import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

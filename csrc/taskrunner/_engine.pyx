@@ -141,7 +141,8 @@ cdef class Engine(EngineBase):
         try:
             scan_call(fut, &ups)
             if wait_for is not None:
-                keep = wait_for_upstreams(wait_for, &ups)
+                # Holds the upstreams' references while their edges are made.
+                _held = wait_for_upstreams(wait_for, &ups)
             if dependencies is not None:
                 fut._get_extra().dependencies = checked_dependencies(dependencies)
             self._register(&one, 1, &ups, NULL, NULL)
@@ -356,7 +357,7 @@ cdef class Engine(EngineBase):
                 if type(value) is not _Slot and not is_plain(value):
                     static_flags |= scan(value, &shared, False, 0)
             if wait_for is not None:
-                keep = wait_for_upstreams(wait_for, &shared)
+                _held = wait_for_upstreams(wait_for, &shared)
             # Every upstream in the items first: a bad item fails the map
             # here, before any of its runs is scheduled.
             if any(type(c) is not range for c in columns):      # a range holds ints only
@@ -537,10 +538,10 @@ cdef class Engine(EngineBase):
         self.graph.settling_end()
 
     cdef void _spawn(self, int32_t n):
-        cdef int32_t i
+        cdef int32_t _i
         if self._spawn_consumer is None:
             return
-        for i in range(n):
+        for _i in range(n):
             try:
                 self._spawn_consumer()
             except BaseException:

@@ -159,4 +159,3 @@ cdef inline void let_go(TaskFuture fut) noexcept:
             or (fut._extra is not None and fut._extra.dependencies is not None)):
         PyObject_GC_Track(fut)
     Py_DECREF(fut)
-

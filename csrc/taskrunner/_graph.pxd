@@ -9,6 +9,29 @@
 # Methods named *_locked expect the caller to hold the mutex (lock()/unlock());
 # the others take it themselves.  A caller must never wait for the GIL, or run
 # Python code that could (allocation, decref to zero), while it holds the mutex.
+#
+# Glossary.  One word, one meaning, across csrc/ and taskrunner/:
+#   run         a graph slot (an int32): one call of one task, from submit
+#               or one item of a map, until its owner lets it go.  Its
+#               Python face is a TaskFuture, or a MapBlock item until one is
+#               asked for (_mapped.pxd hides which).
+#   payload     the one opaque pointer a run carries for its owner (the
+#               future or the block); only this graph writes it.
+#   take        hand ready runs to a consumer: take() for one that runs
+#               them here (a thread), take_out() for one that sends them on
+#               (the ledger: F_OUT, then F_SENT once mark_sent says so).
+#   finish      a consumer reports how taken runs ended (complete_taken_locked):
+#               COMPLETED, FAILED or CRASHED; what depends on them moves on.
+#   give back   a consumer returns taken runs that never started (unstart_locked):
+#               ready again, or cancelled.
+#   take back   what a remote runner's backend does when the engine asks it
+#               to recall runs sent on: it takes back those that surely
+#               never started, and the engine cancels them.
+#   cancel      end a run CANCELLED before it started, here or by a recall.
+#   settle      what an owner does after runs end, outside the lock: wake
+#               waiters, run done callbacks, let runs go (n_settling).
+#   consumer    whatever takes ready runs: a thread of the thread runner,
+#               or the dispatcher of a remote runner (taskrunner/remote.py).
 
 from libc.stdint cimport int32_t, int64_t, uint8_t
 

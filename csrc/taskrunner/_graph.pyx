@@ -13,10 +13,9 @@ The Python-level methods at the end exist for tests: they drive the same C
 paths with no payloads, so a reference model can be checked against them.
 """
 
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, uint8_t
 from libc.stdlib cimport abort, free, malloc, realloc
 from libc.stdio cimport fprintf, stderr
-from libc.string cimport memcpy
 
 cdef int32_t MAX_RUNS = 1 << 30      # targets are stored shifted left by one
 cdef int32_t MAX_EDGES = 0x7ffffff0
@@ -731,7 +730,6 @@ cdef class Graph:
     def _check(self, run):
         if not 0 <= run < self.run_cap or self.runs[run].state == FREE_SLOT:
             raise ValueError(f"no run {run}")
-
 
 
 cdef list _drain(RunVec* out):

@@ -24,7 +24,7 @@ from taskrunner._futures cimport (
     deadline_of, forget_call, hold, let_go, remaining, wait_run,
 )
 from taskrunner._graph cimport (
-    CANCELLED, COMPLETED, NOT_READY, RUNNING, Graph, RunVec, runvec_clear, tr_monotonic,
+    CANCELLED, COMPLETED, NOT_READY, Graph, RunVec, runvec_clear, tr_monotonic,
 )
 
 
@@ -103,7 +103,6 @@ cdef class MapBlock:
         cdef Graph graph = self.engine.graph
         cdef TaskFuture fut
         cdef Py_ssize_t i, unfinished = 0, swapped = 0
-        cdef int32_t run
         # The futures first: nothing may allocate under the graph's lock.
         for i in range(lo, hi):
             if self.futures[i] != NULL:

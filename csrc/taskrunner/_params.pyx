@@ -10,7 +10,7 @@ the containers that hold futures or annotations, with their own types.
 
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
-from libc.stdlib cimport free, malloc, realloc
+from libc.stdlib cimport malloc, realloc
 from libc.string cimport memcpy
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
 

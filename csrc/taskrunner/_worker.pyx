@@ -56,7 +56,6 @@ cdef enum:
     LOADING = 4                 # 1 while it waits for, reads or unpickles a batch
 
 
-
 cdef class ControlBlock:
     """One worker's words in memory shared with the parent (a RawArray of
     int64, BLOCK_WORDS per worker)."""

@@ -47,7 +47,6 @@ static inline int tr_cond_init(tr_cond_t *c) {
 static inline void tr_cond_destroy(tr_cond_t *c) { pthread_cond_destroy(c); }
 static inline void tr_cond_signal(tr_cond_t *c) { pthread_cond_signal(c); }
 static inline void tr_cond_broadcast(tr_cond_t *c) { pthread_cond_broadcast(c); }
-static inline void tr_cond_wait(tr_cond_t *c, tr_mutex_t *m) { pthread_cond_wait(c, m); }
 
 /* Wait until `deadline` (a tr_monotonic() time; negative means forever).
  * Returns 1 once the deadline has passed, 0 otherwise (woken or spurious). */

@@ -40,7 +40,7 @@ __all__ = ["MarksPlugin", "Recalled", "TaskRaised", "dep", "forget_marks", "hold
 # Dask's worker states of a run that has not started.
 _NOT_STARTED = frozenset(("waiting", "ready", "constrained", "released"))
 _marks_lock = threading.Lock()
-_held_back = set()              # keys this worker process must not run
+_held_back: set = set()         # keys this worker process must not run
 _loading = threading.local()    # the dependencies of the arguments being unpickled
 
 

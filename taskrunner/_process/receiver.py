@@ -21,7 +21,6 @@ import logging
 import os
 import pickle
 import signal
-
 from multiprocessing import connection
 
 from taskrunner._mapped import join_runs
@@ -133,7 +132,7 @@ class Receiver:
                 return
 
     def _done(self, worker, done):
-        first, count = done.first, done.count
+        first, count = done.first, done.n_runs
         try:
             answers = pickle.loads(done.body)
             values, errors, skipped = unpacked(answers.values), answers.errors, answers.skipped

@@ -12,7 +12,7 @@ Worker to parent, up its result pipe:
 
     Ready(pid)                  it ran the initializer and waits for runs
     InitFailed(text)            the initializer raised (the traceback)
-    Done(first, count, busy, body)
+    Done(first, n_runs, busy, body)
                                 the answers to runs first .. first+count-1,
                                 in order; `body` pickled apart, so that if it
                                 cannot be loaded here the parent still knows
@@ -64,7 +64,7 @@ class InitFailed(NamedTuple):
 
 class Done(NamedTuple):
     first: int
-    count: int
+    n_runs: int             # runs answered, numbered from first
     busy: float             # seconds the worker spent in tasks for these runs
     body: bytes             # a pickled Answers
 

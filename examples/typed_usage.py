@@ -1,0 +1,51 @@
+"""The public API as a user types it: checked by mypy in CI (.ci/run)."""
+
+from typing import List
+
+from taskrunner import (
+    FutureList,
+    ProcessPoolTaskRunner,
+    TaskFuture,
+    ThreadPoolTaskRunner,
+    as_completed,
+    task,
+    unmapped,
+    wait,
+)
+
+
+@task
+def inc(x: int) -> int:
+    return x + 1
+
+
+@task(name="scale")
+def scale(x: int, factor: float) -> float:
+    return x * factor
+
+
+def pipeline(numbers: List[int]) -> float:
+    with ThreadPoolTaskRunner(max_workers=4) as runner:
+        first: TaskFuture[int] = runner.submit(inc, {"x": 1})
+        incremented: FutureList[int] = runner.map(inc, {"x": numbers})
+        scaled = runner.map(scale, {"x": incremented, "factor": unmapped(0.5)},
+                            wait_for=[first])
+        done, not_done = wait(list(scaled), timeout=10)
+        assert not not_done
+        for future in as_completed(incremented):
+            value: int = future.result()
+            assert value > 0
+        results: List[float] = scaled.result()
+        maybe = first.result(raise_on_failure=False)
+        if isinstance(maybe, BaseException):
+            raise maybe
+        return sum(results) + maybe
+
+
+def in_processes() -> List[int]:
+    with ProcessPoolTaskRunner(max_workers=2, mp_context="spawn") as runner:
+        return runner.map(inc, {"x": range(10)}).result()
+
+
+if __name__ == "__main__":
+    print(pipeline([1, 2, 3]), in_processes())

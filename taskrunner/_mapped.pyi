@@ -1,0 +1,24 @@
+# Type stubs for the compiled taskrunner._mapped (csrc/taskrunner/_mapped.pyx).
+from typing import Iterable, List, Literal, Optional, TypeVar, Union, overload
+
+from taskrunner._futures import TaskFuture
+
+R = TypeVar("R")
+
+class FutureList(List[TaskFuture[R]]):
+    """The futures of a map(), in input order."""
+
+    def wait(self, timeout: Optional[float] = None) -> None: ...
+    @overload
+    def result(self, timeout: Optional[float] = None,
+               raise_on_failure: Literal[True] = True) -> List[R]: ...
+    @overload
+    def result(self, timeout: Optional[float] = None, *,
+               raise_on_failure: Literal[False]) -> List[Union[R, BaseException]]: ...
+
+class RunList:
+    def __len__(self) -> int: ...
+    def run_ids(self) -> List[int]: ...
+    def position_of(self, run: int) -> int: ...
+
+def join_runs(parts: Iterable[RunList]) -> RunList: ...
