@@ -464,6 +464,61 @@ def first_result_executor(n, workers):
     return elapsed, answer
 
 
+def _dask_cluster(workers):
+    """A LocalCluster of `workers` worker processes, one thread each, as
+    both Dask variants get it (started before the clock)."""
+    from distributed import LocalCluster
+
+    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                        dashboard_address=None)
+
+
+def dask_submit_ours(n, workers):
+    """(seconds, answer) of n submits to a DaskTaskRunner, then their
+    results (a FutureList gathers them in one call, as client.gather does)."""
+    from taskrunner import DaskTaskRunner, FutureList
+
+    with _dask_cluster(workers) as cluster:
+        with DaskTaskRunner(address=cluster.scheduler_address) as runner:
+            runner.submit(inc, {"x": 0}).result()
+            start = time.perf_counter()
+            futures = FutureList([runner.submit(inc, {"x": i}) for i in range(n)])
+            total = sum(futures.result())
+            return time.perf_counter() - start, total
+
+
+def dask_submit_client(n, workers):
+    from distributed import Client
+
+    with _dask_cluster(workers) as cluster, Client(cluster) as client:
+        client.submit(inc, 0).result()
+        start = time.perf_counter()
+        futures = [client.submit(inc, i, pure=False) for i in range(n)]
+        total = sum(client.gather(futures))
+        return time.perf_counter() - start, total
+
+
+def dask_map_ours(n, workers):
+    from taskrunner import DaskTaskRunner
+
+    with _dask_cluster(workers) as cluster:
+        with DaskTaskRunner(address=cluster.scheduler_address) as runner:
+            runner.submit(inc, {"x": 0}).result()
+            start = time.perf_counter()
+            total = sum(runner.map(inc, {"x": range(n)}).result())
+            return time.perf_counter() - start, total
+
+
+def dask_map_client(n, workers):
+    from distributed import Client
+
+    with _dask_cluster(workers) as cluster, Client(cluster) as client:
+        client.submit(inc, 0).result()
+        start = time.perf_counter()
+        total = sum(client.gather(client.map(inc, range(n), pure=False)))
+        return time.perf_counter() - start, total
+
+
 def _same(size):
     return size
 
@@ -473,6 +528,7 @@ PROCESS_POOL = "ProcessPoolExecutor"
 MP_POOL = "multiprocessing.Pool"
 JOBLIB = "joblib (loky)"
 SERIAL = "serial loop"
+DASK_CLIENT = "distributed.Client"
 
 WORKLOADS = {w.name: w for w in [
     Workload(
@@ -547,6 +603,22 @@ WORKLOADS = {w.name: w for w in [
         Variant("taskrunner", first_result_ours),
         (Variant(PROCESS_POOL, first_result_executor),),
         (Target("<= 1.5x ProcessPoolExecutor's", PROCESS_POOL, min_ratio=1 / 1.5),),
+        measure_self, processes=True),
+    # The Dask runner against the client it drives, on the same kind of
+    # LocalCluster (2 worker processes, one thread each), started untimed.
+    Workload(
+        "dask-submit", "DaskTaskRunner: no-op submits, then their results",
+        10_000, 1_000, _same, sum_of_incs,
+        Variant("taskrunner", dask_submit_ours, requires=("distributed",), max_repeat=3),
+        (Variant(DASK_CLIENT, dask_submit_client, requires=("distributed",), max_repeat=3),),
+        (Target("<= 1.2x client.submit + gather", DASK_CLIENT, min_ratio=1 / 1.2),),
+        measure_self, processes=True),
+    Workload(
+        "dask-map", "DaskTaskRunner.map(inc) over range(n), results in order",
+        100_000, 5_000, _same, sum_of_incs,
+        Variant("taskrunner", dask_map_ours, requires=("distributed",), max_repeat=3),
+        (Variant(DASK_CLIENT, dask_map_client, requires=("distributed",), max_repeat=3),),
+        (Target(">= 1x client.map + gather", DASK_CLIENT, min_ratio=1),),
         measure_self, processes=True),
 ]}
 

@@ -468,7 +468,9 @@ def test_cancel_all_right_after_submit_takes_the_run_back(dask_clusters, make_ga
             assert queued.state.is_cancelled(), (i, queued.state)
         gate.open()
         assert blocker.result(timeout=20) == 1
-    time.sleep(0.2)
+        # Nothing handed to Dask can start any more: then look.
+        client = runner.client
+        rt.wait_until(lambda: _cluster_is_idle(client), timeout=60)
     assert not any(os.path.exists(p) for p in paths)
 
 

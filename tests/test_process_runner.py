@@ -15,6 +15,7 @@ section.
 """
 
 import contextlib
+import functools
 import inspect
 import json
 import multiprocessing
@@ -272,6 +273,22 @@ def test_a_task_function_is_pickled_once_per_runner(make_path):
         # both workers got it (each may need it): still pickled once
         assert len(read_lines(count)) == 1, read_lines(count)
     assert len(read_lines(count)) == 1
+
+
+def test_a_worker_keeps_a_bounded_number_of_task_functions(monkeypatch):
+    # issue 9: one bounded cache of task functions, mirrored on each worker.
+    # With room for 3, a worker that has had 3 starts again from the
+    # functions of its next batch; a function it dropped is sent again.
+    from taskrunner._process import feeder
+
+    monkeypatch.setattr(feeder, "MAX_FUNCTIONS", 3)
+    tasks = [functools.partial(rt.add, y=10 * k) for k in range(8)]
+    with ProcessPoolTaskRunner(max_workers=1) as r:
+        for _round in range(2):
+            for k, fn in enumerate(tasks):
+                assert r.submit(fn, {"x": k}).result(timeout=20) == k + 10 * k
+                kept = [len(w.functions) for w in r._active.workers.workers]
+                assert max(kept) <= 3, kept
 
 
 # =========================================== 2. exceptions and results

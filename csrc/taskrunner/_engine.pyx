@@ -57,7 +57,7 @@ from taskrunner.exceptions import (
 
 _log = logging.getLogger("taskrunner")
 
-cdef Py_ssize_t _MAX_SPECS = 4096
+cdef Py_ssize_t _MAX_SPECS = 4096      # = taskrunner._process.wire.MAX_FUNCTIONS
 # map() makes and schedules its runs a chunk at a time: the futures it just
 # made are still in cache when they are registered.
 cdef Py_ssize_t _MAP_CHUNK = 8192

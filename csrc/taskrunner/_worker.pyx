@@ -373,6 +373,8 @@ def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup):
         batch = pickle.loads(data)
         if batch is None:
             break
+        if batch.forget:
+            functions.clear()
         for function in batch.functions:
             try:
                 functions[function.id] = (pickle.loads(function.blob), function.is_async,

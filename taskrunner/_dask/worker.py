@@ -23,13 +23,12 @@ session go when the runner exits (the plugin's teardown).
 import pickle
 import threading
 import traceback
-import types
 
 import cloudpickle
 import distributed
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from taskrunner._calls import TaskLoop
+from taskrunner._calls import TaskLoop, call_task
 from taskrunner._futures import consumer_hooks
 from taskrunner._pickling import PLAIN_TYPES, with_remote_traceback
 from taskrunner.exceptions import TaskRunnerError
@@ -84,21 +83,18 @@ def run(fn, is_async, key, blob, deps):
                                   f"Dask worker: {type(error).__name__}: {error}")
         text = traceback.format_exc()
     else:
+        loop = TaskLoop()           # an event loop only if the task is async
         try:
             with consumer_hooks(_Seceder()):
-                value = fn(*args, **kwargs) if kwargs else fn(*args)
-            if is_async or type(value) is types.CoroutineType:
-                loop = TaskLoop()
-                try:
-                    value = loop.run_coroutine(value)
-                finally:
-                    loop.close()
+                value = call_task(fn, is_async, args, kwargs, loop)
         except BaseException as error:
             failure, text = error, traceback.format_exc()
         else:
             failure = _unsendable_result(value, key)
             if failure is None:
                 return value
+        finally:
+            loop.close()
     # Raised outside the except blocks, so it carries no context of its own.
     raise TaskRaised(_portable(failure), text)
 

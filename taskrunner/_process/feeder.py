@@ -25,7 +25,7 @@ import cloudpickle
 
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import dumps, unsendable_call_error
-from taskrunner._process.wire import SKIP, Batch, Function, Group
+from taskrunner._process.wire import MAX_FUNCTIONS, SKIP, Batch, Function, Group
 from taskrunner.exceptions import TaskRunnerError
 from taskrunner.remote import FAILED
 
@@ -116,9 +116,11 @@ class Feeder:
         functions = {}
         groups = []
         run = batch.first
+        forget = len(worker.functions) >= MAX_FUNCTIONS
+        known = () if forget else worker.functions
         for spec, args, kwargs, single in calls:
             wire = pool.runner.wire_of_spec(spec)
-            if wire.id not in worker.functions:
+            if wire.id not in known:
                 functions[wire.id] = Function(wire.id, wire.name, wire.blob, wire.is_async)
             groups.append(Group(wire.id, run, args, kwargs, single))
             run += len(args)
@@ -127,10 +129,12 @@ class Feeder:
             body = dump(groups)
         except Exception:
             body = dump(self._fail_unpicklable(worker, calls, groups, dump))
-        worker.outbox.put(pickle.dumps(Batch(list(functions.values()), body),
+        worker.outbox.put(pickle.dumps(Batch(list(functions.values()), body, forget),
                                        pickle.HIGHEST_PROTOCOL))
         # Known to the worker only once they are on their way to it.
         with pool.lock:
+            if forget:
+                worker.functions.clear()
             worker.functions.update(functions)
 
     def _fail_unpicklable(self, worker, calls, groups, dump):

@@ -2,10 +2,13 @@
 
 Parent to worker, down the worker's task pipe, each pickled:
 
-    Batch(functions, groups)    functions it has not had yet (Function),
+    Batch(functions, groups, forget)
+                                functions it has not had yet (Function),
                                 then the runs: a pickled list of Group, apart,
                                 so that a worker that cannot load the runs
-                                still has the functions
+                                still has the functions; with `forget`, it
+                                drops the functions it had first (the cache
+                                is bounded: MAX_FUNCTIONS)
     None                        stop
 
 Worker to parent, up its result pipe:
@@ -25,8 +28,13 @@ answered once, in order, with a result, an error or "skipped".
 
 from typing import NamedTuple, Optional
 
-__all__ = ["Function", "Group", "Batch", "Ready", "InitFailed", "Done", "BadBatch",
+__all__ = ["MAX_FUNCTIONS", "Function", "Group", "Batch", "Ready", "InitFailed", "Done", "BadBatch",
            "Answers", "SKIP"]
+
+# Functions a worker keeps at most, as many as the engine keeps call plans
+# (a task's TaskWire hangs on its plan): past that the parent has it start
+# again from the functions of the batch.
+MAX_FUNCTIONS = 4096
 
 # The function id of a Group of runs the parent could not send (their
 # arguments did not pickle): the worker answers them skipped.
@@ -52,6 +60,7 @@ class Group(NamedTuple):
 class Batch(NamedTuple):
     functions: list
     groups: bytes
+    forget: bool = False
 
 
 class Ready(NamedTuple):
