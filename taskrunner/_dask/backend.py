@@ -221,7 +221,8 @@ class DaskBackend(Backend):
         del self.placed[run_id]
         if sent.key is not None:
             del self.keys[sent.key]
-        self.changed.notify_all()
+        if len(self.placed) == self.window // 2:
+            self.changed.notify_all()       # room() waits for this, and only this
         return True
 
     # -- runs ending ------------------------------------------------------------------
