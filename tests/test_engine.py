@@ -3,6 +3,7 @@ signals, and futures that cross runners."""
 
 import gc
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -193,6 +194,11 @@ def _run_script(source, timeout=60):
         [sys.executable, "-c", textwrap.dedent(source)],
         capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        # A shell that starts the tests in the background (`cmd &` in a
+        # script) leaves SIGINT ignored, and children inherit that: Python
+        # then installs no KeyboardInterrupt handler.  Give the script the
+        # terminal's default, as a user at a terminal has it.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 

@@ -42,7 +42,11 @@ def fetch(handle, timeout):
     future = handle.future
     if future is not None:
         try:
-            return future.result(timeout=timeout)
+            # Not future.result(timeout=...): at its timeout Dask cancels the
+            # gather it shares with every fetch in flight at that moment
+            # (Client._gather batches them), and those then fail with a
+            # bare CancelledError.  Left to finish on its own, it is harmless.
+            return within(timeout, future.result)
         except Exception as error:
             if _is_timeout(error):
                 raise TimeoutError(
