@@ -220,30 +220,37 @@ class RemoteTaskRunner(EngineTaskRunner):
     def _dispatch(self):
         """Take ready runs as the backend has room, and hand them over."""
         backend, outbox = self._active, self.outbox
-        while True:
-            room = backend.room()
-            broken = backend.broken
-            runs = outbox.take(room if room > 0 else 1 << 16)
-            if runs is None:
-                return              # the engine has closed
-            if not len(runs):
-                continue
-            if broken is not None:
-                outbox.finish(runs, [broken] * len(runs), CRASHED)
-                continue
-            if room <= 0:           # closing: what was taken never starts
-                outbox.give_back(runs, True)
-                continue
-            with backend.lock:
-                runs = outbox.mark_sent(runs)
-                placed = backend.place(runs) if len(runs) else None
-            if placed is None:
-                continue
+        while self._hand_over(backend, outbox, backend.room()):
+            pass
+
+    def _hand_over(self, backend, outbox, room):
+        """One round of the dispatch loop; False once the engine has closed.
+        A round of its own, so that nothing of it outlives it: the runs it
+        took hold their futures, and a future dropped by its user must be
+        free to go (with, on a cluster, the result it holds)."""
+        broken = backend.broken
+        runs = outbox.take(room if room > 0 else 1 << 16)
+        if runs is None:
+            return False            # the engine has closed
+        if not len(runs):
+            return True
+        if broken is not None:
+            outbox.finish(runs, [broken] * len(runs), CRASHED)
+            return True
+        if room <= 0:               # closing: what was taken never starts
+            outbox.give_back(runs, True)
+            return True
+        with backend.lock:
+            runs = outbox.mark_sent(runs)
+            placed = backend.place(runs) if len(runs) else None
+        if placed is None:
+            return True
+        try:
+            backend.send(placed)
+        except Exception as error:     # a bug: end the runs, never the dispatcher
+            _log.exception("could not send runs to the %s backend", self.name)
             try:
-                backend.send(placed)
-            except Exception as error:     # a bug: end the runs, never the dispatcher
-                _log.exception("could not send runs to the %s backend", self.name)
-                try:
-                    backend.send_failed(placed, error)
-                except Exception:
-                    _log.exception("could not end the runs that were not sent")
+                backend.send_failed(placed, error)
+            except Exception:
+                _log.exception("could not end the runs that were not sent")
+        return True
