@@ -205,6 +205,29 @@ def gated_item(x, block_on, gate):
     return x
 
 
+def logged_then_gated(x, log, gate):
+    """Log x in ``log``, then wait for the gate; return x."""
+    append_line(log, x)
+    wait_path(gate)
+    return x
+
+
+def fail_if_multiple(x, of):
+    """x, or ValueError naming x if x is a multiple of ``of``."""
+    if x % of == 0:
+        raise ValueError(f"item {x} is a multiple of {of}")
+    return x
+
+
+def waits_for_the_next_item(x):
+    """Item 0 waits for item 1's result, found through OWN_RUNNER (a Dask
+    cluster whose workers are threads here); every item returns x."""
+    if x == 0:
+        wait_until(lambda: "futures" in OWN_RUNNER, timeout=GATE_TIMEOUT)
+        return OWN_RUNNER["futures"][1].result(timeout=GATE_TIMEOUT) - 1
+    return x
+
+
 def log_value(log, tag, value=None):
     append_line(log, tag)
     return value

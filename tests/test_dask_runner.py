@@ -9,6 +9,7 @@ dask_cluster.py); tests that kill workers wait for the nannies to bring
 them back, so the next test gets the whole cluster.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ import pytest
 from taskrunner import CancelledRun, CrashedRun, TaskRunner, TaskRunnerError, UpstreamTaskError
 
 import runner_tasks as rt
+from harness import running
 from runner_tasks import read_lines, wait_path
 
 distributed = pytest.importorskip("distributed")
@@ -108,6 +110,19 @@ class CountGraphs(SchedulerPlugin):
 
 def graph_sizes(dask_scheduler):
     return list(dask_scheduler.plugins[CountGraphs.name].sizes)
+
+
+@contextlib.contextmanager
+def counting_graphs(client):
+    """Count the graphs `client` sends meanwhile: yields the list of their
+    sizes, filled in at the end."""
+    sizes = []
+    client.register_plugin(CountGraphs())
+    try:
+        yield sizes
+        sizes.extend(client.run_on_scheduler(graph_sizes))
+    finally:
+        client.unregister_scheduler_plugin(CountGraphs.name)
 
 
 # ------------------------------------------------------------- settings
@@ -307,22 +322,92 @@ def test_results_held_at_exit_are_fetched_once_and_kept(dask_clusters, make_path
 # ----------------------------------------------------------------- batches
 
 
-def test_a_big_map_is_sent_in_batches(dask_clusters):
+def test_a_big_map_is_sent_in_batches_of_packs(dask_clusters):
+    # Few messages to the scheduler, each of many runs, packed several to a
+    # Dask task: the scheduler's cost is per task.
     cluster = dask_clusters.get()
     n = 3000
     with DaskTaskRunner(address=cluster.address) as runner:
-        client = runner.client
-        client.register_plugin(CountGraphs())
-        try:
+        with counting_graphs(runner.client) as sizes:
             futures = runner.map(rt.inc, {"x": range(n)})
             futures.wait(timeout=90)
-            sizes = client.run_on_scheduler(graph_sizes)
-        finally:
-            client.unregister_scheduler_plugin(CountGraphs.name)
         assert all(f.state.is_completed() for f in futures)
-    assert sum(sizes) == n
+        assert futures.result() == list(range(1, n + 1))
     assert len(sizes) <= 10, sizes
-    assert max(sizes) >= 1000, sizes
+    assert sum(sizes) <= n // 20, sizes
+
+
+# ------------------------------------------------------------------ packs
+
+
+def test_a_failing_run_of_a_pack_fails_alone(dask_clusters):
+    cluster = dask_clusters.get()
+    n = 400
+    with DaskTaskRunner(address=cluster.address) as runner:
+        with counting_graphs(runner.client) as sizes:
+            futures = runner.map(rt.fail_if_multiple, {"x": range(n), "of": 37})
+            got = futures.result(timeout=60, raise_on_failure=False)
+        assert sum(sizes) < n // 4, sizes           # packed
+        for i, (future, value) in enumerate(zip(futures, got)):
+            if i % 37 == 0:
+                assert future.state.is_failed()
+                assert isinstance(value, ValueError) and f"item {i} " in str(value)
+            else:
+                assert future.state.is_completed() and value == i
+
+
+def test_results_of_packs_feed_later_runs_and_outlive_the_runner(dask_clusters):
+    cluster = dask_clusters.get()
+    n = 600
+    with DaskTaskRunner(address=cluster.address) as runner:
+        first = runner.map(rt.inc, {"x": range(n)})
+        second = runner.map(rt.inc, {"x": first})
+        total = runner.submit(rt.total, {"xs": first})
+        assert second.result(timeout=60) == list(range(2, n + 2))
+        assert total.result(timeout=60) == sum(range(1, n + 1))
+        assert [first[i].result(timeout=60) for i in (0, 7, n - 1)] == [1, 8, n]
+    assert [f.result() for f in first] == list(range(1, n + 1))
+
+
+def test_cancel_all_holds_back_the_runs_of_a_pack_not_yet_started(
+        dask_clusters, make_gate, make_path):
+    # Four worker threads, each blocked in the first run of its pack: the
+    # runs behind those in their packs, and the packs not started, must
+    # never call the task.
+    cluster = dask_clusters.get()
+    log = make_path()
+    n = 256
+    with DaskTaskRunner(address=cluster.address) as runner, make_gate() as gate:
+        futures = runner.map(rt.logged_then_gated, {"x": range(n), "log": log,
+                                                    "gate": gate.path})
+        assert rt.wait_until(lambda: len(read_lines(log)) >= cluster.nthreads, timeout=30)
+        runner.cancel_all()
+        gate.open()
+        futures.wait(timeout=60)
+        started = {int(line) for line in read_lines(log)}
+        assert len(started) == cluster.nthreads, started
+        for i, future in enumerate(futures):
+            if i in started:
+                assert future.result() == i
+            else:
+                assert future.state.is_cancelled(), (i, future.state)
+    assert {int(line) for line in read_lines(log)} == started
+
+
+def test_on_workers_in_this_process_a_run_may_wait_for_the_next_item_of_its_map():
+    # One worker thread, in this process, where a task can reach the
+    # runner's futures: item 0 waits for item 1, so they must not share a
+    # pack (whose runs end together).
+    runner = DaskTaskRunner(cluster_kwargs={
+        "n_workers": 1, "threads_per_worker": 1, "processes": False,
+        "dashboard_address": None})
+    try:
+        with running(runner, exit_timeout=60):
+            futures = runner.map(rt.waits_for_the_next_item, {"x": range(40)})
+            rt.OWN_RUNNER["futures"] = futures
+            assert futures.result(timeout=60) == list(range(40))
+    finally:
+        rt.OWN_RUNNER.clear()
 
 
 # ------------------------------------------------------------- worker loss

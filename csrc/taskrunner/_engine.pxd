@@ -30,7 +30,7 @@ cdef class Engine(EngineBase):
     cdef CallSpec _spec_for(self, object task)
     cdef CallSpec _find_spec(self, object task)
     cdef int _lock_open(self) except -1
-    cdef void _release_new_locked(self, int32_t run, bint cancel, RunVec* out)
+    cdef void _release_new_locked(self, int32_t run, bint cancel, RunVec* out) noexcept
     cdef int _register(self, PyObject** futs, Py_ssize_t n, Upstreams* shared,
                        Upstreams* own, Py_ssize_t* first) except -1
     cdef int32_t _add_edges_locked(self, int32_t run, Upstream* ups, Py_ssize_t n,

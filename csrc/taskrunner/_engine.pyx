@@ -179,7 +179,7 @@ cdef class Engine(EngineBase):
             raise RuntimeError("the task runner has shut down; enter it again to submit")
         return 0
 
-    cdef void _release_new_locked(self, int32_t run, bint cancel, RunVec* out):
+    cdef void _release_new_locked(self, int32_t run, bint cancel, RunVec* out) noexcept:
         """Release a run just added, with the cause its edges found (kept
         in its record meanwhile); cancelled first if `cancel` or the runner
         is exiting by exception."""

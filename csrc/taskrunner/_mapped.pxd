@@ -45,11 +45,11 @@ cdef class MapBlock:
     cdef TaskFuture future_at(self, Py_ssize_t i)
     cdef TaskFuture take_over(self, Py_ssize_t i)
     cdef int hand_over(self, Py_ssize_t lo, Py_ssize_t hi, bint taker) except -1
-    cdef void item_ended(self, Py_ssize_t i, uint8_t state, object value)
-    cdef void item_added(self, Py_ssize_t i, int32_t run)
-    cdef void hold_while_pending(self)
+    cdef void item_ended(self, Py_ssize_t i, uint8_t state, object value) noexcept
+    cdef void item_added(self, Py_ssize_t i, int32_t run) noexcept
+    cdef void hold_while_pending(self) noexcept
     cdef void cancel_unstarted_locked(self, RunVec* out)
-    cdef void let_go_if_done(self)
+    cdef void let_go_if_done(self) noexcept
 
 
 cdef MapBlock new_block(EngineBase engine, CallSpec spec, Py_ssize_t n)
@@ -106,7 +106,7 @@ cdef class RunList:
     cdef void** items           # futures and item payloads, each owning a reference
     cdef Py_ssize_t n
 
-    cdef int32_t run_at(self, Py_ssize_t i)
+    cdef int32_t run_at(self, Py_ssize_t i) noexcept
 
 
 cdef RunList new_runlist(Py_ssize_t n)

@@ -149,7 +149,7 @@ cdef class MapBlock:
             self.let_go_if_done()
         return 0
 
-    cdef void item_ended(self, Py_ssize_t i, uint8_t state, object value):
+    cdef void item_ended(self, Py_ssize_t i, uint8_t state, object value) noexcept:
         """Item i (not handed over) ended in `state` with `value`; before
         its run is final in the graph, so a reader that sees the run final
         finds them here."""
@@ -160,13 +160,13 @@ cdef class MapBlock:
         self.ended[i] = state
         self.pending -= 1
 
-    cdef void item_added(self, Py_ssize_t i, int32_t run):
+    cdef void item_added(self, Py_ssize_t i, int32_t run) noexcept:
         """Item i is now run `run` of the graph (items are added in order)."""
         self.runs[i] = run
         self.registered = i + 1
         self.pending += 1
 
-    cdef void hold_while_pending(self):
+    cdef void hold_while_pending(self) noexcept:
         """The engine's reference, kept while an item is its to end."""
         if self.pending and not self.held:
             self.held = True
@@ -180,7 +180,7 @@ cdef class MapBlock:
             if self.futures[i] == NULL:
                 self.engine.graph.cancel_locked(self.runs[i], out)
 
-    cdef void let_go_if_done(self):
+    cdef void let_go_if_done(self) noexcept:
         """The engine lets go of the block once no item is its to end.  The
         caller holds a reference of its own."""
         if self.held and self.pending == 0:
@@ -652,7 +652,7 @@ cdef class RunList:
             release_payload(self.items[i])
         free(self.items)
 
-    cdef int32_t run_at(self, Py_ssize_t i):
+    cdef int32_t run_at(self, Py_ssize_t i) noexcept:
         return run_of(self.items[i])
 
     def __len__(self):

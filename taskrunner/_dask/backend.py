@@ -3,7 +3,9 @@ remote-runner protocol (taskrunner.remote).
 
     dispatcher (remote.py) ── room / place / send ──> DaskBackend.send:
         each call pickled with its upstream results left out (calls.py),
-        one Client.map per batch ──> scheduler ──> workers (worker.run)
+        runs that need no dependency packed several to a Dask task,
+        one Client.map per batch ──> scheduler ──> workers (worker.run,
+        worker.run_pack)
     watcher thread: distributed.as_completed, in batches ──> ended()
         ──> Outbox.finish (a Handle per result: the value stays there)
     take_back (the engine's recall): marks, then Client.cancel (worker.py)
@@ -11,15 +13,23 @@ remote-runner protocol (taskrunner.remote).
 The backend's state, under `lock`:
 
     placed      run id -> Sent, for every run handed over and not ended
-    keys        Dask key -> Sent, once send() named the run's key
-    recalling   keys being recalled now: the watcher leaves their ends to
-                the recall
+    keys        run key -> Sent, once send() named the run's key
+    tasks       Dask task key -> the Sents it runs (one, or a pack's), from
+                the moment send() made it until the watcher saw it end
+    recalling   run keys being recalled now: the watcher leaves the ends of
+                their Dask tasks to the recall, in
+    deferred    Dask task key -> its dask future, ended while a run of it
+                was being recalled: the recall has the watcher see it again
     handles     the Handles of completed runs, fetched when the runner exits
 
 A run placed and not yet named never reached Dask: a recall takes it back
 at once, and send() skips it.  A named one may be on the cluster: the
-recall marks it (see worker.py) and cancels it, unless a worker reports it
-may have started; then it ends as Dask reports it.
+recall marks it (see worker.py), and cancels its Dask task once none of
+the task's runs is left to run, unless a worker reports it may have
+started; then it ends as Dask reports it.
+
+A run alone is a Dask task whose key is the run's; a pack's runs have keys
+of their own, and their Sents the pack's key and their index in it.
 """
 
 import itertools
@@ -27,12 +37,23 @@ import logging
 import threading
 import uuid
 import weakref
+from typing import NamedTuple
 
 from distributed import CancelledError, KilledWorker, as_completed
 
+from taskrunner._dask import worker
 from taskrunner._dask.calls import CallDumper, SharedValues
-from taskrunner._dask.results import Handle, fetch, gather_each, within
-from taskrunner._dask.worker import MarksPlugin, Recalled, TaskRaised, hold_back, marks_key, run
+from taskrunner._dask.results import Handle, PackValues, fetch, gather_each, items_alone, within
+from taskrunner._dask.worker import (
+    MarksPlugin,
+    PackEnded,
+    Recalled,
+    TaskRaised,
+    hold_back,
+    marks_key,
+    run,
+    run_pack,
+)
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import dumps, unsendable_call_error
 from taskrunner.exceptions import CrashedRun, TaskRunnerError
@@ -49,20 +70,40 @@ _log = logging.getLogger("taskrunner")
 RUNS_PER_THREAD = 512   # runs handed to the cluster at once, per worker thread
 MIN_WINDOW = 1_024      # ... at least (a cluster may have no worker yet)
 MAX_BATCH = 5_000       # runs in one message to the scheduler at most
+# Packs (worker.py): a batch's plain runs are spread over at least this many
+# Dask tasks per worker thread, so that the cluster stays balanced and a
+# recall finds most runs unclaimed, in packs of at most MAX_PACK runs.
+PACKS_PER_THREAD = 4
+MAX_PACK = 1_000
 HOLD_BACK_SECONDS = 3.0     # a recall waits this long for the workers to answer
 
 
 class Sent:
     """A run handed to Dask: the run (a RunList of one), its task's name,
-    and once sent its key and dask future."""
+    and once sent its key, the key of the Dask task that runs it (its own,
+    or its pack's), its index in that task, and that task's dask future."""
 
-    __slots__ = ("runs", "name", "key", "dask_future")
+    __slots__ = ("runs", "name", "key", "task_key", "index", "dask_future")
 
     def __init__(self, runs):
         self.runs = runs
         self.name = None
         self.key = None
+        self.task_key = None
+        self.index = 0
         self.dask_future = None
+
+    def recall_entry(self):
+        """What a worker's hold_back needs to know of this run."""
+        return (self.task_key or self.key, self.index, self.key)
+
+
+class _Call(NamedTuple):
+    """A run's call, pickled for the cluster."""
+    sent: Sent
+    spec: object
+    blob: bytes
+    deps: list
 
 
 class DaskBackend(Backend):
@@ -71,14 +112,22 @@ class DaskBackend(Backend):
     def __init__(self, client, cluster):
         self.client = client
         self.cluster = cluster          # ours to close, or None
-        self.window = max(MIN_WINDOW, RUNS_PER_THREAD * sum(client.nthreads().values()))
+        threads = client.nthreads()
+        self.threads = max(1, sum(threads.values()))
+        # Workers in this process (an in-process LocalCluster) run tasks
+        # that may wait for other runs of this runner (see worker.py):
+        # their runs go alone.
+        self.packing = not any(address.startswith("inproc://") for address in threads)
+        self.window = max(MIN_WINDOW, RUNS_PER_THREAD * self.threads)
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)   # room, runs to watch, or closing
         self.session = uuid.uuid4().hex
         self.numbers = itertools.count()
         self.placed = {}
         self.keys = {}
+        self.tasks = {}
         self.recalling = set()
+        self.deferred = {}
         self.handles = weakref.WeakSet()
         self.shared = SharedValues(client)
         self.marks_installed = False
@@ -155,39 +204,73 @@ class DaskBackend(Backend):
                     sent.key = f"{spec.name}-{self.session}-{next(self.numbers)}"
                     self.keys[sent.key] = sent
         todo = [(sent, call) for sent, call in zip(sents, calls) if sent.key is not None]
-        fns, asyncs, blobs, deps, keys = [], [], [], [], []
-        unpicklable = []
+        dumped, unpicklable = [], []
         dumper = CallDumper(self.client, self.shared.of([call[1:] for _, call in todo]))
         for sent, (spec, args, kwargs) in todo:
             try:
-                blob, dep = dumper.dump((args, kwargs))
+                blob, deps = dumper.dump((args, kwargs))
             except Exception as error:
                 unpicklable.append((sent, spec, args, kwargs, error))
                 continue
-            fns.append(spec.fn)
-            asyncs.append(spec.is_async)
-            blobs.append(blob)
-            deps.append(dep)
-            keys.append(sent.key)
+            dumped.append(_Call(sent, spec, blob, deps))
         if unpicklable:
             self._fail_unpicklable(unpicklable)
         with self.lock:
-            kept = [i for i, key in enumerate(keys) if key in self.keys]
-        if len(kept) < len(keys):       # some were recalled meanwhile
-            fns, asyncs, blobs, deps, keys = (
-                [column[i] for i in kept] for column in (fns, asyncs, blobs, deps, keys))
-        if not keys:
+            # Those recalled meanwhile are left out; the others get the
+            # Dask task that runs them before it exists, so that a recall
+            # from now on asks the workers about the right task.
+            alone, packs = self._pack([c for c in dumped if self.keys.get(c.sent.key) is c.sent])
+        dask_futures = []
+        if alone:
+            dask_futures += self.client.map(
+                run, [c.spec.fn for c in alone], [c.spec.is_async for c in alone],
+                [c.sent.key for c in alone], [c.blob for c in alone], [c.deps for c in alone],
+                key=[c.sent.key for c in alone], pure=False)
+        if packs:
+            dask_futures += self.client.map(
+                run_pack, [p[0].spec.fn for p in packs], [p[0].spec.is_async for p in packs],
+                [p[0].sent.task_key for p in packs],
+                [tuple(c.sent.key for c in p) for p in packs],
+                [[c.blob for c in p] for p in packs],
+                key=[p[0].sent.task_key for p in packs], pure=False)
+        if not dask_futures:
             return
-        dask_futures = self.client.map(run, fns, asyncs, keys, blobs, deps, key=keys,
-                                       pure=False)
         self.completions.update(dask_futures)
         with self.lock:
-            for key, dask_future in zip(keys, dask_futures):
+            for dask_future in dask_futures:
                 # One recalled since refuses to run: it is marked.
-                sent = self.keys.get(key)
-                if sent is not None:
-                    sent.dask_future = dask_future
+                for sent in self.tasks.get(dask_future.key, ()):
+                    if self.keys.get(sent.key) is sent:
+                        sent.dask_future = dask_future
             self.changed.notify_all()       # the watcher: runs to watch
+
+    def _pack(self, calls):
+        """Split `calls` into those sent alone and packs (lists of calls),
+        and record each Dask task in `tasks`.  Lock held.  A pack holds
+        consecutive calls of one task that need no dependency; its size
+        spreads the batch's such calls over the cluster's threads."""
+        plain = sum(1 for c in calls if not c.deps) if self.packing else 0
+        size = max(1, min(MAX_PACK, plain // (self.threads * PACKS_PER_THREAD)))
+        alone, packs = [], []
+        i = 0
+        while i < len(calls):
+            j = i + 1
+            if size > 1 and not calls[i].deps:
+                while (j < len(calls) and j - i < size and not calls[j].deps
+                       and calls[j].spec is calls[i].spec):
+                    j += 1
+            if j - i == 1:
+                alone.append(calls[i])
+                self.tasks[calls[i].sent.key] = (calls[i].sent,)
+            else:
+                pack = calls[i:j]
+                key = f"{pack[0].spec.name}-{self.session}-pack{next(self.numbers)}"
+                for index, call in enumerate(pack):
+                    call.sent.task_key, call.sent.index = key, index
+                self.tasks[key] = tuple(call.sent for call in pack)
+                packs.append(pack)
+            i = j
+        return alone, packs
 
     def send_failed(self, placed, error):
         """send() raised (a bug, or the cluster is gone): end CRASHED the
@@ -196,6 +279,9 @@ class DaskBackend(Backend):
         with self.lock:
             crashed = [sent.runs for sent in sents
                        if sent.dask_future is None and self._forget(sent)]
+            for sent in sents:
+                if sent.dask_future is None:
+                    self.tasks.pop(sent.task_key or sent.key, None)
         if crashed:
             crash = CrashedRun(f"could not hand the run to the Dask scheduler: "
                                f"{type(error).__name__}: {error}")
@@ -252,50 +338,66 @@ class DaskBackend(Backend):
         ended, values, states = [], [], []
         requeue, rewatch = [], []
         for dask_future in batch:
-            key = dask_future.key
             with self.lock:
-                sent = self.keys.get(key)
-                if sent is None or key in self.recalling:
-                    continue            # recalled: the recall ends it
+                sents = self.tasks.get(dask_future.key)
+                if sents is None:
+                    continue            # seen before (watched twice), or never ours
+                if any(sent.key in self.recalling for sent in sents):
+                    self.deferred[dask_future.key] = dask_future    # for the recall
+                    continue
             status = dask_future.status
-            if status == "finished":
-                outcome = Handle(dask_future, sent.name), COMPLETED
-            elif status == "cancelled":
-                # Not by a recall (that one ends the run itself): the
-                # scheduler went, or the cluster restarted.
-                outcome = self._lost_reason(), CRASHED
-            elif status != "error":
+            if status not in ("finished", "cancelled", "error"):
                 # Its result was lost with a worker after it ended, and Dask
                 # computes it again: watch for that.
                 rewatch.append(dask_future)
                 continue
-            else:
-                error = _error_of(dask_future)
-                outcome = None if isinstance(error, Recalled) else _outcome_of(error)
             with self.lock:
-                if not self._forget(sent):
+                self.tasks.pop(dask_future.key, None)
+            for sent, outcome in zip(sents, self._outcomes(dask_future, sents)):
+                with self.lock:
+                    if not self._forget(sent):
+                        continue
+                if outcome is None:
+                    # Marks left by a recall that found the run may have
+                    # started elsewhere; this attempt did not start: run it
+                    # again.
+                    requeue.append(sent.runs)
                     continue
-            if outcome is None:
-                # Marks left by a recall that found the run may have started
-                # elsewhere; this attempt did not start: run it again.
-                requeue.append(sent.runs)
-                continue
-            value, state = outcome
-            if state == COMPLETED:
-                self.handles.add(value)
-            elif state == CRASHED:
-                future = sent.runs[0]
-                value = CrashedRun(f"task run {future.task_name!r} ({future.task_run_id}): "
-                                   f"{value}")
-            ended.append(sent.runs)
-            values.append(value)
-            states.append(state)
+                value, state = outcome
+                if state == COMPLETED:
+                    self.handles.add(value)
+                elif state == CRASHED:
+                    future = sent.runs[0]
+                    value = CrashedRun(f"task run {future.task_name!r} ({future.task_run_id}): "
+                                       f"{value}")
+                ended.append(sent.runs)
+                values.append(value)
+                states.append(state)
         if rewatch:
             self._watch_again(rewatch)
         if requeue:
             self.outbox.give_back(join_runs(requeue), False)
         if ended:
             self.outbox.finish(join_runs(ended), values, states)
+
+    def _outcomes(self, dask_future, sents):
+        """(value, state), or None for a run to run again, for each run of
+        an ended Dask task."""
+        status = dask_future.status
+        name = sents[0].name
+        if status == "finished":
+            if sents[0].task_key is None:
+                return [(Handle(dask_future, name), COMPLETED)]
+            pack = PackValues()
+            return [(Handle(dask_future, name, i, pack), COMPLETED) for i in range(len(sents))]
+        if status == "cancelled":
+            # Not by a recall (that one ends the runs itself): the
+            # scheduler went, or the cluster restarted.
+            return [(self._lost_reason(), CRASHED)] * len(sents)
+        error = _error_of(dask_future)
+        if isinstance(error, PackEnded):
+            return [_pack_outcome(state, value, name) for state, value in error.outcomes]
+        return [None if isinstance(error, Recalled) else _outcome_of(error)] * len(sents)
 
     def _lost_reason(self):
         if self.client.status != "running":
@@ -324,32 +426,32 @@ class DaskBackend(Backend):
                 else:
                     named.append(sent)
             keys = [sent.key for sent in named]
+            entries = [sent.recall_entry() for sent in named]
             self.recalling.update(keys)
         if not keys:
             return join_runs(cancelled) if cancelled else None
-        maybe_started = self._hold_back(keys)
-        dask_futures = []
+        maybe_started = self._hold_back(entries)
         with self.lock:
             self.recalling.difference_update(keys)
             for sent in named:
-                if sent.key in maybe_started:
-                    continue
-                dask_future = sent.dask_future
-                if self._forget(sent):
+                if sent.key not in maybe_started and self._forget(sent):
                     cancelled.append(sent.runs)
-                    if dask_future is not None:
-                        dask_futures.append(dask_future)
-            again = [s.dask_future for s in named
-                     if s.key in maybe_started and s.dask_future is not None
-                     and self.keys.get(s.key) is s]
-        if dask_futures:
+            # The ends the watcher left to this recall are seen again (and
+            # ended once); a Dask task none of whose runs is left goes.
+            again, done = [], []
+            for task_key in {sent.recall_entry()[0] for sent in named}:
+                sents = self.tasks.get(task_key, ())
+                if task_key in self.deferred:
+                    again.append(self.deferred.pop(task_key))
+                elif sents and not any(self.keys.get(s.key) is s for s in sents):
+                    futures = [s.dask_future for s in sents if s.dask_future is not None]
+                    done += futures[:1]
+        if done:
             try:
-                self.client.cancel(dask_futures)
+                self.client.cancel(done)
             except Exception:
                 pass        # marked: they cannot run anyway
         if again:
-            # The watcher skipped their ends while they were being recalled
-            # (one seen twice is ended once).
             self._watch_again(again)
         return join_runs(cancelled) if cancelled else None
 
@@ -358,9 +460,11 @@ class DaskBackend(Backend):
         with self.lock:
             self.changed.notify_all()
 
-    def _hold_back(self, keys):
-        """Mark `keys` on the cluster (see worker.py); the set of those that
-        may have started."""
+    def _hold_back(self, entries):
+        """Mark the runs of `entries` (Sent.recall_entry) on the cluster
+        (see worker.py); the set of the keys of those that may have
+        started."""
+        keys = [key for _, _, key in entries]
         if self.client.status != "running":
             # No scheduler to reach the workers through (it is lost, or
             # being reconnected to): asking would block until a timeout.
@@ -370,7 +474,7 @@ class DaskBackend(Backend):
             # Bounded: a scheduler that died a moment ago (the client has not
             # noticed yet) would keep the call waiting for Dask's connect
             # timeout.  Unanswered, every run may have started.
-            answers = within(HOLD_BACK_SECONDS, self._mark, keys)
+            answers = within(HOLD_BACK_SECONDS, self._mark, entries)
         except TimeoutError:
             _log.warning("the Dask workers did not answer a recall within %s s",
                          HOLD_BACK_SECONDS)
@@ -385,16 +489,17 @@ class DaskBackend(Backend):
             maybe_started.update(answer)
         return maybe_started
 
-    def _mark(self, keys):
+    def _mark(self, entries):
         """Steps 1 and 2 of a recall (worker.py): the marks in the
         scheduler's metadata, for workers that join from now on, then on
         every worker; their answers."""
         client = self.client
-        client.set_metadata([marks_key(self.session), str(next(self.numbers))], keys)
+        client.set_metadata([marks_key(self.session), str(next(self.numbers))],
+                            [key for _, _, key in entries])
         if not self.marks_installed:
             client.register_plugin(MarksPlugin(self.session))
             self.marks_installed = True
-        return client.run(hold_back, keys, on_error="return")
+        return client.run(hold_back, entries, on_error="return")
 
     def _forget_marks(self):
         self.client.unregister_worker_plugin(marks_key(self.session))
@@ -440,8 +545,30 @@ class DaskBackend(Backend):
             handle.value, handle.error, handle.future = value, error, None
 
     def _gather(self, handles):
-        """(value, error) for each handle's dask future (see gather_each)."""
-        return gather_each(self.client, [h.future for h in handles])
+        """(value, error) for each handle (see gather_each): each dask
+        future gathered once, a pack's for all its runs."""
+        futures, wanted = {}, {}
+        for handle in handles:
+            futures.setdefault(handle.future.key, handle.future)
+            if handle.pack is not None:
+                wanted.setdefault(handle.future.key, set()).add(handle.index)
+        gathered = dict(zip(futures, gather_each(self.client, list(futures.values()))))
+        alone = {}      # (pack key, index) -> (value, error), for packs that did not come whole
+        for key, indexes in wanted.items():
+            if gathered[key][1] is not None:
+                try:
+                    outcomes = items_alone(futures[key], sorted(indexes))
+                except Exception:
+                    continue        # the pack's error stands for each
+                alone.update(zip(((key, i) for i in sorted(indexes)), outcomes))
+        outcomes = []
+        for handle in handles:
+            value, error = gathered[handle.future.key]
+            if error is None:
+                outcomes.append((handle.pick(value), None))
+            else:
+                outcomes.append(alone.get((handle.future.key, handle.index), (None, error)))
+        return outcomes
 
 
 def close_quietly(client, cluster):
@@ -459,6 +586,15 @@ def _error_of(dask_future):
         return dask_future.exception()
     except BaseException as error:     # cancelled: exception() raises the reason
         return error
+
+
+def _pack_outcome(state, value, name):
+    """(value, state) of a run of a pack that raised PackEnded."""
+    if state == worker.COMPLETED:
+        return Handle.holding(value, name), COMPLETED
+    if state == worker.FAILED:
+        return value.reraised(), FAILED
+    return None         # held back: marks a recall left, for an attempt that did not start
 
 
 def _outcome_of(error):

@@ -21,7 +21,7 @@ import cloudpickle
 import distributed
 
 from taskrunner._dask.results import Handle, fetch
-from taskrunner._dask.worker import dep
+from taskrunner._dask.worker import dep, dep_item
 from taskrunner._pickling import PLAIN_TYPES
 
 __all__ = ["CallDumper", "SharedValues", "SHARED_BYTES"]
@@ -36,7 +36,10 @@ class _Dependencies:
     def _reduce_handle(self, handle):
         future = handle.future
         if future is not None and future.client is self.client:
-            return self._reduce_dep(future)
+            if handle.pack is None:
+                return self._reduce_dep(future)
+            _, (index,) = self._reduce_dep(future)
+            return dep_item, (index, handle.index)
         return _identity, (fetch(handle, None),)
 
     def _reduce_dask_future(self, future):

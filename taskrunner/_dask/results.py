@@ -10,26 +10,73 @@ closed.
 """
 
 import asyncio
+import pickle
 import threading
 
+from taskrunner._dask.worker import pickled_items
 from taskrunner.exceptions import TaskRunnerError
 
-__all__ = ["Handle", "fetch", "gather_each", "within"]
+__all__ = ["Handle", "PackValues", "fetch", "gather_each", "items_alone", "within"]
 
 
 class Handle:
     """What a completed run's future holds: the `distributed.Future` of its
     result on the cluster, until the runner exits and the value fetched
-    then (or the error fetching it) takes its place."""
+    then (or the error fetching it) takes its place.  A run of a pack (see
+    worker.py) has item `index` of its pack's values; the handles of one
+    pack share a PackValues, so that the values come over once."""
 
-    __slots__ = ("future", "name", "value", "error", "kept", "__weakref__")
+    __slots__ = ("future", "name", "index", "pack", "value", "error", "kept", "__weakref__")
 
-    def __init__(self, future, name):
+    def __init__(self, future, name, index=None, pack=None):
         self.future = future
         self.name = name            # the task's, for messages
+        self.index = index
+        self.pack = pack
         self.value = None
         self.error = None
         self.kept = False           # value (or error) fetched and kept here (see prefetch)
+
+    @classmethod
+    def holding(cls, value, name):
+        """A handle of a value already here (a pack's run whose value came
+        with the others' outcomes)."""
+        handle = cls(None, name)
+        handle.value, handle.kept = value, True
+        return handle
+
+    def pick(self, fetched):
+        """This run's value, from what its dask future holds."""
+        return fetched if self.pack is None else fetched[self.index]
+
+
+class PackValues:
+    """The values of one pack's runs, once fetched (see Handle)."""
+
+    __slots__ = ("values",)
+
+    def __init__(self):
+        self.values = None
+
+    def fetched(self, future):
+        values = self.values
+        if values is None:
+            values = self.values = future.result()
+        return values
+
+    def item(self, future, index):
+        """Item `index` of the values: from the whole list, or if that does
+        not come, alone (items_alone)."""
+        try:
+            return self.fetched(future)[index]
+        except Exception:
+            try:
+                [(value, error)] = items_alone(future, [index])
+            except Exception:
+                error = None
+            if error is None and self.values is None:
+                return value
+            raise
 
 
 def fetch(handle, timeout):
@@ -46,7 +93,9 @@ def fetch(handle, timeout):
             # gather it shares with every fetch in flight at that moment
             # (Client._gather batches them), and those then fail with a
             # bare CancelledError.  Left to finish on its own, it is harmless.
-            return within(timeout, future.result)
+            if handle.pack is None:
+                return within(timeout, future.result)
+            return within(timeout, handle.pack.item, future, handle.index)
         except Exception as error:
             if _is_timeout(error):
                 raise TimeoutError(
@@ -104,6 +153,27 @@ def _outcome(fn, args, kwargs):
         return fn(*args, **kwargs), None
     except BaseException as error:
         return None, error
+
+
+def items_alone(future, indexes):
+    """(value, error) of items `indexes` of a pack's values, each unpickled
+    here on its own: for when the whole list does not come (one of its
+    values cannot be unpickled here, say), so that one bad value does not
+    fail its pack's others.  One Dask task and one gather."""
+    client = future.client
+    picked = client.submit(pickled_items, future, list(indexes), pure=False)
+    try:
+        blobs = client.gather(picked)
+    finally:
+        picked.release()
+    outcomes = []
+    for blob in blobs:
+        try:
+            outcomes.append((pickle.loads(blob), None))
+        except Exception as error:
+            outcomes.append((None, TaskRunnerError(
+                f"the result could not be unpickled here: {type(error).__name__}: {error}")))
+    return outcomes
 
 
 def gather_each(client, futures):

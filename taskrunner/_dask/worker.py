@@ -18,6 +18,18 @@ when it registers, before it takes any run (the MarksPlugin, installed on
 the first recall); one that joined before step 2 is asked in it.  `run`
 checks the marks of this process before it calls a task.  The marks of a
 session go when the runner exits (the plugin's teardown).
+
+Packs.  Runs of one task whose calls need no Dask dependency (the items of
+a map over plain values, most often) go several to a Dask task, a pack,
+run by `run_pack`: the scheduler's cost is per Dask task, and it is most
+of what a short run costs on a cluster.  A pack's runs keep their own keys
+and marks: it claims each run in turn, under the marks lock, skipping one
+that is marked, and records how far it got (`_progress`), so that a recall
+holds back exactly the runs it has not claimed.  A pack returns its
+values, a list, when every run completed; otherwise it raises PackEnded
+with each run's outcome.  Its runs' outcomes reach the client together,
+when it ends: a run must not wait for another run of its own runner, which
+only workers in the client's process can (see DaskBackend.packing).
 """
 
 import pickle
@@ -33,13 +45,15 @@ from taskrunner._futures import consumer_hooks
 from taskrunner._pickling import PLAIN_TYPES, with_remote_traceback
 from taskrunner.exceptions import TaskRunnerError
 
-__all__ = ["MarksPlugin", "Recalled", "TaskRaised", "dep", "forget_marks", "hold_back",
-           "marks_key", "run"]
+__all__ = ["COMPLETED", "FAILED", "RECALLED", "MarksPlugin", "PackEnded", "Recalled",
+           "TaskRaised", "dep", "dep_item", "forget_marks", "hold_back", "marks_key",
+           "pickled_items", "run", "run_pack"]
 
 # Dask's worker states of a run that has not started.
 _NOT_STARTED = frozenset(("waiting", "ready", "constrained", "released"))
 _marks_lock = threading.Lock()
 _held_back: set = set()         # keys this worker process must not run
+_progress: dict = {}            # pack key -> index of the last run it claimed, while it runs
 _loading = threading.local()    # the dependencies of the arguments being unpickled
 
 
@@ -64,6 +78,23 @@ class Recalled(Exception):
     """A recalled run reached a worker: it was not run."""
 
 
+# A pack's outcome for each of its runs (PackEnded.outcomes).
+COMPLETED, FAILED, RECALLED = "completed", "failed", "recalled"
+
+
+class PackEnded(Exception):
+    """Not every run of a pack completed: `outcomes[i]` is run i's, a pair
+    (COMPLETED, its value), (FAILED, a TaskRaised) or (RECALLED, None)."""
+
+    def __init__(self, outcomes):
+        super().__init__(outcomes)
+        self.outcomes = outcomes
+
+    def __str__(self):
+        failed = sum(1 for state, _ in self.outcomes if state == FAILED)
+        return f"{failed} of the {len(self.outcomes)} runs of this pack failed"
+
+
 def run(fn, is_async, key, blob, deps):
     """Run one task call on a worker; its arguments are `blob`, pickled
     with the upstream results left out: those are `deps`."""
@@ -71,6 +102,17 @@ def run(fn, is_async, key, blob, deps):
         if key in _held_back:
             _held_back.discard(key)
             raise Recalled(key)
+    return _call(fn, is_async, key, blob, deps, _Seceder())
+
+
+def run_pack(fn, is_async, pack_key, keys, blobs):
+    """Run a pack: the calls `blobs` of one task, runs `keys` (see the
+    module docstring)."""
+    return _Pack(fn, is_async, pack_key, keys, blobs).run()
+
+
+def _call(fn, is_async, key, blob, deps, hooks):
+    """The value of one call, or TaskRaised."""
     failure = text = None
     try:
         _loading.deps = deps
@@ -85,7 +127,7 @@ def run(fn, is_async, key, blob, deps):
     else:
         loop = TaskLoop()           # an event loop only if the task is async
         try:
-            with consumer_hooks(_Seceder()):
+            with consumer_hooks(hooks):
                 value = call_task(fn, is_async, args, kwargs, loop)
         except BaseException as error:
             failure, text = error, traceback.format_exc()
@@ -99,9 +141,72 @@ def run(fn, is_async, key, blob, deps):
     raise TaskRaised(_portable(failure), text)
 
 
+class _Pack:
+    """The runs of one pack on a worker, claimed in order."""
+
+    def __init__(self, fn, is_async, key, keys, blobs):
+        self.fn, self.is_async, self.key = fn, is_async, key
+        self.keys, self.blobs = keys, blobs
+        self.outcomes = [None] * len(keys)
+        self.next = 0                   # the next run to claim (under _marks_lock)
+
+    def run(self):
+        hooks = _Seceder()              # one Dask task: it may secede once
+        try:
+            while True:
+                i = self.claim()
+                if i is None:
+                    break
+                try:
+                    value = _call(self.fn, self.is_async, self.keys[i], self.blobs[i], (), hooks)
+                except TaskRaised as raised:
+                    self.outcomes[i] = (FAILED, raised)
+                else:
+                    self.outcomes[i] = (COMPLETED, value)
+        finally:
+            with _marks_lock:
+                _progress.pop(self.key, None)
+        if all(state == COMPLETED for state, _ in self.outcomes):
+            return [value for _, value in self.outcomes]
+        raise PackEnded(self.outcomes)
+
+    def claim(self):
+        """The index of the next run to call, or None: marked runs are
+        skipped, as `run` skips a marked key."""
+        with _marks_lock:
+            while self.next < len(self.keys):
+                i = self.next
+                self.next += 1
+                _progress[self.key] = i
+                if self.keys[i] in _held_back:
+                    _held_back.discard(self.keys[i])
+                    self.outcomes[i] = (RECALLED, None)
+                    continue
+                return i
+            return None
+
+
+def pickled_items(values, indexes):
+    """On a worker: items `indexes` of a pack's values, each pickled on its
+    own (see results.items_alone)."""
+    blobs = []
+    for i in indexes:
+        try:
+            blobs.append(pickle.dumps(values[i], pickle.HIGHEST_PROTOCOL))
+        except Exception:
+            blobs.append(cloudpickle.dumps(values[i], pickle.HIGHEST_PROTOCOL))
+    return blobs
+
+
 def dep(index):
     """Unpickling an upstream result: the value Dask delivered for it."""
     return _loading.deps[index]
+
+
+def dep_item(index, item):
+    """Unpickling an upstream result that a pack made: item `item` of the
+    values Dask delivered for that pack."""
+    return _loading.deps[index][item]
 
 
 class _Seceder:
@@ -166,16 +271,19 @@ def marks_key(session):
     return f"taskrunner-marks-{session}"
 
 
-def hold_back(keys, dask_worker):
-    """On a worker, in its event loop (where runs start): mark the runs of
-    `keys` not to be run, except those that may have started here.  Returns
-    those."""
+def hold_back(runs, dask_worker):
+    """On a worker, in its event loop (where Dask tasks start): mark the
+    runs not to be run, except those that may have started here, and return
+    the keys of those.  `runs` are (Dask task key, index in its pack, run
+    key) triples; a run alone is its own Dask task, index 0."""
     tasks = dask_worker.state.tasks
     maybe_started = []
     with _marks_lock:
-        for key in keys:
-            state = tasks.get(key)
-            if state is None or state.state in _NOT_STARTED:
+        for task_key, index, key in runs:
+            state = tasks.get(task_key)
+            claimed = _progress.get(task_key)     # None unless a pack runs here now
+            if (state is None or state.state in _NOT_STARTED
+                    or (claimed is not None and index > claimed)):
                 _held_back.add(key)
             else:
                 maybe_started.append(key)

@@ -3,7 +3,7 @@ room for, how taken runs are split into batches, and how a batch becomes a
 message.
 
 Batches are sized so that one takes about BATCH_SECONDS of a worker's time
-(from the task durations the workers report, smoothed); a worker holds up
+(from the task durations the workers report; see Feeder.observe); a worker holds up
 to two batches, one running and one waiting, and gets another only when a
 whole batch has room: topping it up as each answer comes back would split
 the work into many small messages, each costing as much as a large one.
@@ -36,6 +36,8 @@ _log = logging.getLogger("taskrunner")
 BATCH_SECONDS = 0.01        # worker time one batch aims to take
 MAX_BATCH = 20_000          # runs in one batch at most
 FIRST_GUESS = 0.001         # seconds a run takes, before any was timed
+MIN_SECONDS = 1e-7          # below this a timing is noise
+FASTER_STEP = 10            # the most an estimate drops in one answer
 
 
 class Placed(NamedTuple):
@@ -55,8 +57,16 @@ class Feeder:
         self.seconds_per_run = FIRST_GUESS
 
     def observe(self, ran, busy):
-        """`ran` runs took `busy` seconds of a worker's time (lock held)."""
-        self.seconds_per_run = 0.7 * self.seconds_per_run + 0.3 * max(busy / ran, 1e-7)
+        """`ran` runs took `busy` seconds of a worker's time (lock held).
+
+        Runs dearer than thought are believed at once: a batch too large
+        keeps a worker busy while others could help.  Cheaper ones are
+        believed a step of at most FASTER_STEP at a time, so that one quick
+        answer (a cached result, say) does not make the next batch huge, yet
+        the batch size after a slow task (a warm-up) grows to a cheap
+        task's in a few answers, not dozens."""
+        seconds = max(busy / ran, MIN_SECONDS)
+        self.seconds_per_run = max(seconds, self.seconds_per_run / FASTER_STEP)
 
     def batch_size(self):
         return max(1, min(MAX_BATCH, int(BATCH_SECONDS / self.seconds_per_run)))

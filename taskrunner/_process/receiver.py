@@ -145,7 +145,7 @@ class Receiver:
             runs = worker.take_answered(first, count)
             ran = count - len(skipped)
             if ran:
-                # The batch size follows what runs cost, smoothed.
+                # The batch size follows what runs cost (Feeder.observe).
                 pool.feeder.observe(ran, done.busy)
             back = cancel = ()
             states = COMPLETED
