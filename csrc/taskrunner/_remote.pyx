@@ -143,12 +143,9 @@ cdef class Outbox:
                 if block is not None:
                     # Consecutive items whose calls are their column's values.
                     if block.spec is not spec or not single:
-                        spec = block.spec
-                        args_list = []
-                        kwargs_list = None
-                        single = True
-                        group = [spec, args_list, None, True]
-                        groups.append(group)
+                        spec, single = block.spec, True
+                        group = _new_group(groups, spec, single)
+                        args_list, kwargs_list = group[1], None
                     items = block.columns[0][k:k + stretch]
                     if type(args_list) is list and not args_list and type(items) is range:
                         args_list = items
@@ -169,12 +166,9 @@ cdef class Outbox:
                 if kwargs is not None:
                     kwargs = resolve(kwargs, False, 0, self.engine)
             if call.spec is not spec:
-                spec = call.spec
-                args_list = []
-                kwargs_list = None
-                single = singles
-                group = [spec, args_list, None, single]
-                groups.append(group)
+                spec, single = call.spec, singles
+                group = _new_group(groups, spec, single)
+                args_list, kwargs_list = group[1], None
             if type(args_list) is not list:
                 args_list = group[1] = list(args_list)
             if single and (kwargs is not None or not (one or PyTuple_GET_SIZE(args) == 1)):
@@ -252,6 +246,13 @@ cdef class Outbox:
     def ready_count(self):
         """Runs ready and not yet taken."""
         return self.graph.n_ready
+
+
+cdef list _new_group(list groups, CallSpec spec, bint single):
+    """Start the next group of Outbox.calls: [spec, args, kwargs, single]."""
+    cdef list group = [spec, [], None, single]
+    groups.append(group)
+    return group
 
 
 cdef int _prefetch_for(RunList runs, Engine engine) except -1:
