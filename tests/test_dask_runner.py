@@ -394,6 +394,53 @@ def test_cancel_all_holds_back_the_runs_of_a_pack_not_yet_started(
     assert {int(line) for line in read_lines(log)} == started
 
 
+def test_runs_recalled_while_being_sent_go_alone_and_are_recalled_right(
+        dask_clusters, make_path, monkeypatch):
+    # cancel_all() asks the workers about runs named but not yet packed;
+    # by the time it reaches them, some have started.  Those must be known
+    # as started (they go alone, in Dask tasks named after them), never
+    # cancelled after calling their task.
+    from taskrunner._dask import backend as dask_backend
+
+    cluster = dask_clusters.get()
+    log = make_path()
+    asked = threading.Event()
+    cancellers = []
+    dump, hold_back, mark = (dask_backend.CallDumper.dump, dask_backend.DaskBackend._hold_back,
+                             dask_backend.DaskBackend._mark)
+
+    def dump_after_a_recall_began(self, call):
+        if not cancellers:          # the first call of the first batch
+            canceller = threading.Thread(target=runner.cancel_all)
+            cancellers.append(canceller)
+            canceller.start()
+            assert asked.wait(30), "the recall never asked the workers"
+        return dump(self, call)
+
+    def hold_back_noted(self, entries):
+        asked.set()
+        return hold_back(self, entries)
+
+    def mark_once_a_run_started(self, entries):
+        assert rt.wait_until(lambda: read_lines(log), timeout=30), "no run started"
+        return mark(self, entries)
+
+    monkeypatch.setattr(dask_backend.CallDumper, "dump", dump_after_a_recall_began)
+    monkeypatch.setattr(dask_backend.DaskBackend, "_hold_back", hold_back_noted)
+    monkeypatch.setattr(dask_backend.DaskBackend, "_mark", mark_once_a_run_started)
+    with DaskTaskRunner(address=cluster.address) as runner:
+        futures = runner.map(rt.record, {"path": log, "x": range(64)})
+        futures.wait(timeout=60)
+        cancellers[0].join(30)
+        ran = {int(line) for line in read_lines(log)}
+        assert ran
+        for i, future in enumerate(futures):
+            if i in ran:
+                assert future.state.is_completed(), (i, future.state)
+            else:
+                assert future.state.is_cancelled(), (i, future.state)
+
+
 def test_on_workers_in_this_process_a_run_may_wait_for_the_next_item_of_its_map():
     # One worker thread, in this process, where a task can reach the
     # runner's futures: item 0 waits for item 1, so they must not share a

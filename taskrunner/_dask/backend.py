@@ -248,15 +248,18 @@ class DaskBackend(Backend):
         """Split `calls` into those sent alone and packs (lists of calls),
         and record each Dask task in `tasks`.  Lock held.  A pack holds
         consecutive calls of one task that need no dependency; its size
-        spreads the batch's such calls over the cluster's threads."""
-        plain = sum(1 for c in calls if not c.deps) if self.packing else 0
+        spreads the batch's such calls over the cluster's threads.  A run
+        being recalled goes alone: the recall asks the workers about the
+        Dask task that has the run's own key."""
+        packable = [not c.deps and c.sent.key not in self.recalling for c in calls]
+        plain = sum(packable) if self.packing else 0
         size = max(1, min(MAX_PACK, plain // (self.threads * PACKS_PER_THREAD)))
         alone, packs = [], []
         i = 0
         while i < len(calls):
             j = i + 1
-            if size > 1 and not calls[i].deps:
-                while (j < len(calls) and j - i < size and not calls[j].deps
+            if size > 1 and packable[i]:
+                while (j < len(calls) and j - i < size and packable[j]
                        and calls[j].spec is calls[i].spec):
                     j += 1
             if j - i == 1:
