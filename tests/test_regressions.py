@@ -319,6 +319,19 @@ def test_dask_one_unloadable_held_result_does_not_fetch_the_rest_one_by_one(
         out[1234].result()
 
 
+def test_dask_one_unloadable_result_of_a_pack_fails_alone_when_fetched_one_by_one(
+        dask_factory):
+    from taskrunner import TaskRunnerError
+
+    with running(dask_factory(), exit_timeout=120) as r:
+        out = r.map(rt.unloadable_if, {"x": range(400), "bad": 123})
+        out.wait(60)
+        assert out[122].result(timeout=60) == 122       # a neighbour in its pack
+        with pytest.raises(TaskRunnerError, match="could not be unpickled"):
+            out[123].result(timeout=60)
+        assert out[124].result(timeout=60) == 124
+
+
 def test_dask_results_of_another_runner_are_fetched_in_one_gather(dask_factory, count_fetches):
     with running(dask_factory(), exit_timeout=120) as a:
         squares = a.map(rt.inc, {"x": range(3000)})

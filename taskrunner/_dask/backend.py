@@ -354,12 +354,13 @@ class DaskBackend(Backend):
                 # computes it again: watch for that.
                 rewatch.append(dask_future)
                 continue
+            outcomes = self._outcomes(dask_future, sents)
             with self.lock:
                 self.tasks.pop(dask_future.key, None)
-            for sent, outcome in zip(sents, self._outcomes(dask_future, sents)):
-                with self.lock:
-                    if not self._forget(sent):
-                        continue
+                # One critical section for all the runs of a pack.
+                ours = [(sent, outcome) for sent, outcome in zip(sents, outcomes)
+                        if self._forget(sent)]
+            for sent, outcome in ours:
                 if outcome is None:
                     # Marks left by a recall that found the run may have
                     # started elsewhere; this attempt did not start: run it

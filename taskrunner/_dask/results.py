@@ -69,14 +69,14 @@ class PackValues:
         not come, alone (items_alone)."""
         try:
             return self.fetched(future)[index]
-        except Exception:
+        except Exception as whole:
             try:
                 [(value, error)] = items_alone(future, [index])
             except Exception:
-                error = None
-            if error is None and self.values is None:
-                return value
-            raise
+                raise whole from None       # not even alone: the pack's error stands
+            if error is not None:
+                raise error from None
+            return value
 
 
 def fetch(handle, timeout):
