@@ -5,7 +5,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 CORE = ["_graph", "_calls", "_futures", "_mapped", "_params", "_engine", "_consume", "_remote",
-        "_worker"]
+        "_worker", "_stream"]
 
 extensions = [
     Extension(

@@ -9,6 +9,7 @@ import cloudpickle
 
 from taskrunner._engine import is_mappable
 from taskrunner._futures import TaskFuture
+from taskrunner._params import all_plain
 from taskrunner.annotations import allow_failure, quote, unmapped
 
 __all__ = ["PLAIN_TYPES", "dumps", "dumps_checked", "check_picklable", "checked_map_value",
@@ -75,6 +76,8 @@ def checked_map_value(name, value):
         return value
     if not isinstance(value, (list, tuple)):
         value = list(value)
+    if type(value) is list and all_plain(value):
+        return value
     try:
         dumps(value)
     except Exception:

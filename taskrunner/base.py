@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Optional, TypeVar
+import os
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar
+
+from taskrunner.streaming import open_stream
 
 if TYPE_CHECKING:
     from taskrunner.futures import FutureList, TaskFuture
@@ -14,6 +19,8 @@ _Engined = TypeVar("_Engined", bound="EngineTaskRunner")
 Parameters = Mapping[str, Any]
 
 __all__ = ["TaskRunner"]
+
+_streams_lock = threading.Lock()
 
 
 def checked_max_workers(max_workers, default):
@@ -60,7 +67,51 @@ class TaskRunner(abc.ABC):
 
     @abc.abstractmethod
     def cancel_all(self) -> None:
-        """Cancel every run that has not started."""
+        """Cancel every run that has not started.  (A subclass calls
+        `_end_streams` too, as the built-in runners do.)"""
+
+    def imap(self, task: Callable[..., R], parameters: Parameters, *, ordered: bool = True,
+             buffer: Optional[int] = None, wait_for: Optional[Iterable[Any]] = None,
+             raise_on_failure: bool = True) -> Iterator[Any]:
+        """Run `task` once per item of the iterable parameters, reading them
+        lazily, and return an iterator of the results (not futures).
+
+        Parameters follow map()'s rules: iterables are zipped item by item,
+        `unmapped()` values and non-iterables go whole to every call, and a
+        TaskFuture is waited for and its result used.  At most `buffer`
+        items are read and not yet yielded at any moment, so an input of
+        any length streams in bounded memory.  `buffer=None` starts at 8
+        items a worker (at least 16) and grows with the rate at which
+        results come, to hold about 50 ms of results (at most 65,536
+        items): enough to keep every worker busy.  Give `buffer` for items
+        that are large.
+
+        `ordered=True` yields in input order; `ordered=False` as runs end.
+        A failed run: with `raise_on_failure` the iterator raises its
+        exception when it reaches it, and cancels the runs not started;
+        else the exception is yielded in its place.  Iterables of different
+        lengths raise MappingLengthMismatch once the shortest ends (after
+        the results before that point).  Leaving early (break, close(), an
+        exception) reads no more and cancels the runs not started; the
+        runner's exit and cancel_all() end the iterator (CancelledRun).
+        """
+        results = open_stream(self, task, parameters, ordered, buffer, wait_for,
+                              raise_on_failure)
+        with _streams_lock:
+            self.__dict__.setdefault("_streams", weakref.WeakSet()).add(results)
+        return results
+
+    def _end_streams(self, reason: str) -> None:
+        """End every imap() iterator of this runner: each raises
+        CancelledRun at its next step."""
+        with _streams_lock:
+            streams = list(self.__dict__.get("_streams", ()))
+        for results in streams:
+            results.end(reason)
+
+    def _parallelism(self) -> int:
+        """How many runs can run at once (imap sizes its window by it)."""
+        return os.cpu_count() or 1
 
     def __enter__(self: _Runner) -> _Runner:
         return self
@@ -102,6 +153,7 @@ class EngineTaskRunner(TaskRunner):
         engine = self._engine
         if engine is None:
             return None
+        self._end_streams("the runner exited")
         try:
             engine.shutdown(exc_type is not None)
         finally:
@@ -123,5 +175,6 @@ class EngineTaskRunner(TaskRunner):
 
     def cancel_all(self) -> None:
         engine = self._engine
+        self._end_streams("cancel_all() was called")
         if engine is not None:
             engine.cancel_all()

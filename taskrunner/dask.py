@@ -148,6 +148,10 @@ class DaskTaskRunner(RemoteTaskRunner):
     def _max_out(self, backend):
         return backend.window
 
+    def _parallelism(self):
+        backend = self._active
+        return backend.threads if backend is not None else 1
+
 
 def _check_address(address):
     """ValueError naming `address` unless it reads as a scheduler address

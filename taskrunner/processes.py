@@ -73,6 +73,9 @@ class ProcessPoolTaskRunner(RemoteTaskRunner):
     def max_workers(self):
         return self._max_workers
 
+    def _parallelism(self):
+        return self._max_workers
+
     def duplicate(self):
         return type(self)(max_workers=self._max_workers, initializer=self._initializer,
                           initargs=self._initargs, mp_context=self._mp_context)
@@ -148,16 +151,16 @@ class ProcessBackend(Backend):
     # -- taking runs back -------------------------------------------------------
 
     def take_back(self, runs):
-        """Take back runs sent but not started, the one run of `runs`, or
-        with None every such run, and return those (a RunList) for the
-        engine to cancel."""
-        target = None if runs is None else runs.run_ids()[0]
+        """Take back runs sent but not started, those of `runs`, or with
+        None every such run, and return those (a RunList) for the engine to
+        cancel."""
+        targets = None if runs is None else set(runs.run_ids())
         cancelled, requeued = [], []
         with self.lock:
             for worker in self.workers.workers:
-                first = worker.block.started + 1 if target is None else worker.number_of(target)
+                first = worker.block.started + 1 if targets is None else worker.first_of(targets)
                 if first is not None:
-                    these, back = worker.take_back(first, target)
+                    these, back = worker.take_back(first, targets)
                     cancelled += these
                     requeued += back
             self.room_changed.notify_all()

@@ -109,9 +109,10 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def take_back(self, runs):
-        """Take back runs sent that surely never started: the one run of
-        `runs` (a RunList), or with None every such run.  Returns them (a
-        RunList, or None): the engine cancels them."""
+        """Take back runs sent that surely never started: those of `runs`
+        (a RunList; runs not sent, or ended, are left alone), or with None
+        every such run.  Returns them (a RunList, or None): the engine
+        cancels them."""
 
     @abc.abstractmethod
     def stop(self):

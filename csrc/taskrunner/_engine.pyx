@@ -23,6 +23,7 @@ cimport cython
 from cpython.list cimport PyList_Append, PyList_GET_ITEM
 from cpython.exc cimport PyErr_CheckSignals
 from cpython.object cimport PyObject
+from cpython.ref cimport Py_INCREF
 from cpython.sequence cimport PySequence_Fast_ITEMS
 from cpython.tuple cimport PyTuple_GET_SIZE
 from libc.stdint cimport int32_t, uint8_t
@@ -38,8 +39,8 @@ from taskrunner._graph cimport (
     runvec_free,
 )
 from taskrunner._mapped cimport (
-    FutureList, MapBlock, RunList, detach, fill_args, item_payload, new_block, runlist_of,
-    settle_ended,
+    FutureList, MapBlock, RunList, detach, fill_args, hold_payload, item_payload, new_block,
+    new_runlist, runlist_of, settle_ended,
 )
 from taskrunner._params cimport (
     Upstream, Upstreams, checked_dependencies, is_plain, scan, scan_call, upstreams_free,
@@ -568,6 +569,57 @@ cdef class Engine(EngineBase):
         # As in concurrent.futures: a cancelled run stays cancelled, and
         # asking again says so.
         return fut._state() == CANCELLED
+
+    def cancel_unstarted(self, FutureList futures):
+        """Cancel every run of `futures` (a map's, or any list of this
+        engine's futures) that has not started, as cancel() of each would:
+        in one critical section here, and in one recall of those sent on to
+        a consumer elsewhere."""
+        cdef Graph graph = self.graph
+        cdef RunVec out = RunVec(NULL, 0, 0)
+        cdef MapBlock block = futures._block
+        cdef TaskFuture fut
+        cdef list handed
+        cdef list sent_items = []
+        cdef RunList sent
+        cdef Py_ssize_t i
+        if block is not None:
+            if block.detached or block.engine is not self:
+                return
+            handed = [<object>block.futures[i] for i in range(block.registered)
+                      if block.futures[i] != NULL]
+        else:
+            handed = [f for f in list.__iter__(futures) if type(f) is TaskFuture
+                      and (<TaskFuture>f)._engine is self and (<TaskFuture>f)._run >= 0]
+        if graph.released:
+            return
+        graph.lock()
+        if block is not None:
+            block.cancel_unstarted_locked(&out)
+        for f in handed:
+            graph.cancel_locked((<TaskFuture>f)._run, &out)
+        self.unlock_and_settle(&out)
+        if self._recall is None:
+            return
+        # What is still RUNNING was sent on (or is running): the backend
+        # takes back those that surely never started.
+        if block is not None:
+            for i in range(block.registered):
+                if (block.futures[i] == NULL and not block.ended[i]
+                        and graph.state_of(block.runs[i]) == RUNNING):
+                    sent_items.append(i)
+        handed = [f for f in handed if (<TaskFuture>f)._state() == RUNNING]
+        if not sent_items and not handed:
+            return
+        sent = new_runlist(len(sent_items) + len(handed))
+        for i in range(len(sent_items)):
+            sent.items[i] = item_payload(block, <Py_ssize_t>sent_items[i])
+            hold_payload(sent.items[i])
+        for i in range(len(handed)):
+            fut = <TaskFuture>handed[i]
+            Py_INCREF(fut)
+            sent.items[len(sent_items) + i] = <void*>fut
+        self.unstart(self._recall(sent), True)
 
     cdef int unstart(self, RunList runs, bint cancel) except -1:
         """Taken runs that never started: back to the ready queue, or (with

@@ -39,6 +39,10 @@ cdef class MapBlock:
     cdef object static_kwargs
     cdef uint8_t flags          # the TaskFuture flags of every item's call
     cdef bint one_column        # each item's call is its column-0 item alone
+    # A streaming consumer's queue (see FutureList._notify_ends): each item
+    # that ends puts on_end_base + its index there, as it ends.
+    cdef object on_end
+    cdef Py_ssize_t on_end_base
 
     cdef object args_at(self, Py_ssize_t i)
     cdef object kwargs_at(self, Py_ssize_t i)
@@ -46,6 +50,7 @@ cdef class MapBlock:
     cdef TaskFuture take_over(self, Py_ssize_t i)
     cdef int hand_over(self, Py_ssize_t lo, Py_ssize_t hi, bint taker) except -1
     cdef void item_ended(self, Py_ssize_t i, uint8_t state, object value) noexcept
+    cdef void notify_end(self, Py_ssize_t i) noexcept
     cdef void item_added(self, Py_ssize_t i, int32_t run) noexcept
     cdef void hold_while_pending(self) noexcept
     cdef void cancel_unstarted_locked(self, RunVec* out)
@@ -100,6 +105,10 @@ cdef inline void release_payload(void* payload) noexcept:
 cdef class FutureList(list):
     cdef MapBlock _block        # until the list is first used as a list
     cdef int _materialize(self) except -1
+    cdef int _wait_item(self, Py_ssize_t i) except -1
+    cdef bint _is_final(self, Py_ssize_t i) except -1
+    cdef list _collect(self, Py_ssize_t lo, Py_ssize_t hi, list indexes, double deadline,
+                       object timeout, bint raise_on_failure, list failed, bint clear)
 
 
 cdef class RunList:

@@ -147,6 +147,13 @@ cdef class MapBlock:
             graph.unlock()
             self.pending -= swapped
             self.let_go_if_done()
+        if self.on_end is not None:
+            # Such a future may end as a future, unseen here: its callback
+            # tells the consumer (who may hear of an item twice).
+            for i in range(lo, min(hi, self.registered)):
+                if not self.ended[i]:
+                    (<TaskFuture>self.futures[i]).add_done_callback(
+                        _EndNote(self.on_end, self.on_end_base + i))
         return 0
 
     cdef void item_ended(self, Py_ssize_t i, uint8_t state, object value) noexcept:
@@ -159,6 +166,19 @@ cdef class MapBlock:
             self.values[i] = <PyObject*>value
         self.ended[i] = state
         self.pending -= 1
+        self.notify_end(i)
+
+    cdef void notify_end(self, Py_ssize_t i) noexcept:
+        """Item i ends (as an item or as its future): tell the streaming
+        consumer, if there is one.  Called with the GIL, off the graph's
+        lock, before the graph marks the run final: the consumer reads the
+        item's state here, or waits on its future."""
+        if self.on_end is None:
+            return
+        try:
+            self.on_end.put(self.on_end_base + i)
+        except BaseException:
+            pass    # only out of memory: the consumer then waits on the item
 
     cdef void item_added(self, Py_ssize_t i, int32_t run) noexcept:
         """Item i is now run `run` of the graph (items are added in order)."""
@@ -189,6 +209,20 @@ cdef class MapBlock:
 
     def __len__(self):
         return self.n
+
+
+@cython.final
+cdef class _EndNote:
+    """A done callback that puts a number on a streaming consumer's queue."""
+    cdef object queue
+    cdef Py_ssize_t number
+
+    def __cinit__(self, queue, Py_ssize_t number):
+        self.queue = queue
+        self.number = number
+
+    def __call__(self, future):
+        self.queue.put(self.number)
 
 
 cdef MapBlock new_block(EngineBase engine, CallSpec spec, Py_ssize_t n):
@@ -291,6 +325,7 @@ cdef TaskFuture record_end(void* payload, uint8_t state, object value, bint kept
         fut = block.future_at(i)
         # It ends as its future, and the block counted it until now.
         block.pending -= 1
+        block.notify_end(i)
     else:
         fut = <TaskFuture>payload
     fut._value = value
@@ -340,6 +375,7 @@ cdef void settle_ended(RunVec* out):
             # Handed over since it was taken: it ends as its future, and
             # the block counted it until now.
             block.pending -= 1
+            block.notify_end(k)
             out.items[i].run = -2
             Py_INCREF(block)
             payload = <void*>block.futures[k]
@@ -442,13 +478,87 @@ cdef class FutureList(list):
     def result(self, timeout=None, raise_on_failure=True):
         """The results, in input order.  Raises the first failure met (unless
         raise_on_failure=False), or TimeoutError after `timeout` seconds."""
-        cdef double deadline = deadline_of(timeout)
+        return self._collect(0, len(self), None, deadline_of(timeout), timeout,
+                             raise_on_failure, None, False)
+
+    # For a consumer that streams the results (taskrunner.streaming), which
+    # alone holds this list: the values it takes are let go here.
+
+    def _final_prefix(self, Py_ssize_t lo, Py_ssize_t hi):
+        """Wait until item `lo` is final, then take (values, failed) of
+        items lo .. j-1, where j (at most `hi`) is the first item from `lo`
+        not final yet.  A run that did not complete has its exception for
+        its value, and its position (from `lo`) in `failed`."""
+        cdef list failed = []
+        cdef Py_ssize_t j
+        hi = min(hi, len(self))
+        if lo >= hi:
+            return [], failed
+        self._wait_item(lo)
+        j = lo + 1
+        while j < hi and self._is_final(j):
+            j += 1
+        return self._collect(lo, j, None, -1.0, None, False, failed, True), failed
+
+    def _take_final(self, list indexes):
+        """(values, failed) of the items at `indexes`, all final: as
+        _final_prefix, `failed` the positions in `indexes`."""
+        cdef list failed = []
+        return self._collect(0, len(indexes), indexes, -1.0, None, False, failed, True), failed
+
+    def _notify_ends(self, queue, Py_ssize_t base):
+        """From now on put base + i on `queue` as item i ends; and now, for
+        those that have ended.  A number may come twice."""
         cdef MapBlock block = self._block
-        cdef Py_ssize_t i, n = len(self)
-        cdef list results = [None] * n
+        cdef Py_ssize_t i
+        if block is None:
+            for i in range(list.__len__(self)):
+                (<object>PyList_GET_ITEM(self, i)).add_done_callback(_EndNote(queue, base + i))
+            return
+        # With the GIL held throughout, no item ends between the two steps.
+        block.on_end = queue
+        block.on_end_base = base
+        for i in range(block.n):
+            if self._is_final(i):
+                queue.put(base + i)
+            elif block.futures[i] != NULL:
+                (<TaskFuture>block.futures[i]).add_done_callback(_EndNote(queue, base + i))
+
+    cdef int _wait_item(self, Py_ssize_t i) except -1:
+        cdef MapBlock block = self._block
+        if block is None:
+            (<object>PyList_GET_ITEM(self, i)).wait()
+        elif block.futures[i] != NULL:
+            (<TaskFuture>block.futures[i]).wait()
+        elif not block.ended[i]:
+            wait_run(block.engine.graph, block.runs[i], -1.0)
+        return 0
+
+    cdef bint _is_final(self, Py_ssize_t i) except -1:
+        cdef MapBlock block = self._block
+        if block is None:
+            fut = <object>PyList_GET_ITEM(self, i)
+        elif block.futures[i] != NULL:
+            fut = <object>block.futures[i]
+        else:
+            return block.ended[i] != 0
+        if type(fut) is TaskFuture:
+            return (<TaskFuture>fut)._state() >= COMPLETED
+        return fut.done()
+
+    cdef list _collect(self, Py_ssize_t lo, Py_ssize_t hi, list indexes, double deadline,
+                       object timeout, bint raise_on_failure, list failed, bint clear):
+        """The results of items lo .. hi-1 (or of indexes[lo:hi]), as
+        result() gives them; with `failed`, the positions (from lo) of the
+        runs that did not complete; with `clear`, the block lets go of the
+        values it gives."""
+        cdef MapBlock block = self._block
+        cdef Py_ssize_t i, k
+        cdef list results = [None] * (hi - lo)
         cdef dict kept_elsewhere = None     # engine -> ([index], [handle])
         cdef uint8_t state
-        for i in range(n):
+        for k in range(hi - lo):
+            i = lo + k if indexes is None else <Py_ssize_t>indexes[lo + k]
             if block is None:
                 fut = <object>PyList_GET_ITEM(self, i)
             elif block.futures[i] != NULL:
@@ -462,23 +572,28 @@ cdef class FutureList(list):
                             f"{timeout} seconds")
                     state = block.ended[i]
                 if state == COMPLETED and block.futures[i] == NULL:
-                    value = <object>block.values[i] if block.values[i] != NULL else None
-                    results[i] = value
+                    if block.values[i] != NULL:
+                        results[k] = <object>block.values[i]
+                        if clear:
+                            Py_DECREF(<object>block.values[i])
+                            block.values[i] = NULL
                     continue
                 fut = block.future_at(i)
             if type(fut) is not TaskFuture:
-                results[i] = fut.result(remaining(deadline), raise_on_failure)
-            elif _result_into(results, i, <TaskFuture>fut, deadline, raise_on_failure):
+                if failed is not None and fut.exception(remaining(deadline)) is not None:
+                    failed.append(k)
+                results[k] = fut.result(remaining(deadline), raise_on_failure)
+            elif _result_into(results, k, <TaskFuture>fut, deadline, raise_on_failure, failed):
                 if kept_elsewhere is None:
                     kept_elsewhere = {}
-                indexes, handles = kept_elsewhere.setdefault((<TaskFuture>fut)._engine, ([], []))
-                indexes.append(i)
+                positions, handles = kept_elsewhere.setdefault((<TaskFuture>fut)._engine, ([], []))
+                positions.append(k)
                 handles.append((<TaskFuture>fut)._value)
         if kept_elsewhere is not None:
-            for engine, (indexes, handles) in kept_elsewhere.items():
+            for engine, (positions, handles) in kept_elsewhere.items():
                 values = (<EngineBase>engine).fetch_many(handles, remaining(deadline))
-                for i, value in zip(indexes, values):
-                    results[i] = value
+                for k, value in zip(positions, values):
+                    results[k] = value
         return results
 
     # Every other use is a use as a list: the futures are made first.
@@ -616,9 +731,9 @@ cdef object _compare(FutureList self, object other, int op):
 
 
 cdef bint _result_into(list results, Py_ssize_t i, TaskFuture fut, double deadline,
-                       bint raise_on_failure) except -1:
-    """results[i] = fut's result (or error); True if it is kept elsewhere and
-    must be fetched."""
+                       bint raise_on_failure, list failed) except -1:
+    """results[i] = fut's result (or error, and i appended to `failed`);
+    True if it is kept elsewhere and must be fetched."""
     cdef uint8_t state = fut._state()
     if state < COMPLETED:       # only then the time left matters
         state = fut._final_state(remaining(deadline))
@@ -627,6 +742,8 @@ cdef bint _result_into(list results, Py_ssize_t i, TaskFuture fut, double deadli
         if raise_on_failure:
             raise error
         results[i] = error
+        if failed is not None:
+            failed.append(i)
     elif not (fut._flags & REMOTE_VALUE):
         results[i] = fut._value
     elif fut._engine.fetch_many is None:

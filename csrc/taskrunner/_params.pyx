@@ -249,3 +249,13 @@ cdef tuple resolve_args(tuple args, EngineBase consumer):
         Py_INCREF(value)
         PyTuple_SET_ITEM(out, i, value)
     return out
+
+
+def all_plain(list values):
+    """Whether every item of `values` is of a plain type (int, str, float,
+    bool, bytes, None): such a list pickles, with no need to try."""
+    cdef object value
+    for value in values:
+        if not is_plain(value):
+            return False
+    return True

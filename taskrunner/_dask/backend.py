@@ -412,16 +412,16 @@ class DaskBackend(Backend):
     # -- taking runs back -------------------------------------------------------------
 
     def take_back(self, runs):
-        """Take back runs handed to Dask that surely never started, the one
-        run of `runs` or with None every such run, and return them (a
-        RunList) for the engine to cancel."""
+        """Take back runs handed to Dask that surely never started, those of
+        `runs` or with None every such run, and return them (a RunList) for
+        the engine to cancel."""
         cancelled = []
         with self.lock:
             if runs is None:
                 chosen = [s for s in self.placed.values() if s.key not in self.recalling]
             else:
-                sent = self.placed.get(runs.run_ids()[0])
-                chosen = [sent] if sent is not None and sent.key not in self.recalling else []
+                found = (self.placed.get(run) for run in runs.run_ids())
+                chosen = [s for s in found if s is not None and s.key not in self.recalling]
             named = []
             for sent in chosen:
                 if sent.key is None:            # never reached Dask

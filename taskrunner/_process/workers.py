@@ -109,13 +109,14 @@ class Worker:
         self.count += 1
         return True
 
-    def number_of(self, run_id):
-        """The number of run `run_id` (an engine id) if it is in flight
-        here and ours."""
+    def first_of(self, run_ids):
+        """The lowest number of a run of `run_ids` (a set of engine ids) in
+        flight here and ours, or None."""
         for batch in self.in_flight:
-            position = batch.runs.position_of(run_id)
-            if position >= batch.answered and batch.first + position not in self.given_up:
-                return batch.first + position
+            for position, run_id in enumerate(batch.runs.run_ids()):
+                if (position >= batch.answered and run_id in run_ids
+                        and batch.first + position not in self.given_up):
+                    return batch.first + position
         return None
 
     def runs_from(self, first, end=None):
@@ -132,12 +133,13 @@ class Worker:
         gone = sum(1 for number in self.given_up if number > started)
         return self.next_run - started - 1 - gone
 
-    def take_back(self, first, target, cancel=True):
+    def take_back(self, first, targets, cancel=True):
         """Stop this worker from run `first` on and take back what surely
-        never starts: `target` (an engine run id; every such run if None,
-        when `cancel`) is to be cancelled, the rest requeued.  Runs that may
+        never starts: the runs of `targets` (a set of engine run ids; every
+        such run if None, when `cancel`) are to be cancelled, the rest
+        requeued.  Runs that may
         have started just now stay in flight; if the worker reports them
-        skipped they are requeued, or with `target` None (cancel_all)
+        skipped they are requeued, or with `targets` None (cancel_all)
         cancelled.  Returns (to cancel, to requeue), lists of RunLists."""
         cancelled, requeued = [], []
         end = self.next_run
@@ -150,11 +152,11 @@ class Worker:
         for number, one in list(self.runs_from(first, end)):
             if number in self.given_up:
                 continue
-            is_target = cancel and (target is None or one.position_of(target) == 0)
+            is_target = cancel and (targets is None or one.run_ids()[0] in targets)
             if number > started:                        # surely never starts
                 self.give_up((number,))
                 (cancelled if is_target else requeued).append(one)
-            elif is_target and target is None:
+            elif is_target and targets is None:
                 self.cancel_if_skipped.add(number)
         return cancelled, requeued
 

@@ -1,0 +1,325 @@
+"""imap(): a map that reads its input, and gives its results, as they are consumed.
+
+    for result in runner.imap(task, {"x": records}):   # the consumer
+        │ next()
+        ▼
+    Stream ── room in the window? ── read a chunk of rows off the iterables
+        │                                     │
+        │                        runner.map(task, chunk) ──> the runner's engine
+        │                                     │                (threads, worker
+        │                          a Chunk (its FutureList)     processes, Dask)
+        │                          at the window's tail               │
+        ▼                                                             ▼
+    ordered:   the head chunk's items that are final, in order   <── runs end
+    unordered: the items that are final, whichever chunk (each future's done
+               callback puts it on `finished`)
+        │
+        └─> yielded; their room in the window is free for the next chunk
+
+Each chunk is an ordinary map() of the runner, so every runner streams the
+same way, with what its map() does: the process runner's batches and re-runs
+after a worker dies, the Dask runner's packs, the engine's cancellation.
+
+The state of one Stream:
+
+    columns     (name, iterator, wrap) for each mapped parameter; `wrap` is
+                the annotation every item is wrapped in (allow_failure or
+                quote around an iterable), else None
+    statics     the other parameters, each wrapped in unmapped()
+    window      the chunks submitted and not yet wholly yielded, in input
+                order (a deque of Chunk)
+    unyielded   items read and not yet yielded: never more than `buffer`
+    buffer      the window's size in items: the caller's, or (None) grown
+                from the rate at which results come (see _grow)
+    finished    unordered only: the numbers (in input order) of the items
+                that ended and are not yet given (each chunk puts them
+                there as they end: FutureList._notify_ends)
+    exhausted   the input has ended (or has a length mismatch, `mismatch`)
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import itertools
+import queue
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional
+
+from taskrunner._engine import is_mappable
+from taskrunner._futures import TaskFuture, blocking
+from taskrunner._mapped import FutureList
+from taskrunner.annotations import allow_failure, quote, unmapped
+from taskrunner.exceptions import (
+    MappingLengthMismatch, MappingMissingIterable, UpstreamTaskError,
+)
+from taskrunner._stream import Results
+
+if TYPE_CHECKING:
+    from taskrunner.base import TaskRunner
+
+__all__ = ["Stream", "checked_buffer", "open_stream"]
+
+# buffer=None: the window starts at MIN_PER_WORKER items a worker and grows
+# to hold the results of WINDOW_SECONDS at the rate they come, up to
+# MAX_AUTO_BUFFER items (about 20 MB of small items in flight).
+MIN_PER_WORKER = 8
+WINDOW_SECONDS = 0.05
+MAX_AUTO_BUFFER = 1 << 17
+CHUNKS_PER_WINDOW = 8       # a new chunk is read when an eighth of the window is free
+MAX_CHUNK = 16384
+
+
+def checked_buffer(buffer):
+    """`buffer` (None, or a positive int), else ValueError naming it."""
+    if buffer is None:
+        return None
+    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+        raise ValueError(f"buffer must be a positive int or None, got {buffer!r}")
+    return buffer
+
+
+def open_stream(runner, task, parameters, ordered, buffer, wait_for, raise_on_failure):
+    """imap(): the checked call's iterator of results (see Results, in
+    csrc/taskrunner/_stream.pyx, for its lifecycle)."""
+    stream = Stream(runner, task, parameters, ordered, checked_buffer(buffer), wait_for,
+                    raise_on_failure)
+    return Results(stream, bool(raise_on_failure), stream.task_name)
+
+
+@dataclass
+class Chunk:
+    """One map() of the stream: items `start` .. `start + size - 1` of the
+    input, of which `taken` have been given (ordered: the first `taken`;
+    unordered: those marked in `given`)."""
+    futures: FutureList
+    start: int
+    size: int
+    taken: int = 0
+    given: Optional[bytearray] = None
+
+
+class Stream:
+    """The iterator imap() returns (a generator over this state)."""
+
+    def __init__(self, runner: TaskRunner, task, parameters, ordered, buffer, wait_for,
+                 raise_on_failure):
+        self.runner = runner
+        self.task = task
+        self.task_name = getattr(task, "name", None) or getattr(task, "__name__", repr(task))
+        self.wait_for = list(wait_for) if wait_for is not None else None
+        self.raise_on_failure = bool(raise_on_failure)
+        self.ordered = bool(ordered)
+        self.fixed_buffer = checked_buffer(buffer)
+        self.columns, self.statics = self._split(parameters)
+        # Everything about the call but the items (the task, names, bound
+        # parameters, picklability of the others) is checked here, by a map
+        # of no item, so that a bad call fails at the call.
+        runner.map(task, {**self.statics, **{name: [] for name, _, _ in self.columns}},
+                   wait_for=self.wait_for)
+        self.workers = max(1, runner._parallelism())
+        self.buffer = self.fixed_buffer or max(16, MIN_PER_WORKER * self.workers)
+        self.window: collections.deque = collections.deque()
+        self.unyielded = 0
+        self.read = 0
+        self.yielded = 0
+        self.first_at = None        # when the first results came (workers may start slowly)
+        self.first_count = 0
+        self.finished: Optional[queue.SimpleQueue] = None if ordered else queue.SimpleQueue()
+        self.exhausted = False
+        self.mismatch: Optional[MappingLengthMismatch] = None
+
+    def _split(self, parameters):
+        """The mapped columns and the static parameters, by map()'s rules."""
+        if parameters is None:
+            parameters = {}
+        if not hasattr(parameters, "items"):
+            raise TypeError(f"parameters must be a mapping of parameter names to values, "
+                            f"not {type(parameters).__name__}")
+        columns, statics = [], {}
+        for name, value in parameters.items():
+            if isinstance(value, unmapped):
+                statics[name] = value
+                continue
+            if isinstance(value, TaskFuture):
+                try:
+                    value = value.result()
+                except BaseException as exc:
+                    raise UpstreamTaskError(
+                        f"imap of task {self.task_name!r}: parameter {name!r} is the future "
+                        f"of task run {value.task_name!r} ({value.task_run_id}), which did "
+                        f"not complete", value) from exc
+            if isinstance(value, (allow_failure, quote)) and is_mappable(value.value):
+                columns.append((name, iter(value.value), type(value)))
+            elif is_mappable(value):
+                columns.append((name, iter(value), None))
+            else:
+                statics[name] = unmapped(value)
+        if not columns:
+            raise MappingMissingIterable(
+                f"imap of task {self.task_name!r} got no iterable parameter to map over; give "
+                f"at least one list, generator or other iterable (wrap a value in unmapped() "
+                f"to pass it whole to every call)")
+        return columns, statics
+
+    # -- reading and submitting ---------------------------------------------
+
+    def _chunk_size(self):
+        return max(1, min(MAX_CHUNK, self.buffer // CHUNKS_PER_WINDOW))
+
+    def _refill(self):
+        """Read and submit chunks while the window has room for one."""
+        while not self.exhausted:
+            size = self._chunk_size()
+            if self.unyielded + size > self.buffer:
+                if self.unyielded:
+                    return
+                size = self.buffer
+            rows = self._read(size)
+            if not rows:
+                return
+            futures = self.runner.map(self.task, {**self.statics, **rows},
+                                      wait_for=self.wait_for)
+            count = len(futures)
+            self.read += count
+            self.unyielded += count
+            chunk = Chunk(futures, self.read - count, count)
+            self.window.append(chunk)
+            if self.finished is not None:
+                chunk.given = bytearray(count)
+                futures._notify_ends(self.finished, chunk.start)
+
+    def _read(self, size):
+        """The next `size` rows at most, as {name: list of items}; marks the
+        input exhausted when a column ends (and a mismatch if not all do)."""
+        lists = [list(itertools.islice(it, size)) for _, it, _ in self.columns]
+        lengths = [len(items) for items in lists]
+        shortest = min(lengths)
+        if shortest < size:
+            self.exhausted = True
+            # Equal lengths, fewer than asked: every column ended there.
+            if max(lengths) != shortest:
+                self.mismatch = self._mismatch(lengths, size)
+            lists = [items[:shortest] for items in lists]
+        if not shortest:
+            return None
+        rows = {}
+        for (name, _, wrap), items in zip(self.columns, lists):
+            rows[name] = [wrap(item) for item in items] if wrap is not None else items
+        return rows
+
+    def _mismatch(self, lengths, size):
+        counts = []
+        for (name, _, _), length in zip(self.columns, lengths):
+            if length < size:
+                counts.append(f"{name!r} has {self.read + length}")
+            else:
+                counts.append(f"{name!r} has more than {self.read + length}")
+        return MappingLengthMismatch(
+            f"imap of task {self.task_name!r}: the iterable parameters differ in length "
+            f"({', '.join(counts)})")
+
+    def _grow(self):
+        """buffer=None: hold the results of WINDOW_SECONDS at the rate they
+        come (counted from the first results: starting workers is no part
+        of a task's duration)."""
+        if self.fixed_buffer is not None or not self.yielded:
+            return
+        now = time.monotonic()
+        if self.first_at is None:
+            self.first_at, self.first_count = now, self.yielded
+            return
+        elapsed = now - self.first_at
+        if elapsed <= 0:
+            return
+        wanted = int((self.yielded - self.first_count) / elapsed * WINDOW_SECONDS)
+        if wanted > self.buffer:
+            self.buffer = min(MAX_AUTO_BUFFER, max(wanted, self.buffer * 2))
+
+    # -- giving results -----------------------------------------------------
+
+    def next_batch(self):
+        """Refill the window, wait, and return the next results as (values,
+        failed): `failed` the positions of the items that did not complete,
+        whose values are their exceptions.  None once every item is given;
+        MappingLengthMismatch then if the iterables differ in length."""
+        self._grow()
+        self._refill()
+        if self.finished is None:
+            if not self.window:
+                return self._done()
+            chunk = self.window[0]
+            values, failed = chunk.futures._final_prefix(chunk.taken, chunk.size)
+            chunk.taken += len(values)
+            if chunk.taken == chunk.size:
+                self.window.popleft()
+        else:
+            if not self.window:
+                return self._done()
+            values, failed = self._take_finished()
+        # The window is refilled only between batches: its room is counted
+        # once for the whole batch.
+        self.unyielded -= len(values)
+        self.yielded += len(values)
+        return values, failed
+
+    def _take_finished(self):
+        """Unordered: wait for an item to end, and take every item ended."""
+        with blocking():
+            numbers = [self.finished.get()]
+        while True:
+            try:
+                numbers.append(self.finished.get_nowait())
+            except queue.Empty:
+                break
+        numbers.sort()
+        values, failed = [], []
+        window = self.window
+        at, taking = 0, []
+        for number in numbers:
+            while at < len(window) and number >= window[at].start + window[at].size:
+                self._take_from(window[at], taking, values, failed)
+                at, taking = at + 1, []
+            if at == len(window):
+                break
+            chunk = window[at]
+            position = number - chunk.start
+            # A number may come twice, the second time after its chunk went.
+            if position >= 0 and not chunk.given[position]:
+                chunk.given[position] = 1
+                taking.append(position)
+        if at < len(window):
+            self._take_from(window[at], taking, values, failed)
+        # A chunk goes once all its items are given: a slow item keeps its
+        # own chunk's arrays (a few bytes an item), not the values given.
+        if any(chunk.taken == chunk.size for chunk in window):
+            self.window = collections.deque(c for c in window if c.taken < c.size)
+        return values, failed
+
+    @staticmethod
+    def _take_from(chunk, positions, values, failed):
+        if not positions:
+            return
+        these, their_failed = chunk.futures._take_final(positions)
+        failed.extend(len(values) + at for at in their_failed)
+        values.extend(these)
+        chunk.taken += len(positions)
+
+    def _done(self):
+        if self.mismatch is not None:
+            raise self.mismatch
+        return None
+
+    def cancel_rest(self):
+        """Stop: cancel the runs of the window not started, read no more."""
+        self.exhausted = True
+        lists = [chunk.futures for chunk in self.window]
+        self.window.clear()
+        engine = getattr(self.runner, "_engine", None)
+        for futures in lists:
+            if engine is not None:
+                engine.cancel_unstarted(futures)
+            else:
+                for future in futures:
+                    future.cancel()
