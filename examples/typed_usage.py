@@ -1,6 +1,6 @@
 """The public API as a user types it: checked by mypy in CI (.ci/run)."""
 
-from typing import List
+from typing import Any, Iterator, List
 
 from taskrunner import (
     FutureList,
@@ -44,6 +44,8 @@ def pipeline(numbers: List[int]) -> float:
 
 def in_processes() -> List[int]:
     with ProcessPoolTaskRunner(max_workers=2, mp_context="spawn") as runner:
+        streamed: Iterator[Any] = runner.imap(inc, {"x": iter(range(10))}, buffer=4)
+        assert sum(streamed) == 55
         return runner.map(inc, {"x": range(10)}).result()
 
 

@@ -30,7 +30,7 @@ The state of one Stream:
                 order (a deque of Chunk)
     unyielded   items read and not yet yielded: never more than `buffer`
     buffer      the window's size in items: the caller's, or (None) grown
-                from the rate at which results come (see _grow)
+                by `sizer` while a larger window gives results faster
     finished    unordered only: the numbers (in input order) of the items
                 that ended and are not yet given (each chunk puts them
                 there as they end: FutureList._notify_ends)
@@ -39,7 +39,6 @@ The state of one Stream:
 
 from __future__ import annotations
 
-import bisect
 import collections
 import itertools
 import queue
@@ -50,22 +49,28 @@ from typing import TYPE_CHECKING, Optional
 from taskrunner._engine import is_mappable
 from taskrunner._futures import TaskFuture, blocking
 from taskrunner._mapped import FutureList
+from taskrunner._stream import Results
 from taskrunner.annotations import allow_failure, quote, unmapped
 from taskrunner.exceptions import (
-    MappingLengthMismatch, MappingMissingIterable, UpstreamTaskError,
+    MappingLengthMismatch,
+    MappingMissingIterable,
+    UpstreamTaskError,
 )
-from taskrunner._stream import Results
 
 if TYPE_CHECKING:
     from taskrunner.base import TaskRunner
 
 __all__ = ["Stream", "checked_buffer", "open_stream"]
 
-# buffer=None: the window starts at MIN_PER_WORKER items a worker and grows
-# to hold the results of WINDOW_SECONDS at the rate they come, up to
-# MAX_AUTO_BUFFER items (about 20 MB of small items in flight).
+# buffer=None: the window starts at MIN_PER_WORKER items a worker (at least
+# MIN_AUTO_BUFFER) and doubles each time the consumer has to wait for a
+# result, while it holds less than HORIZON_SECONDS of results at the rate
+# they come, up to MAX_AUTO_BUFFER items (about 40 MB of small items).
 MIN_PER_WORKER = 8
-WINDOW_SECONDS = 0.05
+MIN_AUTO_BUFFER = 16
+HORIZON_SECONDS = 1.0
+EPOCH_SECONDS = 0.02        # the rate is measured over this long at least
+UNTIMED_LIMIT = 1024        # the window's growth before the first rate is known
 MAX_AUTO_BUFFER = 1 << 17
 CHUNKS_PER_WINDOW = 8       # a new chunk is read when an eighth of the window is free
 MAX_CHUNK = 16384
@@ -86,6 +91,42 @@ def open_stream(runner, task, parameters, ordered, buffer, wait_for, raise_on_fa
     stream = Stream(runner, task, parameters, ordered, checked_buffer(buffer), wait_for,
                     raise_on_failure)
     return Results(stream, bool(raise_on_failure), stream.task_name)
+
+
+class Sizer:
+    """The window of buffer=None: as large as keeps every worker busy.
+
+    How large that is depends on the task's duration and on the runner's
+    latency (a thread pool's microseconds, a cluster's milliseconds a round
+    trip), neither known in advance; but a window too small shows itself:
+    the consumer waits for results while workers could have been running
+    more.  So the window doubles each time the consumer waits, unless it
+    already holds HORIZON_SECONDS of results at the rate they come (the
+    tasks are slow: the workers are the limit, and more read-ahead would
+    cost memory for nothing).  The rate is measured over epochs of at least
+    EPOCH_SECONDS; before the first one ends the window grows to at most
+    UNTIMED_LIMIT."""
+
+    def __init__(self, size):
+        self.size = size
+        self.epoch_start = None     # (results given, time) when this epoch began
+        self.rate = None            # results a second, over the last epoch
+
+    def size_after(self, given, now, waited):
+        if self.epoch_start is None:
+            # The first results open the first epoch: starting workers is
+            # no part of any task's duration.
+            self.epoch_start = (given, now)
+            return self.size
+        start_given, start_time = self.epoch_start
+        if now - start_time >= EPOCH_SECONDS:
+            self.rate = (given - start_given) / (now - start_time)
+            self.epoch_start = (given, now)
+        if waited and self.size < MAX_AUTO_BUFFER:
+            limit = UNTIMED_LIMIT if self.rate is None else self.rate * HORIZON_SECONDS
+            if 2 * self.size <= limit:
+                self.size *= 2
+        return self.size
 
 
 @dataclass
@@ -119,13 +160,12 @@ class Stream:
         runner.map(task, {**self.statics, **{name: [] for name, _, _ in self.columns}},
                    wait_for=self.wait_for)
         self.workers = max(1, runner._parallelism())
-        self.buffer = self.fixed_buffer or max(16, MIN_PER_WORKER * self.workers)
+        self.buffer = self.fixed_buffer or max(MIN_AUTO_BUFFER, MIN_PER_WORKER * self.workers)
         self.window: collections.deque = collections.deque()
         self.unyielded = 0
         self.read = 0
         self.yielded = 0
-        self.first_at = None        # when the first results came (workers may start slowly)
-        self.first_count = 0
+        self.sizer = Sizer(self.buffer) if self.fixed_buffer is None else None
         self.finished: Optional[queue.SimpleQueue] = None if ordered else queue.SimpleQueue()
         self.exhausted = False
         self.mismatch: Optional[MappingLengthMismatch] = None
@@ -220,22 +260,9 @@ class Stream:
             f"imap of task {self.task_name!r}: the iterable parameters differ in length "
             f"({', '.join(counts)})")
 
-    def _grow(self):
-        """buffer=None: hold the results of WINDOW_SECONDS at the rate they
-        come (counted from the first results: starting workers is no part
-        of a task's duration)."""
-        if self.fixed_buffer is not None or not self.yielded:
-            return
-        now = time.monotonic()
-        if self.first_at is None:
-            self.first_at, self.first_count = now, self.yielded
-            return
-        elapsed = now - self.first_at
-        if elapsed <= 0:
-            return
-        wanted = int((self.yielded - self.first_count) / elapsed * WINDOW_SECONDS)
-        if wanted > self.buffer:
-            self.buffer = min(MAX_AUTO_BUFFER, max(wanted, self.buffer * 2))
+    def _grow(self, waited):
+        if self.sizer is not None:
+            self.buffer = self.sizer.size_after(self.yielded, time.monotonic(), waited)
 
     # -- giving results -----------------------------------------------------
 
@@ -244,28 +271,30 @@ class Stream:
         failed): `failed` the positions of the items that did not complete,
         whose values are their exceptions.  None once every item is given;
         MappingLengthMismatch then if the iterables differ in length."""
-        self._grow()
         self._refill()
         if self.finished is None:
             if not self.window:
                 return self._done()
             chunk = self.window[0]
-            values, failed = chunk.futures._final_prefix(chunk.taken, chunk.size)
+            values, failed, waited = chunk.futures._final_prefix(chunk.taken, chunk.size)
             chunk.taken += len(values)
             if chunk.taken == chunk.size:
                 self.window.popleft()
         else:
             if not self.window:
                 return self._done()
-            values, failed = self._take_finished()
+            values, failed, waited = self._take_finished()
         # The window is refilled only between batches: its room is counted
         # once for the whole batch.
         self.unyielded -= len(values)
         self.yielded += len(values)
+        self._grow(waited)
         return values, failed
 
     def _take_finished(self):
-        """Unordered: wait for an item to end, and take every item ended."""
+        """Unordered: wait for an item to end, and take every item ended;
+        and whether it had to wait (or fetch)."""
+        waited = self.finished.empty()
         with blocking():
             numbers = [self.finished.get()]
         while True:
@@ -279,7 +308,7 @@ class Stream:
         at, taking = 0, []
         for number in numbers:
             while at < len(window) and number >= window[at].start + window[at].size:
-                self._take_from(window[at], taking, values, failed)
+                waited |= self._take_from(window[at], taking, values, failed)
                 at, taking = at + 1, []
             if at == len(window):
                 break
@@ -290,21 +319,24 @@ class Stream:
                 chunk.given[position] = 1
                 taking.append(position)
         if at < len(window):
-            self._take_from(window[at], taking, values, failed)
+            waited |= self._take_from(window[at], taking, values, failed)
         # A chunk goes once all its items are given: a slow item keeps its
         # own chunk's arrays (a few bytes an item), not the values given.
         if any(chunk.taken == chunk.size for chunk in window):
             self.window = collections.deque(c for c in window if c.taken < c.size)
-        return values, failed
+        return values, failed, waited
 
     @staticmethod
     def _take_from(chunk, positions, values, failed):
+        """Take the items at `positions` of `chunk` onto values and failed;
+        whether they had to be fetched."""
         if not positions:
-            return
-        these, their_failed = chunk.futures._take_final(positions)
+            return False
+        these, their_failed, fetched = chunk.futures._take_final(positions)
         failed.extend(len(values) + at for at in their_failed)
         values.extend(these)
         chunk.taken += len(positions)
+        return fetched
 
     def _done(self):
         if self.mismatch is not None:

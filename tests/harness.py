@@ -29,7 +29,7 @@ def running(runner, exit_timeout=20.0):
                         f"(a run never reached a final state); runner abandoned")
 
 
-def run_script(source, timeout=120, args=()):
+def run_script(source, timeout=120, args=(), env=None):
     """Run `source` (dedented) in a fresh interpreter that imports what this
     one does; for failures that kill or hang the process they happen in.
     Returns the CompletedProcess; raises subprocess.TimeoutExpired after
@@ -42,5 +42,5 @@ def run_script(source, timeout=120, args=()):
         [sys.executable, "-c", textwrap.dedent(source), *args],
         capture_output=True, text=True, timeout=timeout,
         cwd=os.path.dirname(os.path.abspath(__file__)),
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **(env or {})},
     )

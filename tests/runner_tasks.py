@@ -592,3 +592,40 @@ def late_after(tickets, count, gate):
             number += 1
     if number >= count:
         wait_path(gate, timeout=120)
+
+
+def first_then_gated(x, log, gate):
+    """Item 0 returns at once; any other logs itself, then waits for the gate."""
+    if x == 0:
+        return 0
+    append_line(log, x)
+    wait_path(gate)
+    return x
+
+
+def square(x):
+    return x * x
+
+
+def record_unless(path, x, bad):
+    """Log x and return it; item ``bad`` raises TaskError naming it."""
+    if x == bad:
+        raise TaskError(f"item {x} is bad")
+    append_line(path, x)
+    return x
+
+
+def getpid_of(x):
+    return os.getpid()
+
+
+def fail_at_then_gated(x, bad, log, gate):
+    """x for the items before ``bad``; item ``bad`` raises TaskError naming
+    it; a later item logs itself, then waits for the gate."""
+    if x < bad:
+        return x
+    if x == bad:
+        raise TaskError(f"item {x} is bad")
+    append_line(log, x)
+    wait_path(gate)
+    return x

@@ -471,3 +471,51 @@ def test_threads_waiting_as_their_runner_exits_survive_the_release_of_its_graph(
     proc = run_script(WAITERS_AT_EXIT, timeout=170)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
     assert "survived" in proc.stdout
+
+
+@pytest.mark.timeout(180)
+def test_mapped_runs_cancelled_while_queued_leave_no_pointer_to_a_freed_block():
+    """A mapped item cancelled while READY keeps its entry in the ready ring
+    until a consumer passes it; its block may be gone by then (the list
+    dropped), and the exit's free_graph read the block through the slot's
+    payload: a use after free (valgrind; a segfault under the debug
+    allocator, which fills freed memory).  The graph forgets a slot's
+    payload when its owner drops it."""
+    result = run_script("""
+        import runner_tasks as rt
+        from taskrunner import ThreadPoolTaskRunner
+        for _ in range(300):
+            with ThreadPoolTaskRunner(1) as r:
+                busy = r.submit(rt.sleep_then, {"x": 1, "seconds": 0.002})
+                first = r.map(rt.inc, {"x": range(64)})
+                second = r.map(rt.inc, {"x": range(64)})
+                r.cancel_all()
+                del first, second
+        print("ok")
+    """, timeout=170, env={"PYTHONMALLOC": "debug"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", \
+        (result.returncode, result.stderr[-2000:])
+
+
+@pytest.mark.timeout(180)
+def test_dask_map_futures_cancelled_after_the_exit_do_not_touch_the_freed_graph():
+    """A Dask map's results stay on the cluster, so each item ends as a
+    future made while the backend held the item: the slot kept pointing at
+    the item, the exit detached the block but not those futures, and their
+    cancel() afterwards read the freed graph (a NULL dereference)."""
+    pytest.importorskip("distributed")
+    result = run_script("""
+        import runner_tasks as rt
+        from taskrunner import DaskTaskRunner
+        if __name__ == "__main__":
+            cluster = {"n_workers": 1, "threads_per_worker": 2, "processes": False,
+                       "dashboard_address": None}
+            with DaskTaskRunner(cluster_kwargs=cluster) as r:
+                futures = r.map(rt.inc, {"x": range(50)})
+                assert futures.result() == list(range(1, 51))
+            assert not any(f.cancel() for f in futures)
+            assert {f.state.name for f in futures} == {"Completed"}
+            print("ok")
+    """, timeout=170)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), \
+        (result.returncode, result.stderr[-2000:])

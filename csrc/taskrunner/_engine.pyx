@@ -557,7 +557,7 @@ cdef class Engine(EngineBase):
         cdef Graph graph = self.graph
         cdef RunVec out = RunVec(NULL, 0, 0)
         cdef bint cancelled
-        if fut._run < 0:
+        if fut._run < 0 or graph.released:
             return fut._state() == CANCELLED     # detached: final
         graph.lock()
         cancelled = graph.cancel_locked(fut._run, &out)

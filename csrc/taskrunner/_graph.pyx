@@ -558,6 +558,9 @@ cdef class Graph:
         if self.released:
             return
         self.runs[run].flags |= F_DROPPED
+        # The slot may outlive its owner (an entry for it still in the ready
+        # ring, say): nothing may reach the owner through it from now on.
+        self.payloads[run] = NULL
         self._maybe_free(run)
 
     cdef void close(self) noexcept nogil:

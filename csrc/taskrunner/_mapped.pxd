@@ -108,7 +108,8 @@ cdef class FutureList(list):
     cdef int _wait_item(self, Py_ssize_t i) except -1
     cdef bint _is_final(self, Py_ssize_t i) except -1
     cdef list _collect(self, Py_ssize_t lo, Py_ssize_t hi, list indexes, double deadline,
-                       object timeout, bint raise_on_failure, list failed, bint clear)
+                       object timeout, bint raise_on_failure, list failed, bint clear,
+                       bint* fetched)
 
 
 cdef class RunList:

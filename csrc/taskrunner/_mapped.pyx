@@ -407,11 +407,20 @@ cdef void detach(void* payload, uint8_t state) noexcept:
     """The run a payload stands for leaves its graph, final in `state` (see
     Engine.free_graph): its future keeps the state, or its block knows all
     its items ended.  Field writes only: called under the graph's lock."""
+    cdef MapBlock block
+    cdef PyObject* fut
     if is_item(payload):
-        (<MapBlock>owner_of(payload)).detached = True
+        block = block_of(payload)
+        block.detached = True
+        # A future made while a consumer held the item's payload ended as
+        # the future, but the slot still points at the item.
+        fut = block.futures[index_of(payload, block)]
+        if fut == NULL:
+            return
     else:
-        (<TaskFuture>payload)._final = state
-        (<TaskFuture>payload)._run = -1
+        fut = <PyObject*>payload
+    (<TaskFuture>fut)._final = state
+    (<TaskFuture>fut)._run = -1
 
 
 cdef MapBlock plain_stretch(void** payloads, Py_ssize_t n, Py_ssize_t* first,
@@ -479,32 +488,42 @@ cdef class FutureList(list):
         """The results, in input order.  Raises the first failure met (unless
         raise_on_failure=False), or TimeoutError after `timeout` seconds."""
         return self._collect(0, len(self), None, deadline_of(timeout), timeout,
-                             raise_on_failure, None, False)
+                             raise_on_failure, None, False, NULL)
 
     # For a consumer that streams the results (taskrunner.streaming), which
     # alone holds this list: the values it takes are let go here.
 
     def _final_prefix(self, Py_ssize_t lo, Py_ssize_t hi):
-        """Wait until item `lo` is final, then take (values, failed) of
-        items lo .. j-1, where j (at most `hi`) is the first item from `lo`
-        not final yet.  A run that did not complete has its exception for
-        its value, and its position (from `lo`) in `failed`."""
+        """Wait until item `lo` is final, then take (values, failed, waited)
+        of items lo .. j-1, where j (at most `hi`) is the first item from
+        `lo` not final yet.  A run that did not complete has its exception
+        for its value, and its position (from `lo`) in `failed`; `waited`
+        says whether the caller had to wait: item `lo` was not final yet at
+        the call, or results had to be fetched from where they are kept."""
         cdef list failed = []
         cdef Py_ssize_t j
+        cdef bint waited, fetched = False
         hi = min(hi, len(self))
         if lo >= hi:
-            return [], failed
-        self._wait_item(lo)
+            return [], failed, False
+        waited = not self._is_final(lo)
+        if waited:
+            self._wait_item(lo)
         j = lo + 1
         while j < hi and self._is_final(j):
             j += 1
-        return self._collect(lo, j, None, -1.0, None, False, failed, True), failed
+        values = self._collect(lo, j, None, -1.0, None, False, failed, True, &fetched)
+        return values, failed, waited or fetched
 
     def _take_final(self, list indexes):
-        """(values, failed) of the items at `indexes`, all final: as
-        _final_prefix, `failed` the positions in `indexes`."""
+        """(values, failed, fetched) of the items at `indexes`, all final:
+        as _final_prefix, `failed` the positions in `indexes`, and
+        `fetched` whether values had to be fetched."""
         cdef list failed = []
-        return self._collect(0, len(indexes), indexes, -1.0, None, False, failed, True), failed
+        cdef bint fetched = False
+        values = self._collect(0, len(indexes), indexes, -1.0, None, False, failed, True,
+                               &fetched)
+        return values, failed, fetched
 
     def _notify_ends(self, queue, Py_ssize_t base):
         """From now on put base + i on `queue` as item i ends; and now, for
@@ -547,11 +566,12 @@ cdef class FutureList(list):
         return fut.done()
 
     cdef list _collect(self, Py_ssize_t lo, Py_ssize_t hi, list indexes, double deadline,
-                       object timeout, bint raise_on_failure, list failed, bint clear):
+                       object timeout, bint raise_on_failure, list failed, bint clear,
+                       bint* fetched):
         """The results of items lo .. hi-1 (or of indexes[lo:hi]), as
         result() gives them; with `failed`, the positions (from lo) of the
         runs that did not complete; with `clear`, the block lets go of the
-        values it gives."""
+        values it gives; with `fetched`, set if any had to be fetched."""
         cdef MapBlock block = self._block
         cdef Py_ssize_t i, k
         cdef list results = [None] * (hi - lo)
@@ -590,6 +610,8 @@ cdef class FutureList(list):
                 positions.append(k)
                 handles.append((<TaskFuture>fut)._value)
         if kept_elsewhere is not None:
+            if fetched != NULL:
+                fetched[0] = True
             for engine, (positions, handles) in kept_elsewhere.items():
                 values = (<EngineBase>engine).fetch_many(handles, remaining(deadline))
                 for k, value in zip(positions, values):
