@@ -44,7 +44,7 @@ import itertools
 import queue
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 from taskrunner._engine import is_mappable
 from taskrunner._futures import TaskFuture, blocking
@@ -142,14 +142,18 @@ class Chunk:
 
 
 class Stream:
-    """The iterator imap() returns (a generator over this state)."""
+    """The state behind the iterator imap() returns (Results, in
+    csrc/taskrunner/_stream.pyx): reading, submitting, and the batches of
+    results it gives out."""
 
     def __init__(self, runner: TaskRunner, task, parameters, ordered, buffer, wait_for,
                  raise_on_failure):
         self.runner = runner
         self.task = task
         self.task_name = getattr(task, "name", None) or getattr(task, "__name__", repr(task))
-        self.wait_for = list(wait_for) if wait_for is not None else None
+        # Read once, since every chunk waits for the same futures (map()
+        # names a wait_for that is not an iterable of futures).
+        self.wait_for = list(wait_for) if isinstance(wait_for, Iterable) else wait_for
         self.raise_on_failure = bool(raise_on_failure)
         self.ordered = bool(ordered)
         self.fixed_buffer = checked_buffer(buffer)
@@ -226,7 +230,7 @@ class Stream:
             self.unyielded += count
             chunk = Chunk(futures, self.read - count, count)
             self.window.append(chunk)
-            if self.finished is not None:
+            if not self.ordered:
                 chunk.given = bytearray(count)
                 futures._notify_ends(self.finished, chunk.start)
 
@@ -272,7 +276,7 @@ class Stream:
         whose values are their exceptions.  None once every item is given;
         MappingLengthMismatch then if the iterables differ in length."""
         self._refill()
-        if self.finished is None:
+        if self.ordered:
             if not self.window:
                 return self._done()
             chunk = self.window[0]
