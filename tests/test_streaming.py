@@ -24,7 +24,7 @@ from taskrunner import (
 
 import runner_tasks as rt
 from harness import running
-from runner_tasks import read_lines
+from runner_tasks import read_lines, wait_path
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -426,3 +426,23 @@ def test_dask_imap_sends_batches_not_a_message_per_item():
         with counting_graphs(r.client) as sizes:
             assert list(r.imap(rt.inc, {"x": (i for i in range(n))})) == list(range(1, n + 1))
     assert sum(sizes) <= n // 20, sizes
+
+
+def test_an_iterator_advanced_from_two_threads_at_once_says_so(make_gate, make_path):
+    import threading
+
+    from taskrunner import ThreadPoolTaskRunner
+
+    gate, started = make_gate(), make_path("started")
+    with running(ThreadPoolTaskRunner(max_workers=2)) as r, gate:
+        results = r.imap(rt.gated, {"value": range(10), "gate": gate.path, "started": started})
+        waiting = threading.Thread(target=lambda: next(results), daemon=True)
+        waiting.start()
+        # A run has started: the other thread submitted it in its step, and
+        # waits in that step for the gate.
+        wait_path(started, 20)
+        with pytest.raises(ValueError, match="already being advanced"):
+            next(results)
+        gate.open()
+        waiting.join(20)
+        assert list(results) == list(range(1, 10))

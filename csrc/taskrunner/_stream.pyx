@@ -29,6 +29,7 @@ cdef class Results:
     cdef Py_ssize_t pos         # the next of `values` to give
     cdef object failed          # positions in `values` of failed items, or None
     cdef bint raise_on_failure
+    cdef bint fetching          # a step is in stream.next_batch()
     cdef object ended           # a CancelledRun once end() was called
     cdef str task_name
     cdef object __weakref__     # the runner keeps its iterators in a WeakSet
@@ -56,11 +57,18 @@ cdef class Results:
                 return value
             if self.stream is None:
                 raise StopIteration
+            if self.fetching:
+                # Another thread is waiting for the next batch (as for a
+                # generator that is already executing).
+                raise ValueError("this imap iterator is already being advanced in another thread")
+            self.fetching = True
             try:
                 batch = self.stream.next_batch()
             except BaseException:
+                self.fetching = False
                 self._stop()
                 raise
+            self.fetching = False
             if batch is None:
                 self._stop()
                 raise StopIteration
