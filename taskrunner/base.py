@@ -80,11 +80,14 @@ class TaskRunner(abc.ABC):
         `unmapped()` values and non-iterables go whole to every call, and a
         TaskFuture is waited for and its result used.  At most `buffer`
         items are read and not yet yielded at any moment, so an input of
-        any length streams in bounded memory.  `buffer=None` starts at 8
-        items a worker (at least 16) and grows with the rate at which
-        results come, to hold about 50 ms of results (at most 65,536
-        items): enough to keep every worker busy.  Give `buffer` for items
-        that are large.
+        any length streams in bounded memory.  `buffer=None` chooses the
+        size from the worker count and the observed task duration: it
+        starts at 8 items a worker (at least 16) and doubles each time the
+        consumer has to wait for a result while workers could run more,
+        until it holds about a second of results at the rate they come
+        (slow tasks: the workers are then the limit) or 131,072 items:
+        enough to keep every worker busy.  Give `buffer` for items that are
+        large.
 
         `ordered=True` yields in input order; `ordered=False` as runs end.
         A failed run: with `raise_on_failure` the iterator raises its
