@@ -34,7 +34,8 @@ The state of one Stream:
     finished    unordered only: the numbers (in input order) of the items
                 that ended and are not yet given (each chunk puts them
                 there as they end: FutureList._notify_ends)
-    exhausted   the input has ended (or has a length mismatch, `mismatch`)
+    exhausted   the input has ended (or has a length mismatch, `mismatch`,
+                or raised `input_error`: raised once the results before are given)
 """
 
 from __future__ import annotations
@@ -173,6 +174,7 @@ class Stream:
         self.finished: Optional[queue.SimpleQueue] = None if ordered else queue.SimpleQueue()
         self.exhausted = False
         self.mismatch: Optional[MappingLengthMismatch] = None
+        self.input_error: Optional[Exception] = None
 
     def _split(self, parameters):
         """The mapped columns and the static parameters, by map()'s rules."""
@@ -236,14 +238,23 @@ class Stream:
 
     def _read(self, size):
         """The next `size` rows at most, as {name: list of items}; marks the
-        input exhausted when a column ends (and a mismatch if not all do)."""
-        lists = [list(itertools.islice(it, size)) for _, it, _ in self.columns]
+        input exhausted when a column ends (and a mismatch if not all do),
+        or raises: then the rows read before the error go on, and the error
+        is raised once their results are given."""
+        lists = []
+        for _, it, _ in self.columns:
+            items = []
+            try:
+                items.extend(itertools.islice(it, size))    # keeps what came before an error
+            except Exception as error:
+                self.input_error = self.input_error or error
+            lists.append(items)
         lengths = [len(items) for items in lists]
         shortest = min(lengths)
-        if shortest < size:
+        if shortest < size or self.input_error is not None:
             self.exhausted = True
             # Equal lengths, fewer than asked: every column ended there.
-            if max(lengths) != shortest:
+            if max(lengths) != shortest and self.input_error is None:
                 self.mismatch = self._mismatch(lengths, size)
             lists = [items[:shortest] for items in lists]
         if not shortest:
@@ -343,6 +354,8 @@ class Stream:
         return fetched
 
     def _done(self):
+        if self.input_error is not None:
+            raise self.input_error
         if self.mismatch is not None:
             raise self.mismatch
         return None

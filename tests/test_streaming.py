@@ -446,3 +446,18 @@ def test_an_iterator_advanced_from_two_threads_at_once_says_so(make_gate, make_p
         gate.open()
         waiting.join(20)
         assert list(results) == list(range(1, 10))
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_an_input_that_raises_gives_the_results_before_then_its_error(runner_factory, ordered):
+    def broken():
+        yield from range(25)
+        raise KeyError("input broke")
+
+    with running(runner_factory()) as r:
+        got = []
+        with pytest.raises(KeyError, match="input broke"):
+            for value in r.imap(rt.inc, {"x": broken()}, ordered=ordered, buffer=8):
+                got.append(value)
+        assert sorted(got) == list(range(1, 26))
+        assert list(r.imap(rt.inc, {"x": range(3)})) == [1, 2, 3]
