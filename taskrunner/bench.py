@@ -8,11 +8,14 @@ so a broken run cannot look fast.  Lower figures are better (seconds, bytes),
 so a peer's ratio is peer / ours: "x faster" or "x smaller".
 
 Later runners add workloads to WORKLOADS; benchmarks/ runs the same ones
-under pytest-benchmark.
+under pytest-benchmark.  SCALING holds the series of --scaling: the cost
+of one run, in time and resident memory, from 10^3 to 10^7 runs.
 """
 
 import dataclasses
+import functools
 import gc
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -32,7 +35,7 @@ from taskrunner import ThreadPoolTaskRunner
 
 __all__ = [
     "Variant", "Target", "Workload", "WORKLOADS",
-    "default_workers", "measure", "run_workload", "main",
+    "SCALING", "default_workers", "measure", "run_workload", "main",
 ]
 
 
@@ -176,9 +179,11 @@ def _child(argv):
     as JSON."""
     inner_name, workload_name, variant_name, size, workers = argv
     inner = {f.__name__: f for f in (measure_time, measure_self)}[inner_name]
-    workload = WORKLOADS[workload_name]
+    workload = {**WORKLOADS, **SCALING}[workload_name]
     data = workload.prepare(int(size))
     variant = workload.variant(variant_name)
+    for module in variant.requires:     # a peer is timed at its job, not at its import
+        importlib.import_module(module)
     print(json.dumps(inner(workload, variant, data, int(size), int(workers))))
 
 
@@ -314,6 +319,86 @@ def pending_memory_executor(n, workers):
         after = rss_bytes()
         gate.set()
         return (after - before) / n, sum(f.result() for f in futures)
+
+
+def map_joblib_threads(n, workers):
+    import joblib
+
+    return sum(joblib.Parallel(n_jobs=workers, backend="threading")(
+        joblib.delayed(inc)(i) for i in range(n)))
+
+
+# -- fan-out/fan-in and chain -------------------------------------------------
+# How fast a result reaches the runs that take it as a parameter.
+
+FAN_BASE = 7
+
+
+def first():
+    return FAN_BASE
+
+
+def inc_by(x, base):
+    return x + base
+
+
+def total(xs):
+    return sum(xs)
+
+
+def fan_answer(n):
+    """sum(i + FAN_BASE for i in range(n))."""
+    return (n - 1) * n // 2 + FAN_BASE * n
+
+
+def fan_out_in_ours(n, workers):
+    with ThreadPoolTaskRunner(max_workers=workers) as runner:
+        base = runner.submit(first, {})
+        futures = [runner.submit(inc_by, {"x": i, "base": base}) for i in range(n)]
+        return runner.submit(total, {"xs": futures}).result()
+
+
+def fan_out_in_executor(n, workers):
+    """By hand: the fan-out waits for first()'s value, the fan-in for every
+    part's, in the submitting thread."""
+    with ThreadPoolExecutor(max_workers=workers) as executor:
+        base = executor.submit(first).result()
+        futures = [executor.submit(inc_by, i, base) for i in range(n)]
+        return executor.submit(total, [f.result() for f in futures]).result()
+
+
+def fan_out_in_dask(n, workers):
+    import dask.threaded
+
+    graph = {"first": (first,)}
+    graph.update({("part", i): (inc_by, i, "first") for i in range(n)})
+    graph["total"] = (total, [("part", i) for i in range(n)])
+    return dask.threaded.get(graph, "total", num_workers=workers)
+
+
+def chain_ours(n, workers):
+    with ThreadPoolTaskRunner(max_workers=workers) as runner:
+        link = 0
+        for _ in range(n):
+            link = runner.submit(inc, {"x": link})
+        return link.result()
+
+
+def chain_executor(n, workers):
+    """By hand: each submit waits for the one before."""
+    with ThreadPoolExecutor(max_workers=workers) as executor:
+        value = 0
+        for _ in range(n):
+            value = executor.submit(inc, value).result()
+        return value
+
+
+def chain_dask(n, workers):
+    import dask.threaded
+
+    graph = {("link", 0): (inc, 0)}
+    graph.update({("link", i): (inc, ("link", i - 1)) for i in range(1, n)})
+    return dask.threaded.get(graph, ("link", n - 1), num_workers=workers)
 
 
 # -- streaming (imap) ---------------------------------------------------------
@@ -632,6 +717,8 @@ THREAD_POOL = "ThreadPoolExecutor"
 PROCESS_POOL = "ProcessPoolExecutor"
 MP_POOL = "multiprocessing.Pool"
 JOBLIB = "joblib (loky)"
+JOBLIB_THREADS = "joblib (threading)"
+DASK_THREADED = "dask threaded"
 SERIAL = "serial loop"
 DASK_CLIENT = "distributed.Client"
 STREAM_MAP = "taskrunner map()"
@@ -649,7 +736,11 @@ WORKLOADS = {w.name: w for w in [
     Workload(
         "map", "map(inc) over range(n), results in order",
         1_000_000, 50_000, _same, sum_of_incs,
-        Variant("taskrunner", map_ours), (Variant(THREAD_POOL, map_executor),),
+        Variant("taskrunner", map_ours),
+        (Variant(THREAD_POOL, map_executor),
+         # about 110 us an item here: 100,000 of them take some 11 s
+         Variant(JOBLIB_THREADS, map_joblib_threads, requires=("joblib",), max_repeat=3,
+                 size_cap=100_000)),
         (Target(">= 10x ThreadPoolExecutor", THREAD_POOL, min_ratio=10),),
         measure_time),
     # Dask's threaded scheduler needs memory quadratic in this graph's size
@@ -659,18 +750,36 @@ WORKLOADS = {w.name: w for w in [
         "dag", f"layered DAG, {DAG_WIDTH} nodes a layer, 3 random upstreams each",
         200_000, 10_000, layered_dag, dag_answer,
         Variant("taskrunner", dag_ours),
-        (Variant("dask threaded", dag_dask, requires=("dask",), max_repeat=1,
+        (Variant(DASK_THREADED, dag_dask, requires=("dask",), max_repeat=1,
                  measure=in_fresh_process(measure_time, MEMORY_CAP)),),
-        (Target(">= 50x dask threaded", "dask threaded", min_ratio=50),),
+        (Target(">= 50x dask threaded", DASK_THREADED, min_ratio=50),),
         measure_time),
     Workload(
         "dag-50k", "the same kind of DAG, smaller, so that dask finishes",
         50_000, 5_000, layered_dag, dag_answer,
         Variant("taskrunner", dag_ours),
-        (Variant("dask threaded", dag_dask, requires=("dask",), max_repeat=3,
+        (Variant(DASK_THREADED, dag_dask, requires=("dask",), max_repeat=3,
                  measure=in_fresh_process(measure_time, MEMORY_CAP)),),
-        (Target(">= 50x dask threaded", "dask threaded", min_ratio=50),),
+        (Target(">= 50x dask threaded", DASK_THREADED, min_ratio=50),),
         measure_time),
+    # Dask's threaded scheduler takes about 25 us a node on either graph
+    # here: 20,000 parts (some 2.5 s a run) give its throughput.
+    Workload(
+        "fan-out-in", "first(), n runs each taking its result, then one summing them all",
+        100_000, 5_000, _same, fan_answer,
+        Variant("taskrunner", fan_out_in_ours),
+        (Variant(THREAD_POOL, fan_out_in_executor),
+         Variant(DASK_THREADED, fan_out_in_dask, requires=("dask",), max_repeat=3,
+                 measure=in_fresh_process(measure_time, MEMORY_CAP), size_cap=20_000)),
+        (), measure_time),
+    Workload(
+        "chain", "n runs, each taking the one before as its parameter",
+        20_000, 1_000, _same, _same,
+        Variant("taskrunner", chain_ours),
+        (Variant(THREAD_POOL, chain_executor),
+         Variant(DASK_THREADED, chain_dask, requires=("dask",), max_repeat=3,
+                 measure=in_fresh_process(measure_time, MEMORY_CAP))),
+        (), measure_time),
     Workload(
         "memory", "resident bytes per pending run, all pending at once",
         1_000_000, 50_000, _same, sum_of_incs,
@@ -844,77 +953,296 @@ def machine():
     }
 
 
-def summarize(workload, samples):
-    """A JSON-ready dict: medians, runs, ratios and targets of a workload.
-    A peer that could not finish counts as infinitely slower."""
-    def median(figures):
-        if isinstance(figures, NotFinished):
-            return math.inf
-        return statistics.median(figures) if figures else None
+def machine_line(info):
+    return (f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
+            f"Python {info['python']}, {info['os']}")
 
-    medians = {name: median(figures) for name, figures in samples.items()}
-    ours = medians[workload.ours.name]
-    peers = {p.name: medians[p.name] for p in workload.peers if medians[p.name] is not None}
+
+PEER_PACKAGES = ("dask", "distributed", "joblib", "prefect", "ray", "matplotlib")
+NOT_INSTALLED = "not installed: pip install 'taskrunner[peers]'"
+
+
+def peer_versions():
+    """The installed version of each peer's package (and of matplotlib, which
+    --plot needs), or "not installed": figures depend on them."""
+    versions = {}
+    for package in PEER_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def versions_line(versions, python):
+    return f"peers: {', '.join(f'{p} {v}' for p, v in versions.items())}; Python {python}"
+
+
+def summarize(workload, size, samples):
+    """A JSON-ready dict of a workload: each variant's samples, median, min,
+    max and throughput (items a second, for a timed workload), or why it
+    has none; the peers' ratios and the targets.  A peer that could not
+    finish counts as infinitely slower."""
+    variants = {}
+    for name, figures in samples.items():
+        if isinstance(figures, list):
+            median = statistics.median(figures)
+            variants[name] = {
+                "samples": figures, "median": median, "min": min(figures), "max": max(figures),
+                "throughput": size / median if workload.unit == "s" else None}
+        elif figures is None:
+            variants[name] = {"samples": [], "skipped": NOT_INSTALLED}
+        else:
+            variants[name] = {"samples": [], "not_finished": str(figures)}
+    ours = variants[workload.ours.name].get("median")
+    peers = {p.name: math.inf if "not_finished" in variants[p.name] else variants[p.name]["median"]
+             for p in workload.peers if "skipped" not in variants[p.name]}
     return {
         "workload": workload.name,
         "description": workload.description,
         "unit": workload.unit,
-        "variants": {name: {"median": None if medians[name] == math.inf else medians[name],
-                            "samples": str(figures) if isinstance(figures, NotFinished)
-                            else figures}
-                     for name, figures in samples.items()},
-        "ratios": {name: figure / ours for name, figure in peers.items()},
-        "targets": [{"target": t.text, "met": t.met(ours, peers)} for t in workload.targets],
+        "size": size,
+        "variants": variants,
+        "ratios": {name: theirs / ours for name, theirs in peers.items()} if ours else {},
+        "targets": [{"target": t.text, "met": t.met(ours, peers) if ours else None}
+                    for t in workload.targets],
     }
 
 
-def table_rows(workload, size, summary, repeat):
-    """The table's rows for one workload: one per peer (or one, if it has
-    none); targets sit on their peer's row, absolute ones on the first."""
-    def cell(name):
-        figures = summary["variants"][name]["samples"]
-        if figures is None:
-            return "not installed"
-        if isinstance(figures, str):
-            return figures
-        text = format_figure(statistics.median(figures), workload.unit)
-        notes = []
-        if len(figures) != repeat:
-            notes.append(f"{len(figures)} run{'s' * (len(figures) > 1)}")
-        items = variant_size(workload.variant(name), size)
-        if items != size:
-            notes.append(f"scaled from {items:,} items")
-        return f"{text} [{'; '.join(notes)}]" if notes else text
+def format_rate(per_second):
+    """Items a second, to about two significant digits: "2.5M/s"."""
+    scale, suffix = next(((s, x) for s, x in ((1e9, "G"), (1e6, "M"), (1e3, "k"))
+                          if per_second >= s), (1, ""))
+    value = per_second / scale
+    return f"{value:.{1 if value < 10 else 0}f}{suffix}/s"
 
+
+def format_spread(low, high, unit):
+    """"8.1–9.4 ms": the unit once when both ends have the same."""
+    low, high = format_figure(low, unit), format_figure(high, unit)
+    number, _, low_unit = low.partition(" ")
+    return f"{number if low_unit == high.partition(' ')[2] else low}–{high}"
+
+
+def figure_cells(workload, variant, entry, size, repeat):
+    """The median (with notes), min–max and throughput cells of a variant."""
+    if "skipped" in entry:
+        return [f"skipped: {entry['skipped']}", "-", "-"]
+    if "not_finished" in entry:
+        return [entry["not_finished"], "-", "-"]
+    notes = []
+    if len(entry["samples"]) != repeat:
+        notes.append(f"{len(entry['samples'])} run{'s' * (len(entry['samples']) > 1)}")
+    items = variant_size(variant, size)
+    if items != size:
+        notes.append(f"scaled from {items:,} items")
+    median = format_figure(entry["median"], workload.unit)
+    return [
+        f"{median} [{'; '.join(notes)}]" if notes else median,
+        format_spread(entry["min"], entry["max"], workload.unit),
+        "-" if entry["throughput"] is None else format_rate(entry["throughput"]),
+    ]
+
+
+def table_rows(workload, summary, repeat):
+    """The table's rows for one workload, ours first, then one per peer; a
+    peer's targets sit on its row, absolute ones on ours."""
+    size = summary["size"]
     targets = list(zip(workload.targets, summary["targets"]))
     rows = []
-    for index, peer in enumerate(workload.peers or (None,)):
-        peer_name = peer.name if peer else None
-        mine = [t for t, _ in targets if t.peer == peer_name or (index == 0 and t.peer is None)]
-        met = [m["met"] for t, m in targets if t in mine]
-        ratio = summary["ratios"].get(peer_name)
+    for index, variant in enumerate(workload.variants):
+        peer = None if variant is workload.ours else variant.name
+        mine = [(t, m["met"]) for t, m in targets if t.peer == peer]
+        ratio = summary["ratios"].get(peer)
         rows.append([
             workload.name if index == 0 else "",
             f"{size:,}" if index == 0 else "",
-            cell(workload.ours.name) if index == 0 else "",
-            peer_name or "-",
-            cell(peer_name) if peer else "-",
+            variant.name,
+            *figure_cells(workload, variant, summary["variants"][variant.name], size, repeat),
             "-" if ratio is None else "did not finish" if ratio == math.inf else f"{ratio:.1f}x",
-            "; ".join(t.text for t in mine) or "-",
-            ", ".join({True: "yes", False: "NO", None: "n/a"}[m] for m in met) or "-",
+            "; ".join(t.text for t, _ in mine) or "-",
+            ", ".join({True: "yes", False: "NO", None: "n/a"}[met] for _, met in mine) or "-",
         ])
     return rows
 
 
-HEADER = ["workload", "size", "taskrunner", "peer", "peer's", "peer/ours", "target", "met"]
+HEADER = ["workload", "size", "system", "median", "min–max", "throughput", "peer/ours",
+          "target", "met"]
 
 
-def format_table(rows):
-    widths = [max(len(row[i]) for row in [HEADER] + rows) for i in range(len(HEADER))]
+def format_table(header, rows):
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
     line = lambda row: "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(HEADER), rule] + [line(row) for row in rows])
+    return "\n".join([line(header), rule] + [line(row) for row in rows])
 
+
+def plot_throughput(results, path):
+    """A PNG bar chart of throughput (items a second, log scale): a group
+    per timed workload, a bar per system, one colour per system throughout."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    timed = [r for r in results if r["unit"] == "s"]
+    bars = [[(name, v["throughput"]) for name, v in r["variants"].items() if v.get("throughput")]
+            for r in timed]
+    systems = list(dict.fromkeys(name for group in bars for name, _ in group))
+    colours = {name: plt.cm.tab20(i % 20) for i, name in enumerate(systems)}
+    figure, axes = plt.subplots(figsize=(max(8, 1.5 * len(timed)), 6))
+    labelled = set()
+    for place, group in enumerate(bars):
+        width = 0.8 / max(1, len(group))
+        for slot, (name, rate) in enumerate(group):
+            axes.bar(place - 0.4 + width * (slot + 0.5), rate, width, color=colours[name],
+                     label="_" if name in labelled else name)
+            labelled.add(name)
+    axes.set_xticks(range(len(timed)), [r["workload"] for r in timed], rotation=30, ha="right")
+    axes.set_yscale("log")
+    axes.set_ylabel("items per second (higher is better)")
+    axes.set_title("taskrunner bench: throughput per workload and system")
+    axes.grid(axis="y", which="major", alpha=0.3)
+    axes.legend(fontsize="small")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# -- scaling: the cost of a run from 10^3 to 10^7 runs -----------------------
+
+SCALING_SIZES = tuple(10**k for k in range(3, 8))
+
+
+def cost_per_run(job, n, workers):
+    """([microseconds, resident bytes] per run, answer) of `job(n, workers)`:
+    its time, and the peak RSS growth while it ran (every run alive at the
+    peak), each divided by its n runs."""
+    def timed():
+        start = time.perf_counter()
+        answer = job(n, workers)
+        return time.perf_counter() - start, answer
+
+    mib, (seconds, answer) = peak_rss_growth(timed)
+    return [seconds / n * 1e6, mib * 2**20 / n], answer
+
+
+def per_run(job):
+    """The table's `job` as a scaling variant, returning cost_per_run's figures."""
+    return functools.partial(cost_per_run, job)
+
+
+# The table's submit and map jobs (pool start and shutdown included, so the
+# smallest sizes carry them) at each of SCALING_SIZES up to the series' size
+# (its quick_size with --quick), each sample in a fresh process.  Here a
+# variant's size_cap is the most runs it is given, not a size it is scaled
+# from.
+SCALING = {w.name: w for w in [
+    Workload(
+        "scaling-submit", "no-op tasks, submit each then result each",
+        SCALING_SIZES[-1], 100_000, _same, sum_of_incs,
+        Variant("taskrunner", per_run(submit_ours)),
+        (Variant(THREAD_POOL, per_run(submit_executor), size_cap=100_000),),
+        (), in_fresh_process(measure_self, MEMORY_CAP), unit="us/run, B/run"),
+    Workload(
+        "scaling-map", "map(inc) over range(n), then result()",
+        SCALING_SIZES[-1], 100_000, _same, sum_of_incs,
+        Variant("taskrunner", per_run(map_ours)),
+        (Variant(THREAD_POOL, per_run(map_executor), size_cap=100_000),),
+        (), in_fresh_process(measure_self, MEMORY_CAP), unit="us/run, B/run"),
+]}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingPoint:
+    """One system at one size of a scaling series: its samples, each
+    (microseconds, resident bytes) per run, or why it has none."""
+    series: str
+    runs: int
+    system: str
+    samples: Tuple[Tuple[float, float], ...] = ()
+    skipped: Optional[str] = None
+
+    def median(self, index):
+        return statistics.median(s[index] for s in self.samples) if self.samples else None
+
+    def as_dict(self):
+        return dict(dataclasses.asdict(self),
+                    us_per_run=self.median(0), bytes_per_run=self.median(1))
+
+
+def run_scaling(series, quick, workers, repeat, log):
+    """A ScalingPoint per size and system of each series, `repeat` samples each."""
+    points = []
+    for workload in series:
+        most = workload.quick_size if quick else workload.size
+        for runs in (n for n in SCALING_SIZES if n <= most):
+            for variant in workload.variants:
+                if runs > (variant.size_cap or runs):
+                    continue
+                samples, skipped = [], None if variant.available() else NOT_INSTALLED
+                try:
+                    while not skipped and len(samples) < repeat:
+                        samples.append(tuple(measure(workload, variant, runs, runs, workers,
+                                                     workload.expected(runs))))
+                except NotFinished as error:
+                    skipped = str(error)
+                point = ScalingPoint(workload.name, runs, variant.name, tuple(samples), skipped)
+                log(f"{workload.name}: {variant.name} {runs:,} runs: "
+                    f"{skipped or scaling_cells(point)}")
+                points.append(point)
+    return points
+
+
+def scaling_cells(point):
+    """The microseconds (median and min–max) and resident bytes of a point."""
+    if point.skipped:
+        return [f"skipped: {point.skipped}", "-", "-"]
+    us = [s[0] for s in point.samples]
+    return [f"{point.median(0):.3g} µs", f"{min(us):.3g}–{max(us):.3g} µs",
+            f"{point.median(1):.0f} B"]
+
+
+SCALING_HEADER = ["series", "runs", "system", "per run", "min–max", "resident per run"]
+
+
+def scaling_rows(points):
+    return [[p.series, f"{p.runs:,}", p.system, *scaling_cells(p)] for p in points]
+
+
+def plot_scaling(points, path):
+    """A PNG of microseconds and resident bytes per run against the number
+    of runs (log x), a line per series and system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (time_axes, memory_axes) = plt.subplots(1, 2, figsize=(13, 5.5))
+    lines = {}
+    for point in points:
+        if not point.skipped:
+            lines.setdefault((point.series, point.system), []).append(point)
+    for (series, system), line in lines.items():
+        label = f"{series.removeprefix('scaling-')}: {system}"
+        runs = [p.runs for p in line]
+        time_axes.plot(runs, [p.median(0) for p in line], marker="o", label=label)
+        memory_axes.plot(runs, [p.median(1) for p in line], marker="o", label=label)
+    for axes, what in ((time_axes, "microseconds per run"),
+                       (memory_axes, "peak resident bytes per run")):
+        axes.set_xscale("log")
+        axes.set_xlabel("runs")
+        axes.set_ylabel(f"{what} (lower is better)")
+        axes.grid(which="major", alpha=0.3)
+        axes.legend(fontsize="small")
+    time_axes.set_yscale("log")
+    figure.suptitle("taskrunner bench --scaling: cost per run")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+# -- the command -------------------------------------------------------------
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true",
@@ -931,10 +1259,17 @@ def add_arguments(parser):
                         help="worker processes for every process variant (default "
                              "%(default)s, as in the spec's targets)")
     parser.add_argument("--json", metavar="PATH", help="also write the raw figures here")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="also chart the figures in a PNG here (needs matplotlib)")
+    parser.add_argument("--scaling", action="store_true",
+                        help="instead of the table, the cost per run of submit and map from "
+                             f"{SCALING_SIZES[0]:,} to {SCALING_SIZES[-1]:,} runs "
+                             "(--quick: to 100,000); --only does not apply")
 
 
 def main(args):
-    """Run the selected workloads and print the table; returns the exit code."""
+    """Run the selected workloads (or the scaling series) and print the
+    table; returns the exit code."""
     names = args.only.split(",") if args.only else list(WORKLOADS)
     unknown = [n for n in names if n not in WORKLOADS]
     if unknown:
@@ -944,29 +1279,48 @@ def main(args):
     if args.repeat < 1 or args.workers < 1 or args.processes < 1:
         print("--repeat, --workers and --processes must be at least 1", file=sys.stderr)
         return 2
-    info = machine()
-    print(f"machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, "
-          f"Python {info['python']}, {info['os']}")
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        print("--plot needs matplotlib: pip install 'taskrunner[bench]'", file=sys.stderr)
+        return 2
+    info, versions = machine(), peer_versions()
+    print(machine_line(info))
+    print(versions_line(versions, info["python"]))
     print(f"workers: {args.workers} threads or {args.processes} processes for every variant; "
           f"repeat: {args.repeat}"
           f"{'; QUICK sizes (targets are for the full sizes)' if args.quick else ''}", flush=True)
     log = lambda message: print(f"  {message}", file=sys.stderr, flush=True)
-    rows, results = [], []
-    for name in names:
-        workload = WORKLOADS[name]
-        size = workload.quick_size if args.quick else workload.size
-        workers = workers_for(workload, args.workers, args.processes)
-        samples = run_workload(workload, size, workers, args.repeat, log)
-        summary = dict(summarize(workload, samples), size=size)
-        results.append(summary)
-        rows += table_rows(workload, size, summary, args.repeat)
+    if args.scaling:
+        points = run_scaling(SCALING.values(), args.quick, args.workers, args.repeat, log)
+        table = format_table(SCALING_HEADER, scaling_rows(points))
+        footer = (f"Figures are medians of {args.repeat} runs: time and peak resident growth "
+                  f"per run, pool start and shutdown included; lower is better.")
+        figures = {"scaling": [p.as_dict() for p in points]}
+        plot = lambda path: plot_scaling(points, path)
+    else:
+        rows, results = [], []
+        for name in names:
+            workload = WORKLOADS[name]
+            size = workload.quick_size if args.quick else workload.size
+            workers = workers_for(workload, args.workers, args.processes)
+            summary = summarize(workload, size, run_workload(workload, size, workers,
+                                                             args.repeat, log))
+            results.append(summary)
+            rows += table_rows(workload, summary, args.repeat)
+        table = format_table(HEADER, rows)
+        footer = (f"Figures are medians of {args.repeat} runs unless marked; lower is better; "
+                  f"peer/ours is how many times faster (or smaller) taskrunner is.")
+        figures = {"workloads": results}
+        plot = lambda path: plot_throughput(results, path)
     print()
-    print(format_table(rows))
-    print(f"\nFigures are medians of {args.repeat} runs unless marked; lower is better; "
-          f"peer/ours is how many times faster (or smaller) taskrunner is.")
+    print(table)
+    print(f"\n{footer}")
+    if args.plot:
+        plot(args.plot)
+        print(f"chart: {args.plot}")
     if args.json:
         with open(args.json, "w") as out:
-            json.dump({"machine": info, "workers": args.workers, "processes": args.processes,
-                       "repeat": args.repeat,
-                       "quick": args.quick, "workloads": results}, out, indent=2)
+            json.dump({"machine": info, "machine_line": machine_line(info),
+                       "peer_versions": versions, "workers": args.workers,
+                       "processes": args.processes, "repeat": args.repeat, "quick": args.quick,
+                       **figures}, out, indent=2)
     return 0
