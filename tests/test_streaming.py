@@ -425,7 +425,11 @@ def test_dask_imap_sends_batches_not_a_message_per_item():
     with running(DaskTaskRunner(cluster_kwargs=cluster), exit_timeout=60) as r:
         with counting_graphs(r.client) as sizes:
             assert list(r.imap(rt.inc, {"x": (i for i in range(n))})) == list(range(1, n + 1))
-    assert sum(sizes) <= n // 20, sizes
+    # Messages to the scheduler (graphs), each of many runs.  How many runs
+    # go to one Dask task follows the window, and so this machine's speed:
+    # packed, but not to a fixed count.
+    assert len(sizes) <= n // 20, sizes
+    assert sum(sizes) <= n // 4, sizes
 
 
 def test_an_iterator_advanced_from_two_threads_at_once_says_so(make_gate, make_path):
