@@ -465,3 +465,35 @@ def test_an_input_that_raises_gives_the_results_before_then_its_error(runner_fac
                 got.append(value)
         assert sorted(got) == list(range(1, 26))
         assert list(r.imap(rt.inc, {"x": range(3)})) == [1, 2, 3]
+
+
+@pytest.mark.parametrize("runner", ["ThreadPoolTaskRunner(2)", "ProcessPoolTaskRunner(2)"])
+@pytest.mark.parametrize("ordered", [True, False])
+def test_ctrl_c_while_waiting_for_results_reaches_the_user(runner, ordered):
+    """SIGINT while the consumer waits in the iterator: KeyboardInterrupt
+    comes out of the loop, the runs not started are cancelled, the runs
+    running finish, and the runner's exit returns."""
+    from harness import run_script
+
+    result = run_script(f"""
+        import os, signal, threading, time
+        import runner_tasks as rt
+        from taskrunner import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+        if __name__ == "__main__":
+            started = time.monotonic()
+            seen = 0
+            try:
+                with {runner} as r:
+                    results = r.imap(rt.sleep_then, {{"x": range(200), "seconds": 0.2}},
+                                     ordered={ordered}, buffer=20)
+                    next(results)
+                    threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+                    for value in results:
+                        seen += 1
+            except KeyboardInterrupt:
+                print("interrupted", seen, round(time.monotonic() - started, 1))
+    """, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    words = result.stdout.split()
+    assert words[0] == "interrupted", result.stdout
+    assert int(words[1]) < 199 and float(words[2]) < 30, result.stdout
