@@ -323,7 +323,7 @@ def test_imap_over_imap_streams_with_bounded_reading(runner_factory):
     with running(runner_factory(max_workers=2)) as r:
         first = r.imap(rt.inc, {"x": source}, buffer=8)
         second = r.imap(rt.inc, {"x": first}, buffer=8)
-        for count, value in enumerate(itertools.islice(second, 500), 1):
+        for count, value in enumerate(itertools.islice(second, 200), 1):
             assert value == count + 1
             assert source.read <= count + 8 + 8 + 1, (source.read, count)
         second.close()
