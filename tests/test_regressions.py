@@ -519,3 +519,30 @@ def test_dask_map_futures_cancelled_after_the_exit_do_not_touch_the_freed_graph(
     """, timeout=170)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), \
         (result.returncode, result.stderr[-2000:])
+
+
+@pytest.mark.timeout(240)
+def test_runs_cancelled_while_taken_out_keep_their_owner_until_held():
+    """The dispatcher took runs out of the graph without the GIL, then held
+    their owners with it; in between, a cancel of those runs (allowed: they
+    were not sent yet) ended them and let the owner go: closing two chained
+    imaps on the process runner freed a map's block under the dispatcher,
+    which then read it (a segfault, most rounds).  The take now happens with
+    the GIL held, after a wait without it."""
+    result = run_script("""
+        import itertools
+        import runner_tasks as rt
+        from taskrunner import ProcessPoolTaskRunner
+        if __name__ == "__main__":
+            for _ in range(6):
+                with ProcessPoolTaskRunner(2) as r:
+                    first = r.imap(rt.inc, {"x": iter(range(100_000))}, buffer=8)
+                    second = r.imap(rt.inc, {"x": first}, buffer=8)
+                    for count, value in enumerate(itertools.islice(second, 200), 1):
+                        assert value == count + 1
+                    second.close()
+                    first.close()
+            print("ok")
+    """, timeout=230)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", \
+        (result.returncode, result.stderr[-2000:])

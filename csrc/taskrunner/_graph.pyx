@@ -268,6 +268,38 @@ cdef class Graph:
             return run
         return TAKE_NONE
 
+    cdef int wait_work(self, double deadline) noexcept nogil:
+        """Block until a run could be taken (1), the deadline passes (0) or
+        the graph closes (-1), taking none: a consumer elsewhere then takes
+        with the GIL held (see Outbox.take).  The same idle and wake-token
+        steps as a consumer's wait (_take_waiting_locked)."""
+        cdef int result
+        cdef bint timed_out
+        self.lock()
+        while True:
+            if self.closed:
+                result = -1
+                break
+            if self.n_ready > 0 and self.n_running < self.max_running:
+                result = 1
+                break
+            self.n_idle += 1
+            timed_out = False
+            while self.wake_tokens == 0 and not self.closed:
+                if tr_cond_wait_until(&self.work_cond, &self.mutex, deadline):
+                    timed_out = True
+                    break
+            self.n_idle -= 1
+            if self.wake_tokens > 0:
+                self.wake_tokens -= 1
+            if timed_out:
+                result = 1 if self.n_ready > 0 and self.n_running < self.max_running else 0
+                if not result:
+                    self._demand()
+                break
+        self.unlock()
+        return result
+
     cdef int32_t take_out(self, void** payloads, int32_t max_n, double deadline) noexcept nogil:
         """Take up to `max_n` ready runs for a consumer elsewhere, sleeping
         until there is one, the deadline passes (TAKE_TIMEOUT) or the graph

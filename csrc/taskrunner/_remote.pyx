@@ -35,7 +35,7 @@ from taskrunner._futures cimport (
     HAS_OUTSIDE, NEEDS_RESOLVE, ONE_ARG, TaskFuture, deadline_of, is_item,
 )
 from taskrunner._graph cimport (
-    COMPLETED, CRASHED, FAILED, TAKE_CLOSED, Graph, RunVec,
+    COMPLETED, CRASHED, FAILED, TAKE_CLOSED, Graph, RunVec, tr_monotonic,
 )
 from taskrunner._mapped cimport (
     MapBlock, RunList, TakenCall, future_of, hold_payload, new_runlist, owner_of,
@@ -74,20 +74,30 @@ cdef class Outbox:
         timeout; None once the engine has closed."""
         cdef double deadline = deadline_of(timeout)
         cdef int32_t n
+        cdef int ready
         cdef RunList runs
         cdef Py_ssize_t i
         if max_n < 1:
             raise ValueError("max_n must be at least 1")
         runs = new_runlist(max_n)
-        with nogil:
-            n = self.graph.take_out(runs.items, <int32_t>max_n, deadline)
-        if n == TAKE_CLOSED:
-            runs.n = 0
-            return None
-        if n < 0:
-            runs.n = 0
-            return runs
-        # The runs' payloads stay valid: the engine holds them while they run.
+        runs.n = 0
+        while True:
+            with nogil:
+                ready = self.graph.wait_work(deadline)
+            if ready < 0:
+                return None
+            if ready == 0:
+                return runs
+            # Taken and held with the GIL held throughout: a run taken out
+            # may be cancelled here (the ledger), and once cancelled its
+            # owner (a future, a map's block) may be let go; no other
+            # thread can do either before the hold below.
+            n = self.graph.take_out(runs.items, <int32_t>max_n, tr_monotonic())
+            if n == TAKE_CLOSED:
+                return None
+            if n > 0:
+                break
+            # Cancelled between the wait and the take: wait again.
         runs.n = n
         for i in range(n):
             hold_payload(runs.items[i])
