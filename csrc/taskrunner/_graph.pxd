@@ -174,6 +174,7 @@ cdef class Graph:
     cdef int32_t take_locked(self, void** payload) noexcept nogil
     cdef int32_t take(self, void** payload, double deadline) noexcept nogil
     cdef int wait_work(self, double deadline) noexcept nogil
+    cdef bint _idle_wait_locked(self, double deadline) noexcept nogil
     cdef int32_t take_out(self, void** payloads, int32_t max_n, double deadline) noexcept nogil
     cdef bint mark_sent_locked(self, int32_t run) noexcept nogil
     cdef bint swap_payload_locked(self, int32_t run, void* old, void* new,

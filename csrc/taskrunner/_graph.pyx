@@ -271,10 +271,9 @@ cdef class Graph:
     cdef int wait_work(self, double deadline) noexcept nogil:
         """Block until a run could be taken (1), the deadline passes (0) or
         the graph closes (-1), taking none: a consumer elsewhere then takes
-        with the GIL held (see Outbox.take).  The same idle and wake-token
-        steps as a consumer's wait (_take_waiting_locked)."""
+        with the GIL held (see Outbox.take).  It sleeps as an idle consumer
+        does (_idle_wait_locked)."""
         cdef int result
-        cdef bint timed_out
         self.lock()
         while True:
             if self.closed:
@@ -283,16 +282,7 @@ cdef class Graph:
             if self.n_ready > 0 and self.n_running < self.max_running:
                 result = 1
                 break
-            self.n_idle += 1
-            timed_out = False
-            while self.wake_tokens == 0 and not self.closed:
-                if tr_cond_wait_until(&self.work_cond, &self.mutex, deadline):
-                    timed_out = True
-                    break
-            self.n_idle -= 1
-            if self.wake_tokens > 0:
-                self.wake_tokens -= 1
-            if timed_out:
+            if self._idle_wait_locked(deadline):
                 result = 1 if self.n_ready > 0 and self.n_running < self.max_running else 0
                 if not result:
                     self._demand()
@@ -352,25 +342,29 @@ cdef class Graph:
         self.unlock()
         return run
 
+    cdef bint _idle_wait_locked(self, double deadline) noexcept nogil:
+        """Sleep as an idle consumer until woken (a token, or the graph
+        closing) or the deadline passes: True if it passed."""
+        cdef bint timed_out = False
+        self.n_idle += 1
+        while self.wake_tokens == 0 and not self.closed:
+            if tr_cond_wait_until(&self.work_cond, &self.mutex, deadline):
+                timed_out = True
+                break
+        self.n_idle -= 1
+        # Whoever leaves the idle set takes a token if one is out, so
+        # tokens never outnumber sleepers.
+        if self.wake_tokens > 0:
+            self.wake_tokens -= 1
+        return timed_out
+
     cdef int32_t _take_waiting_locked(self, void** payload, double deadline) noexcept nogil:
         cdef int32_t run
-        cdef bint timed_out
         while True:
             run = self.take_locked(payload)
             if run != TAKE_NONE:
                 break
-            self.n_idle += 1
-            timed_out = False
-            while self.wake_tokens == 0 and not self.closed:
-                if tr_cond_wait_until(&self.work_cond, &self.mutex, deadline):
-                    timed_out = True
-                    break
-            self.n_idle -= 1
-            # Whoever leaves the idle set takes a token if one is out, so
-            # tokens never outnumber sleepers.
-            if self.wake_tokens > 0:
-                self.wake_tokens -= 1
-            if timed_out:
+            if self._idle_wait_locked(deadline):
                 run = self.take_locked(payload)
                 if run == TAKE_NONE:
                     self._demand()
