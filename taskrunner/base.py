@@ -113,8 +113,9 @@ class TaskRunner(abc.ABC):
             results.end(reason)
 
     def _parallelism(self) -> int:
-        """How many runs can run at once (imap sizes its window by it)."""
-        return os.cpu_count() or 1
+        """How many runs can run at once (imap sizes its window by it): a
+        runner's `max_workers`, if it has one."""
+        return getattr(self, "max_workers", None) or os.cpu_count() or 1
 
     def __enter__(self: _Runner) -> _Runner:
         return self

@@ -726,6 +726,13 @@ THREADPOOL_IMAP = "multiprocessing ThreadPool.imap"
 POOL_IMAP = "multiprocessing.Pool.imap"
 DASK_MAP_ITEMS = 20_000
 
+def dask_threaded(run, max_repeat=3, size_cap=None):
+    """`run` as the dask-threaded peer: each sample in a fresh process within
+    MEMORY_CAP (its graph can outgrow the machine)."""
+    return Variant(DASK_THREADED, run, requires=("dask",), max_repeat=max_repeat,
+                   measure=in_fresh_process(measure_time, MEMORY_CAP), size_cap=size_cap)
+
+
 WORKLOADS = {w.name: w for w in [
     Workload(
         "submit", "no-op tasks, submit each then result each",
@@ -750,16 +757,14 @@ WORKLOADS = {w.name: w for w in [
         "dag", f"layered DAG, {DAG_WIDTH} nodes a layer, 3 random upstreams each",
         200_000, 10_000, layered_dag, dag_answer,
         Variant("taskrunner", dag_ours),
-        (Variant(DASK_THREADED, dag_dask, requires=("dask",), max_repeat=1,
-                 measure=in_fresh_process(measure_time, MEMORY_CAP)),),
+        (dask_threaded(dag_dask, max_repeat=1),),
         (Target(">= 50x dask threaded", DASK_THREADED, min_ratio=50),),
         measure_time),
     Workload(
         "dag-50k", "the same kind of DAG, smaller, so that dask finishes",
         50_000, 5_000, layered_dag, dag_answer,
         Variant("taskrunner", dag_ours),
-        (Variant(DASK_THREADED, dag_dask, requires=("dask",), max_repeat=3,
-                 measure=in_fresh_process(measure_time, MEMORY_CAP)),),
+        (dask_threaded(dag_dask),),
         (Target(">= 50x dask threaded", DASK_THREADED, min_ratio=50),),
         measure_time),
     # Dask's threaded scheduler takes about 25 us a node on either graph
@@ -769,16 +774,14 @@ WORKLOADS = {w.name: w for w in [
         100_000, 5_000, _same, fan_answer,
         Variant("taskrunner", fan_out_in_ours),
         (Variant(THREAD_POOL, fan_out_in_executor),
-         Variant(DASK_THREADED, fan_out_in_dask, requires=("dask",), max_repeat=3,
-                 measure=in_fresh_process(measure_time, MEMORY_CAP), size_cap=20_000)),
+         dask_threaded(fan_out_in_dask, size_cap=20_000)),
         (), measure_time),
     Workload(
         "chain", "n runs, each taking the one before as its parameter",
         20_000, 1_000, _same, _same,
         Variant("taskrunner", chain_ours),
         (Variant(THREAD_POOL, chain_executor),
-         Variant(DASK_THREADED, chain_dask, requires=("dask",), max_repeat=3,
-                 measure=in_fresh_process(measure_time, MEMORY_CAP))),
+         dask_threaded(chain_dask)),
         (), measure_time),
     Workload(
         "memory", "resident bytes per pending run, all pending at once",

@@ -73,9 +73,6 @@ class ProcessPoolTaskRunner(RemoteTaskRunner):
     def max_workers(self):
         return self._max_workers
 
-    def _parallelism(self):
-        return self._max_workers
-
     def duplicate(self):
         return type(self)(max_workers=self._max_workers, initializer=self._initializer,
                           initargs=self._initargs, mp_context=self._mp_context)

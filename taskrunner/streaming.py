@@ -47,16 +47,12 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Optional
 
-from taskrunner._engine import is_mappable
-from taskrunner._futures import TaskFuture, blocking
+from taskrunner._engine import split_mapped
+from taskrunner._futures import blocking
 from taskrunner._mapped import FutureList
 from taskrunner._stream import Results
-from taskrunner.annotations import allow_failure, quote, unmapped
-from taskrunner.exceptions import (
-    MappingLengthMismatch,
-    MappingMissingIterable,
-    UpstreamTaskError,
-)
+from taskrunner.annotations import unmapped
+from taskrunner.exceptions import MappingLengthMismatch
 
 if TYPE_CHECKING:
     from taskrunner.base import TaskRunner
@@ -89,8 +85,7 @@ def checked_buffer(buffer):
 def open_stream(runner, task, parameters, ordered, buffer, wait_for, raise_on_failure):
     """imap(): the checked call's iterator of results (see Results, in
     csrc/taskrunner/_stream.pyx, for its lifecycle)."""
-    stream = Stream(runner, task, parameters, ordered, checked_buffer(buffer), wait_for,
-                    raise_on_failure)
+    stream = Stream(runner, task, parameters, ordered, buffer, wait_for, raise_on_failure)
     return Results(stream, bool(raise_on_failure), stream.task_name)
 
 
@@ -164,8 +159,8 @@ class Stream:
         # of no item, so that a bad call fails at the call.
         runner.map(task, {**self.statics, **{name: [] for name, _, _ in self.columns}},
                    wait_for=self.wait_for)
-        self.workers = max(1, runner._parallelism())
-        self.buffer = self.fixed_buffer or max(MIN_AUTO_BUFFER, MIN_PER_WORKER * self.workers)
+        self.buffer = self.fixed_buffer or max(MIN_AUTO_BUFFER,
+                                               MIN_PER_WORKER * max(1, runner._parallelism()))
         self.window: collections.deque = collections.deque()
         self.unyielded = 0
         self.read = 0
@@ -177,37 +172,11 @@ class Stream:
         self.input_error: Optional[Exception] = None
 
     def _split(self, parameters):
-        """The mapped columns and the static parameters, by map()'s rules."""
-        if parameters is None:
-            parameters = {}
-        if not hasattr(parameters, "items"):
-            raise TypeError(f"parameters must be a mapping of parameter names to values, "
-                            f"not {type(parameters).__name__}")
-        columns, statics = [], {}
-        for name, value in parameters.items():
-            if isinstance(value, unmapped):
-                statics[name] = value
-                continue
-            if isinstance(value, TaskFuture):
-                try:
-                    value = value.result()
-                except BaseException as exc:
-                    raise UpstreamTaskError(
-                        f"imap of task {self.task_name!r}: parameter {name!r} is the future "
-                        f"of task run {value.task_name!r} ({value.task_run_id}), which did "
-                        f"not complete", value) from exc
-            if isinstance(value, (allow_failure, quote)) and is_mappable(value.value):
-                columns.append((name, iter(value.value), type(value)))
-            elif is_mappable(value):
-                columns.append((name, iter(value), None))
-            else:
-                statics[name] = unmapped(value)
-        if not columns:
-            raise MappingMissingIterable(
-                f"imap of task {self.task_name!r} got no iterable parameter to map over; give "
-                f"at least one list, generator or other iterable (wrap a value in unmapped() "
-                f"to pass it whole to every call)")
-        return columns, statics
+        """The mapped columns, (name, iterator, wrap), and the static
+        parameters, each wrapped in unmapped(), by map()'s rules."""
+        mapped, statics = split_mapped(parameters, "imap", self.task_name)
+        columns = [(name, iter(value), wrap) for name, value, wrap in mapped]
+        return columns, {name: unmapped(value) for name, value in statics.items()}
 
     # -- reading and submitting ---------------------------------------------
 

@@ -40,9 +40,6 @@ class ThreadPoolTaskRunner(EngineTaskRunner):
     def max_workers(self):
         return self._max_workers
 
-    def _parallelism(self):
-        return self._max_workers
-
     def duplicate(self):
         return type(self)(max_workers=self._max_workers)
 

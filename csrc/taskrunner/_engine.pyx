@@ -298,29 +298,11 @@ cdef class Engine(EngineBase):
         cdef tuple args
         cdef int static_flags
         cdef FutureList futures
-        statics = {}
-        for name, value in as_params(parameters).items():
-            if isinstance(value, unmapped):
-                statics[name] = (<object>value).value
-                continue
-            if isinstance(value, TaskFuture):
-                value = _mapped_future_result(<TaskFuture>value, name, spec.name)
-            if isinstance(value, (allow_failure, quote)) and _is_mappable((<object>value).value):
-                # As Prefect does: mapped item by item, each item wrapped
-                # in the same annotation.
-                wrap = type(value)
-                names.append(name)
-                columns.append([wrap(item) for item in (<object>value).value])
-            elif _is_mappable(value):
-                names.append(name)
-                columns.append(value)
-            else:
-                statics[name] = value
-        if not names:
-            raise MappingMissingIterable(
-                f"map of task {spec.name!r} got no iterable parameter to map over; give at "
-                f"least one list, tuple or other iterable (wrap a value in unmapped() to pass "
-                f"it whole to every call)")
+        mapped, statics = split_mapped(parameters, "map", spec.name)
+        for name, value, wrap in mapped:
+            names.append(name)
+            # As Prefect does: an annotation around an iterable wraps each item.
+            columns.append(value if wrap is None else [wrap(item) for item in value])
         columns = [c if type(c) in (list, tuple, range) else list(c) for c in columns]
         lengths = [len(c) for c in columns]
         if len(set(lengths)) > 1:
@@ -765,10 +747,40 @@ cdef bint _is_mappable(object value):
     return True
 
 
-cdef object _mapped_future_result(TaskFuture fut, str name, str task_name):
+def split_mapped(parameters, str what, str task_name):
+    """map()'s rules for its parameters, shared with imap(): (mapped,
+    statics).  `mapped` lists (name, iterable, wrap) for each parameter
+    mapped item by item, `wrap` the annotation (allow_failure, quote) each
+    item goes in, or None; `statics` holds the values passed whole to every
+    call (unmapped ones unwrapped).  A future is waited for and its result
+    used.  MappingMissingIterable if nothing is mapped; `what` ("map",
+    "imap") names the call in the errors."""
+    cdef list mapped = []
+    cdef dict statics = {}
+    for name, value in as_params(parameters).items():
+        if isinstance(value, unmapped):
+            statics[name] = (<object>value).value
+            continue
+        if isinstance(value, TaskFuture):
+            value = _mapped_future_result(<TaskFuture>value, name, what, task_name)
+        if isinstance(value, (allow_failure, quote)) and _is_mappable((<object>value).value):
+            mapped.append((name, (<object>value).value, type(value)))
+        elif _is_mappable(value):
+            mapped.append((name, value, None))
+        else:
+            statics[name] = value
+    if not mapped:
+        raise MappingMissingIterable(
+            f"{what} of task {task_name!r} got no iterable parameter to map over; give at "
+            f"least one list, tuple or other iterable (wrap a value in unmapped() to pass "
+            f"it whole to every call)")
+    return mapped, statics
+
+
+cdef object _mapped_future_result(TaskFuture fut, str name, str what, str task_name):
     try:
         return fut.result()
     except BaseException as exc:
         raise UpstreamTaskError(
-            f"map of task {task_name!r}: parameter {name!r} is the future of task run "
+            f"{what} of task {task_name!r}: parameter {name!r} is the future of task run "
             f"{fut.task_name!r} ({fut.task_run_id}), which did not complete", fut) from exc

@@ -173,6 +173,10 @@ cdef class Graph:
     # Consuming ready runs.
     cdef int32_t take_locked(self, void** payload) noexcept nogil
     cdef int32_t take(self, void** payload, double deadline) noexcept nogil
+    cdef inline bint _can_take(self) noexcept nogil:
+        # A run is ready and the limit on running runs has room for it.
+        return self.n_ready > 0 and self.n_running < self.max_running
+
     cdef int wait_work(self, double deadline) noexcept nogil
     cdef bint _idle_wait_locked(self, double deadline) noexcept nogil
     cdef int32_t take_out(self, void** payloads, int32_t max_n, double deadline) noexcept nogil

@@ -251,7 +251,7 @@ cdef class Graph:
         cdef int32_t run
         if self.closed:
             return TAKE_CLOSED
-        while self.n_ready > 0 and self.n_running < self.max_running:
+        while self._can_take():
             run = self.ring[self.ring_head]
             self.ring_head = (self.ring_head + 1) & self.ring_mask
             self.ring_len -= 1
@@ -279,11 +279,11 @@ cdef class Graph:
             if self.closed:
                 result = -1
                 break
-            if self.n_ready > 0 and self.n_running < self.max_running:
+            if self._can_take():
                 result = 1
                 break
             if self._idle_wait_locked(deadline):
-                result = 1 if self.n_ready > 0 and self.n_running < self.max_running else 0
+                result = 1 if self._can_take() else 0
                 if not result:
                     self._demand()
                 break
