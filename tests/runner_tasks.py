@@ -629,3 +629,13 @@ def fail_at_then_gated(x, bad, log, gate):
     append_line(log, x)
     wait_path(gate)
     return x
+
+
+def gated_then_fail_at(x, gates, bad):
+    """Wait for the gate file ``gates[x]`` (if it has one), then return x;
+    item ``bad`` raises TaskError naming it instead."""
+    if gates.get(x) is not None:
+        wait_path(gates[x])
+    if x == bad:
+        raise TaskError(f"item {x} is bad")
+    return x

@@ -546,3 +546,47 @@ def test_runs_cancelled_while_taken_out_keep_their_owner_until_held():
     """, timeout=230)
     assert result.returncode == 0 and result.stdout.strip() == "ok", \
         (result.returncode, result.stderr[-2000:])
+
+
+@pytest.mark.timeout(120)
+def test_a_consumer_settling_a_mapped_item_keeps_its_block_alive():
+    """A thread consumer settled a run after the graph had it final, reading
+    the item's block through the payload it took, and held no reference of
+    its own: meanwhile another consumer ended the block's last item (the
+    engine let go) and the waiter dropped the list, so the block was freed
+    under it (a segfault in test_mapped, about one run in twenty, once the
+    map's consumers were started as they were needed).  Here the consumer
+    that ends item 3 is held, by a done callback of a downstream run, in
+    the window between the graph's update and its settling, while item 2
+    ends elsewhere and the lists are dropped.  A use after free shows as a
+    crash, or as a report under the AddressSanitizer build (the child uses
+    the C allocator so that the sanitizer sees every free)."""
+    result = run_script("""
+        import gc, os, tempfile, threading
+        import runner_tasks as rt
+        from taskrunner import ThreadPoolTaskRunner, unmapped
+        in_callback, go = threading.Event(), threading.Event()
+        with ThreadPoolTaskRunner(2) as r:
+            d = tempfile.mkdtemp()
+            last, window = os.path.join(d, "last"), os.path.join(d, "window")
+            a = r.map(rt.gated_then_fail_at,
+                      {"x": range(4), "gates": unmapped({2: last, 3: window}), "bad": 3})
+            b = r.map(rt.inc, {"x": a})
+            b_last, b_window = b[2], b[3]
+
+            def hold_consumer(fut):
+                rt.touch(last)
+                in_callback.set()
+                go.wait(60)
+
+            b_window.add_done_callback(hold_consumer)
+            rt.touch(window)
+            assert in_callback.wait(60)
+            assert b_last.result(timeout=60) == 3
+            del a, b, b_last, b_window
+            gc.collect()
+            go.set()
+        print("ok")
+    """, timeout=110, env={"PYTHONMALLOC": "malloc"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", \
+        (result.returncode, result.stderr[-2000:])

@@ -22,7 +22,7 @@ from taskrunner._futures cimport (
     HAS_OUTSIDE, NEEDS_RESOLVE, ONE_ARG, Consumer, TaskFuture, consumer_begin, consumer_end,
 )
 from taskrunner._graph cimport COMPLETED, FAILED, TAKE_NONE, Graph, RunVec, runvec_free
-from taskrunner._mapped cimport TakenCall, record_end, settle_end, settle_ended
+from taskrunner._mapped cimport TakenCall, owner_of, record_end, settle_end, settle_ended
 from taskrunner._params cimport find_kept_elsewhere, prefetch_found, resolve, resolve_args
 
 
@@ -37,6 +37,7 @@ def work(Engine engine, loop):
     cdef uint8_t state
     cdef bint settling
     cdef TaskFuture fut
+    cdef object owner = None
     cdef TakenCall call = TakenCall.__new__(TakenCall)
     cdef Consumer consumer = consumer_begin(engine)
     graph.consumer_enter()
@@ -49,6 +50,12 @@ def work(Engine engine, loop):
                     break
             consumer.holding = True
             taken = payload
+            # The run's owner (its future, or its map's block) is kept
+            # until the run is settled: once the graph has the run final,
+            # every other reference to it may go (another consumer ending
+            # the block's last item lets the engine's go, and the waiter
+            # drops the list) while this thread still settles it.
+            owner = <object>owner_of(taken)
             call.read(taken, True)
             try:
                 value = _call(engine, call, loop)
@@ -80,6 +87,7 @@ def work(Engine engine, loop):
                 settle_ended(&out)
             settle_end(taken, fut, True)
             fut = None
+            owner = None
             consumer.in_callbacks = False
             if settling:
                 graph.settling_end()

@@ -184,12 +184,7 @@ cdef class Engine(EngineBase):
         """Release a run just added, with the cause its edges found (kept
         in its record meanwhile); cancelled first if `cancel` or the runner
         is exiting by exception."""
-        cdef Graph graph = self.graph
-        cdef int32_t cause = graph.runs[run].cause
-        graph.runs[run].cause = -1
-        if cancel or self._cancel_new:
-            graph.cancel_locked(run, out)
-        graph.release_locked(run, cause, out)
+        self.graph.release_added_locked(&run, 1, cancel or self._cancel_new, out)
 
     cdef void unlock_and_settle(self, RunVec* out):
         """Leave a critical section: unlock, then settle what it ended and
@@ -477,8 +472,8 @@ cdef class Engine(EngineBase):
                 break
             graph.runs[run].cause = cause     # kept until the release below
         block.hold_while_pending()
-        for i in range(lo, block.registered):
-            self._release_new_locked(block.runs[i], oom, &out)
+        graph.release_added_locked(block.runs + lo, block.registered - lo,
+                                   oom or self._cancel_new, &out)
         self.unlock_and_settle(&out)
         if oom:
             raise MemoryError("the scheduler cannot hold this many runs or edges")

@@ -33,6 +33,7 @@
 #   consumer    whatever takes ready runs: a thread of the thread runner,
 #               or the dispatcher of a remote runner (taskrunner/remote.py).
 
+cimport cython
 from libc.stdint cimport int32_t, int64_t, uint8_t
 
 cdef extern from "sync.h" nogil:
@@ -117,6 +118,7 @@ cdef void runvec_clear(RunVec* v) noexcept nogil
 cdef void runvec_free(RunVec* v) noexcept nogil
 
 
+@cython.final
 cdef class Graph:
     cdef tr_mutex_t mutex
     cdef tr_cond_t work_cond      # consumers sleep here for ready runs
@@ -168,6 +170,8 @@ cdef class Graph:
     cdef int32_t add_run_locked(self, void* payload, uint8_t flags) noexcept nogil
     cdef int add_edge_locked(self, int32_t up, int32_t down, bint allow) noexcept nogil
     cdef void release_locked(self, int32_t run, int32_t cause, RunVec* out) noexcept nogil
+    cdef void release_added_locked(self, int32_t* runs, Py_ssize_t n, bint cancel,
+                                   RunVec* out) noexcept nogil
     cdef void hold_locked(self, int32_t run) noexcept nogil
 
     # Consuming ready runs.
@@ -187,6 +191,8 @@ cdef class Graph:
     cdef void unstart_locked(self, int32_t run, bint cancel, RunVec* out) noexcept nogil
     cdef void complete_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil
     cdef void complete_taken_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil
+    cdef void complete_taken_many_locked(self, int32_t* runs, uint8_t* states, Py_ssize_t n,
+                                         RunVec* out) noexcept nogil
     cdef int32_t complete_and_take(self, int32_t run, uint8_t state, RunVec* out,
                                    void** payload, int32_t* spawn, bint* settling) noexcept nogil
     cdef int32_t consumer_enter(self) noexcept nogil
@@ -218,6 +224,9 @@ cdef class Graph:
     cdef int _grow_runs(self) noexcept nogil
     cdef int32_t _new_edge(self) noexcept nogil
     cdef int _push_ready(self, int32_t run) noexcept nogil
+    cdef bint _release(self, int32_t run, int32_t cause, RunVec* out) noexcept nogil
+    cdef int32_t _pop_ready(self, void** payload) noexcept nogil
+    cdef void _complete(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil
     cdef void _demand(self) noexcept nogil
     cdef void _maybe_free(self, int32_t run) noexcept nogil
     cdef void _fire_edges(self, int32_t run, bint ok, RunVec* out) noexcept nogil

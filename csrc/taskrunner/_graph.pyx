@@ -13,6 +13,7 @@ The Python-level methods at the end exist for tests: they drive the same C
 paths with no payloads, so a reference model can be checked against them.
 """
 
+cimport cython
 from libc.stdint cimport int32_t, uint8_t
 from libc.stdlib cimport abort, free, malloc, realloc
 from libc.stdio cimport fprintf, stderr
@@ -53,6 +54,7 @@ cdef void runvec_free(RunVec* v) noexcept nogil:
     v.cap = 0
 
 
+@cython.final
 cdef class Graph:
     """Runs, their edges and the ready ring, for one runner."""
 
@@ -203,19 +205,43 @@ cdef class Graph:
             self.runs[run].npending += 1
 
     cdef void release_locked(self, int32_t run, int32_t cause, RunVec* out) noexcept nogil:
+        if self._release(run, cause, out):
+            self._demand()
+
+    cdef void release_added_locked(self, int32_t* runs, Py_ssize_t n, bint cancel,
+                                   RunVec* out) noexcept nogil:
+        """release_locked() for runs just built, each with the cause its
+        edges found in its record's `cause` (-1: none), cancelled first if
+        `cancel`; consumers are woken once for all of them."""
+        cdef Py_ssize_t i
+        cdef int32_t run, cause
+        cdef bint pushed = False
+        for i in range(n):
+            run = runs[i]
+            cause = self.runs[run].cause
+            self.runs[run].cause = -1
+            if cancel:
+                self.cancel_locked(run, out)
+            pushed |= self._release(run, cause, out)
+        if pushed:
+            self._demand()
+
+    cdef bint _release(self, int32_t run, int32_t cause, RunVec* out) noexcept nogil:
+        # True if the run went to the ready ring: the caller wakes a consumer.
         cdef Run* r = &self.runs[run]
         r.npending -= 1
         if r.state >= COMPLETED:
             # Finalised while held (an upstream failed, or cancel_all).
             self._maybe_free(run)
-            return
+            return False
         if cause != -1:
             self._end_downstream(run, cause, out)
             self._fail_downstream(out.len - 1, out)
-            return
+            return False
         if r.npending == 0:
             self._push_ready(run)
-            self._demand()
+            return True
+        return False
 
     # -- the ready ring and its consumers --------------------------------
 
@@ -232,7 +258,7 @@ cdef class Graph:
         # work remains), and ask for a new consumer only when none is idle.
         # Waking every sleeper on every push costs a syscall each and a
         # scramble for the GIL.
-        cdef int32_t uncovered
+        cdef int32_t uncovered, room
         if self.closed or self.n_ready <= 0:
             return
         uncovered = self.n_ready - self.wake_tokens - self.n_starting
@@ -242,12 +268,25 @@ cdef class Graph:
             if self.wake_tokens == 0 and self.n_running < self.max_running:
                 self.wake_tokens += 1
                 tr_cond_signal(&self.work_cond)
-        elif self.spawns and self.n_consumers - self.n_seceded < self.max_running:
-            self.n_consumers += 1
-            self.n_starting += 1
-            self.spawn_wanted += 1
+        elif self.spawns:
+            # As many as the runs not covered, up to the limit: a batch of
+            # runs released at once asks for all its consumers at once.
+            room = self.max_running - (self.n_consumers - self.n_seceded)
+            if room > uncovered:
+                room = uncovered
+            if room > 0:
+                self.n_consumers += room
+                self.n_starting += room
+                self.spawn_wanted += room
 
     cdef int32_t take_locked(self, void** payload) noexcept nogil:
+        cdef int32_t run = self._pop_ready(payload)
+        if run >= 0 and self.n_ready > 0:
+            self._demand()
+        return run
+
+    cdef int32_t _pop_ready(self, void** payload) noexcept nogil:
+        # take_locked() but for waking the next consumer.
         cdef int32_t run
         if self.closed:
             return TAKE_CLOSED
@@ -263,8 +302,6 @@ cdef class Graph:
             self.n_ready -= 1
             self.n_running += 1
             payload[0] = self.payloads[run]
-            if self.n_ready > 0:
-                self._demand()
             return run
         return TAKE_NONE
 
@@ -308,9 +345,11 @@ cdef class Graph:
             n += 1
             if n == max_n:
                 break
-            run = self.take_locked(&payloads[n])
+            run = self._pop_ready(&payloads[n])
             if run < 0:
                 break
+        if self.n_ready > 0:
+            self._demand()
         self.unlock()
         return n
 
@@ -426,18 +465,35 @@ cdef class Graph:
     cdef void complete_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil:
         """End a run as COMPLETED, FAILED or CRASHED and release or fail its
         downstream runs; those that fail land in `out`."""
+        self._complete(run, state, out)
+        self._demand()
+
+    cdef void _complete(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil:
+        # complete_locked() but for waking consumers.
         cdef Py_ssize_t start = out.len
         self._finish(run, state)
         self._fire_edges(run, state == COMPLETED, out)
         self._fail_downstream(start, out)
         self._maybe_free(run)
-        self._demand()
 
     cdef void complete_taken_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil:
         """complete_locked() for a run a consumer took: its place is free."""
         self.n_running -= 1
         self.runs[run].flags &= ~(F_OUT | F_SENT)
         self.complete_locked(run, state, out)
+
+    cdef void complete_taken_many_locked(self, int32_t* runs, uint8_t* states, Py_ssize_t n,
+                                         RunVec* out) noexcept nogil:
+        """complete_taken_locked() for runs[i] in states[i], waking
+        consumers once for all of them."""
+        cdef Py_ssize_t i
+        cdef int32_t run
+        for i in range(n):
+            run = runs[i]
+            self.n_running -= 1
+            self.runs[run].flags &= ~(F_OUT | F_SENT)
+            self._complete(run, states[i], out)
+        self._demand()
 
     cdef int32_t complete_and_take(self, int32_t run, uint8_t state, RunVec* out,
                                    void** payload, int32_t* spawn, bint* settling) noexcept nogil:

@@ -93,6 +93,15 @@ cdef inline TaskFuture future_of(void* payload):
     return <TaskFuture>payload
 
 
+cdef inline int32_t run_of(void* payload) noexcept:
+    """The run a taken payload stands for."""
+    cdef PyObject* block
+    if is_item(payload):
+        block = owner_of(payload)
+        return (<MapBlock>block).runs[(<void**>untagged(payload)) - (<MapBlock>block).tags]
+    return (<TaskFuture>payload)._run
+
+
 cdef inline void hold_payload(void* payload) noexcept:
     """A reference to what owns a payload."""
     Py_INCREF(<object>owner_of(payload))
@@ -137,8 +146,9 @@ cdef class TakenCall:
     cdef int read(self, void* payload, bint starting) except -1
 
 
-cdef int32_t run_of(void* payload) noexcept
 cdef TaskFuture record_end(void* payload, uint8_t state, object value, bint kept_elsewhere)
+cdef Py_ssize_t end_items(void** payloads, Py_ssize_t n, uint8_t* states, list values,
+                          Py_ssize_t offset, int32_t* runs) noexcept
 cdef void settle_end(void* payload, TaskFuture fut, bint last_of_stretch)
 cdef void settle_ended(RunVec* out)
 cdef void detach(void* payload, uint8_t state) noexcept

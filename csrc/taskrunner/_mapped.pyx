@@ -11,7 +11,7 @@ reads the arrays directly.
 """
 
 cimport cython
-from cpython.list cimport PyList_GET_ITEM
+from cpython.list cimport PyList_GET_ITEM, PyList_SET_ITEM
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF, Py_XDECREF
 from cpython.tuple cimport PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New, PyTuple_SET_ITEM
@@ -166,7 +166,8 @@ cdef class MapBlock:
             self.values[i] = <PyObject*>value
         self.ended[i] = state
         self.pending -= 1
-        self.notify_end(i)
+        if self.on_end is not None:
+            self.notify_end(i)
 
     cdef void notify_end(self, Py_ssize_t i) noexcept:
         """Item i ends (as an item or as its future): tell the streaming
@@ -297,15 +298,6 @@ cdef class TakenCall:
         return 0
 
 
-cdef int32_t run_of(void* payload) noexcept:
-    """The run a taken payload stands for."""
-    cdef PyObject* block
-    if is_item(payload):
-        block = owner_of(payload)
-        return (<MapBlock>block).runs[(<void**>untagged(payload)) - (<MapBlock>block).tags]
-    return (<TaskFuture>payload)._run
-
-
 cdef TaskFuture record_end(void* payload, uint8_t state, object value, bint kept_elsewhere):
     """A taken run ended in `state` with `value` (its result or exception):
     keep them where readers look, before the graph marks the run final.  A
@@ -333,6 +325,26 @@ cdef TaskFuture record_end(void* payload, uint8_t state, object value, bint kept
     if kept_elsewhere and state == COMPLETED:
         fut._flags |= REMOTE_VALUE
     return fut
+
+
+cdef Py_ssize_t end_items(void** payloads, Py_ssize_t n, uint8_t* states, list values,
+                          Py_ssize_t offset, int32_t* runs) noexcept:
+    """record_end() for the longest leading stretch of `payloads` that are
+    consecutive items of one block with no future: item j ended in
+    states[j] with values[offset + j]; its run goes into runs[j].  Returns
+    the stretch's length: 0 if payloads[0] is no such item."""
+    cdef MapBlock block
+    cdef Py_ssize_t j = 0, k
+    if not is_item(payloads[0]):
+        return 0
+    block = block_of(payloads[0])
+    k = index_of(payloads[0], block)
+    while (j < n and k + j < block.registered and payloads[j] == item_payload(block, k + j)
+           and block.futures[k + j] == NULL):
+        block.item_ended(k + j, states[j], <object>PyList_GET_ITEM(values, offset + j))
+        runs[j] = block.runs[k + j]
+        j += 1
+    return j
 
 
 cdef void settle_end(void* payload, TaskFuture fut, bint last_of_stretch):
@@ -593,10 +605,13 @@ cdef class FutureList(list):
                     state = block.ended[i]
                 if state == COMPLETED and block.futures[i] == NULL:
                     if block.values[i] != NULL:
-                        results[k] = <object>block.values[i]
-                        if clear:
-                            Py_DECREF(<object>block.values[i])
-                            block.values[i] = NULL
+                        # In place of the None there: the block's reference
+                        # is moved (`clear`) or shared.
+                        if not clear:
+                            Py_INCREF(<object>block.values[i])
+                        PyList_SET_ITEM(results, k, <object>block.values[i])
+                        block.values[i] = NULL if clear else block.values[i]
+                        Py_DECREF(None)
                     continue
                 fut = block.future_at(i)
             if type(fut) is not TaskFuture:

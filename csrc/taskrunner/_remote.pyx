@@ -38,8 +38,8 @@ from taskrunner._graph cimport (
     COMPLETED, CRASHED, FAILED, TAKE_CLOSED, Graph, RunVec, tr_monotonic,
 )
 from taskrunner._mapped cimport (
-    MapBlock, RunList, TakenCall, future_of, hold_payload, new_runlist, owner_of,
-    plain_stretch, record_end, settle_end,
+    MapBlock, RunList, TakenCall, end_items, future_of, hold_payload, new_runlist, owner_of,
+    plain_stretch, record_end, run_of, settle_end,
 )
 from taskrunner._params cimport find_kept_elsewhere, prefetch_found, resolve, resolve_args
 
@@ -52,9 +52,6 @@ CallGroup.__doc__ = """The calls of a stretch of taken runs of one task.
 `single` each call's only positional argument (cheaper to pickle: pickle
 memoizes every tuple); it is a range for a stretch of a map over a range.
 `kwargs` is None, or a list of each call's keywords (a dict, or None)."""
-
-cdef enum:
-    _ON_FUTURE = 128      # finish(): this run ended through its future
 
 
 @cython.final
@@ -114,7 +111,7 @@ cdef class Outbox:
         try:
             self.graph.lock()
             for i in range(runs.n):
-                sent[i] = self.graph.mark_sent_locked(runs.run_at(i))
+                sent[i] = self.graph.mark_sent_locked(run_of(runs.items[i]))
                 kept += sent[i]
             self.graph.unlock()
             if kept == runs.n:
@@ -205,31 +202,46 @@ cdef class Outbox:
         cdef Engine engine = self.engine
         cdef Graph graph = self.graph
         cdef RunVec out = RunVec(NULL, 0, 0)
-        cdef Py_ssize_t i, n = runs.n
+        cdef Py_ssize_t i, stretch, n = runs.n
         cdef int32_t spawn
         cdef TaskFuture fut
         cdef void* payload
         cdef uint8_t* codes
+        cdef uint8_t* on_future         # run i ends through its future
+        cdef int32_t* run_ids
         cdef bint kept_elsewhere = engine.fetch is not None
         cdef bint settling = False
         if PyList_GET_SIZE(values) != n:
             raise ValueError("futures and values differ in length")
-        codes = <uint8_t*>malloc(n + 1)
-        if codes == NULL:
+        codes = <uint8_t*>malloc(2 * n + 1)
+        run_ids = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+        if codes == NULL or run_ids == NULL:
+            free(codes)
+            free(run_ids)
             raise MemoryError()
+        on_future = codes + n
+        memset(on_future, 0, n)
         try:
             _end_states(states, n, codes)
-            for i in range(n):
+            i = 0
+            while i < n:
+                if not kept_elsewhere:
+                    # Most runs of a large map end here, a stretch at a time.
+                    stretch = end_items(runs.items + i, n - i, codes + i, values, i, run_ids + i)
+                    if stretch:
+                        i += stretch
+                        continue
+                run_ids[i] = run_of(runs.items[i])
                 fut = record_end(runs.items[i], codes[i],
                                  <object>PyList_GET_ITEM(values, i), kept_elsewhere)
                 if fut is not None:
-                    codes[i] |= _ON_FUTURE
+                    on_future[i] = True
                     if fut._extra is not None and fut._extra.callbacks:
                         settling = True
+                i += 1
             fut = None
             graph.lock()
-            for i in range(n):
-                graph.complete_taken_locked(runs.run_at(i), codes[i] & ~_ON_FUTURE, &out)
+            graph.complete_taken_many_locked(run_ids, codes, n, &out)
             spawn = graph.pop_spawn_wanted_locked()
             # Settled below: until the done callbacks ran (or are queued),
             # the graph is not quiet (see Engine.unlock_and_settle).
@@ -240,10 +252,14 @@ cdef class Outbox:
             engine.settle(&out, spawn)
             for i in range(n):
                 payload = runs.items[i]
-                settle_end(payload, future_of(payload) if codes[i] & _ON_FUTURE else None,
-                           i + 1 == n or owner_of(runs.items[i + 1]) != owner_of(payload))
+                if on_future[i]:
+                    settle_end(payload, future_of(payload), i + 1 == n
+                               or owner_of(runs.items[i + 1]) != owner_of(payload))
+                elif i + 1 == n or owner_of(runs.items[i + 1]) != owner_of(payload):
+                    settle_end(payload, None, True)
         finally:
             free(codes)
+            free(run_ids)
             if settling:
                 graph.settling_end()
 
