@@ -14,7 +14,7 @@ import contextlib
 import os
 import tempfile
 
-__all__ = ["dask_client", "ray_remote", "prefect_api", "close_dask", "close_all"]
+__all__ = ["dask_client", "ray_remote", "prefect_api", "close_all"]
 
 _dask = {}          # (processes, n_workers, threads_per_worker) -> (cluster, client)
 _ray = {}           # "cpus": the num_cpus of the running Ray; id(function) -> (function, remote)
@@ -36,7 +36,7 @@ def dask_client(processes, workers):
     return _dask[key][1]
 
 
-def close_dask():
+def _close_dask():
     """Stop every LocalCluster (their worker processes hold memory the next
     workload may need)."""
     while _dask:
@@ -122,6 +122,6 @@ def _close_prefect():
 
 
 def close_all():
-    close_dask()
+    _close_dask()
     _close_ray()
     _close_prefect()

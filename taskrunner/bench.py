@@ -825,7 +825,7 @@ def in_prefect_flow(runner_name, job, function=inc):
 
         @flow(task_runner=runner_class(max_workers=workers))
         def bench_flow():
-            prefect_map(prefect_task, 4 * workers)
+            prefect_map(prefect_task, workers)
             start = time.perf_counter()
             total = job(prefect_task, n)
             return time.perf_counter() - start, total
@@ -860,9 +860,10 @@ POOL_IMAP = "multiprocessing.Pool.imap"
 # except where a comment says otherwise.  Prefect costs 5-10 ms a task run
 # in threads and far more in processes (each a run recorded by its API
 # server): at full size it would take hours, so it is capped under --full too.
-DASK_MAP_ITEMS = 20_000
-DISTRIBUTED_ITEMS = 1_000       # about 3 ms a task here, threads or processes
-RAY_ITEMS = 5_000               # about 1 ms a task
+DASK_MAP_ITEMS = 10_000         # taskrunner's DaskTaskRunner.map: some 0.2 ms an item
+DASK_CLIENT_ITEMS = 500         # the raw client's submit or map: some 3 ms an item
+DISTRIBUTED_ITEMS = 500         # about 3 ms a task here, threads or processes
+RAY_ITEMS = 2_000               # about 1-2 ms a task
 PREFECT_ITEMS, PREFECT_FULL_ITEMS = 100, 2_000
 PREFECT_PROCESS_ITEMS, PREFECT_PROCESS_FULL_ITEMS = 50, 500
 
@@ -927,7 +928,7 @@ WORKLOADS = {w.name: w for w in [
         200_000, 10_000, layered_dag, dag_answer,
         Variant("taskrunner", dag_ours),
         (dask_threaded(dag_dask, max_repeat=1, size_cap=10_000),
-         distributed_peer(dag_distributed, size_cap=2_000)),
+         distributed_peer(dag_distributed, size_cap=2 * DAG_WIDTH)),
         (Target(">= 50x dask threaded", DASK_THREADED, min_ratio=50),),
         measure_time, step=DAG_WIDTH),
     Workload(
@@ -943,7 +944,8 @@ WORKLOADS = {w.name: w for w in [
         "fan-out-in", "first(), n runs each taking its result, then one summing them all",
         100_000, 5_000, _same, fan_answer,
         Variant("taskrunner", fan_out_in_ours),
-        (Variant(THREAD_POOL, fan_out_in_executor),
+        # ThreadPoolExecutor is some 25x slower here: capped for the time it takes.
+        (Variant(THREAD_POOL, fan_out_in_executor, size_cap=50_000),
          dask_threaded(fan_out_in_dask, size_cap=10_000)),
         (), measure_time),
     Workload(
@@ -993,7 +995,7 @@ WORKLOADS = {w.name: w for w in [
         (Variant(MP_POOL, proc_map_pool),
          Variant(PROCESS_POOL, proc_map_executor, max_repeat=1, size_cap=20_000),
          # joblib is some 15x slower here: capped for the time it takes.
-         Variant(JOBLIB, proc_map_joblib, requires=("joblib",), max_repeat=3, size_cap=200_000),
+         Variant(JOBLIB, proc_map_joblib, requires=("joblib",), max_repeat=3, size_cap=100_000),
          ray_peer(ray_timed(square)),
          prefect_peer("ProcessPoolTaskRunner", prefect_map, square)),
         (Target(">= 0.8x multiprocessing.Pool.map", MP_POOL, min_ratio=0.8),
@@ -1016,11 +1018,11 @@ WORKLOADS = {w.name: w for w in [
         in_fresh_process(measure_self), unit="MiB", processes=True),
     # Every variant but Ray is timed with its pool's start; in the default
     # run each gets half the items (the start, some 0.3 s, is then a larger
-    # part of the scaled figure), the peers one run each, for time.
+    # part of the scaled figure), ours two runs and the peers one, for time.
     Workload(
         "proc-cpu", "map of a CPU-bound task (about 50 us), pool start included",
         100_000, 5_000, _same, sum_of_spins,
-        Variant("taskrunner", cpu_map_ours, size_cap=50_000),
+        Variant("taskrunner", cpu_map_ours, max_repeat=2, size_cap=50_000),
         (Variant(SERIAL, cpu_map_serial, max_repeat=1, size_cap=50_000),
          Variant(MP_POOL, cpu_map_pool, max_repeat=1, size_cap=50_000),
          Variant(JOBLIB, cpu_map_joblib, requires=("joblib",), max_repeat=1, size_cap=50_000),
@@ -1032,8 +1034,7 @@ WORKLOADS = {w.name: w for w in [
         "proc-submit", "no-op tasks in worker processes, submit each then result each",
         20_000, 2_000, _same, sum_of_incs,
         Variant("taskrunner", proc_submit_ours),
-        (Variant(PROCESS_POOL, proc_submit_executor, size_cap=5_000),
-         ray_peer(ray_timed(inc))),
+        (Variant(PROCESS_POOL, proc_submit_executor, size_cap=5_000),),
         (Target(">= 5x ProcessPoolExecutor", PROCESS_POOL, min_ratio=5),),
         measure_self, processes=True),
     Workload(
@@ -1052,7 +1053,7 @@ WORKLOADS = {w.name: w for w in [
         10_000, 1_000, _same, sum_of_incs,
         Variant("taskrunner", dask_submit_ours, requires=("distributed",), max_repeat=3),
         (Variant(DASK_CLIENT, dask_submit_client, requires=("distributed",), max_repeat=3,
-                 size_cap=2_000),),
+                 size_cap=DASK_CLIENT_ITEMS),),
         (Target("<= 1.2x client.submit + gather", DASK_CLIENT, min_ratio=1 / 1.2),),
         measure_self, processes=True),
     Workload(
@@ -1061,7 +1062,7 @@ WORKLOADS = {w.name: w for w in [
         Variant("taskrunner", dask_map_ours, requires=("distributed",), max_repeat=3,
                 size_cap=DASK_MAP_ITEMS),
         (Variant(DASK_CLIENT, dask_map_client, requires=("distributed",), max_repeat=3,
-                 size_cap=2_000),),
+                 size_cap=DASK_CLIENT_ITEMS),),
         (Target(">= 1x client.map + gather", DASK_CLIENT, min_ratio=1),),
         measure_self, processes=True),
 ]}
@@ -1143,7 +1144,9 @@ def run_workload(workload, sizes, workers, repeat, log=None, systems=None):
                 log(f"{workload.name}: {variant.name} run {round_ + 1}: "
                     f"{format_figure(figures[-1], workload.unit)}")
     finally:
-        peers.close_dask()      # its worker processes would hold memory the next rows need
+        # A cluster's, Ray's or Prefect's processes would hold memory and CPU
+        # (their idle loops) that the next rows need.
+        peers.close_all()
     return samples
 
 
