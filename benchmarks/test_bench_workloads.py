@@ -57,8 +57,10 @@ def test_workload(benchmark, workload, variant, workers, processes, full_size):
         benchmark.extra_info[workload.unit] = statistics.median(figures)
 
 
-@pytest.fixture(autouse=True, scope="module")
+@pytest.fixture(autouse=True)
 def close_peers():
-    """Stop the peers' services (clusters, Ray, Prefect's server) at the end."""
+    """Stop the peers' services (clusters, Ray, Prefect's server) after each
+    test, as the table does after each row: their idle processes would take
+    CPU from the tests after them."""
     yield
     bench.peers.close_all()
