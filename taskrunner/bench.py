@@ -814,7 +814,7 @@ def in_prefect_flow(runner_name, job, function=inc):
     """A Prefect variant: (seconds, answer) of `job(task(function), n)` in the
     body of a @flow on prefect.task_runners.`runner_name` of `workers` workers, after
     a warm-up map that starts every worker.  The flow run's own creation
-    and end (API calls to the server, a few hundred ms) are not timed."""
+    and end (its records in the API server: seconds here) are not timed."""
     def run(n, workers):
         peers.prefect_api()     # before Prefect is imported: it sets Prefect's environment
         import prefect.task_runners
