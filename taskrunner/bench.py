@@ -66,8 +66,12 @@ class Variant:
     full_size_cap: Optional[int] = None
     start_seconds: Optional[float] = None
 
+    def missing(self):
+        """The modules of `requires` that cannot be imported here."""
+        return [module for module in self.requires if importlib.util.find_spec(module) is None]
+
     def available(self):
-        return all(importlib.util.find_spec(module) for module in self.requires)
+        return not self.missing()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1085,7 +1089,7 @@ def warm_up(workload, variant, items, workers):
 def initial_samples(variant, quick, named):
     """A variant's list of samples to come, or why it will have none."""
     if not variant.available():
-        return Skipped(NOT_INSTALLED)
+        return Skipped(not_installed(variant))
     if quick and variant.start_seconds and not named:
         return Skipped(f"with --quick (it starts in about {variant.start_seconds:.0f} s); "
                        f"name it with --system")
@@ -1189,7 +1193,12 @@ def machine_line(info):
 
 
 PEER_PACKAGES = ("dask", "distributed", "joblib", "prefect", "ray", "matplotlib")
-NOT_INSTALLED = "not installed: pip install 'taskrunner[peers]'"
+INSTALL_PEERS = "pip install 'taskrunner[peers]'"
+
+
+def not_installed(variant):
+    """Why `variant` is skipped when it is missing: which modules, and the extra."""
+    return f"not installed ({', '.join(variant.missing())}): {INSTALL_PEERS}"
 
 
 def peer_versions():
@@ -1415,7 +1424,7 @@ def run_scaling(series, quick, workers, repeat, log):
             for variant in workload.variants:
                 if runs > (variant.size_cap or runs):
                     continue
-                samples, skipped = [], None if variant.available() else NOT_INSTALLED
+                samples, skipped = [], None if variant.available() else not_installed(variant)
                 try:
                     while not skipped and len(samples) < repeat:
                         samples.append(tuple(measure(workload, variant, runs, runs, workers,
