@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Optional, Tuple
 
 from taskrunner import ThreadPoolTaskRunner
+from taskrunner import _bench_peers as peers
 
 __all__ = [
     "Variant", "Target", "Workload", "WORKLOADS",
@@ -49,18 +50,28 @@ class Variant:
     `(figure, answer)` (for a workload that measures itself).  `requires`
     names modules that must be importable; `max_repeat` caps the repeats of
     a slow variant; `measure`, if given, replaces the workload's way of
-    taking a sample for this variant; `size_cap`, if given, is the most
-    items a (very slow) variant is given: its figure is scaled up to the
-    workload's size, so the ratio is one of throughputs."""
+    taking a sample for this variant.  `size_cap`, if given, is the most
+    items a (very slow) variant is given in the default run, so that the
+    whole table takes minutes: its figure is scaled up to the workload's
+    size, so the ratio is one of throughputs; --full lifts it, except for
+    `full_size_cap` (a peer that would take hours at the full size).
+    `start_seconds` is about how long such a peer takes to start here (Ray,
+    Prefect's server): --quick leaves it out unless --system names it."""
     name: str
     run: Callable
     requires: Tuple[str, ...] = ()
     max_repeat: Optional[int] = None
     measure: Optional[Callable] = None
     size_cap: Optional[int] = None
+    full_size_cap: Optional[int] = None
+    start_seconds: Optional[float] = None
+
+    def missing(self):
+        """The modules of `requires` that cannot be imported here."""
+        return [module for module in self.requires if importlib.util.find_spec(module) is None]
 
     def available(self):
-        return all(importlib.util.find_spec(module) for module in self.requires)
+        return not self.missing()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +94,9 @@ class Target:
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """A job of `size` items (`quick_size` for smoke runs), its variants and
-    the spec's targets.  `prepare(size)` builds the shared input, untimed;
+    the spec's targets.  `prepare(size)` builds the shared input, untimed,
+    of a multiple of `step` items (a DAG's layers); a `per_item` figure (bytes
+    a run) is the same on fewer items, so it is not scaled to the size;
     `expected(data)` is the right answer; `measure` is how one sample is
     taken (measure_time, or in_fresh_process(...)).  A workload of
     `processes` gives its variants the process count (--processes), not
@@ -100,6 +113,8 @@ class Workload:
     measure: Callable
     unit: str = "s"
     processes: bool = False
+    step: int = 1
+    per_item: bool = False
 
     @property
     def variants(self):
@@ -117,6 +132,12 @@ class NotFinished(Exception):
     """A variant could not finish the job (it ran out of its memory cap)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """Why a peer has no figures: not installed, or it could not start here."""
+    reason: str
+
+
 def default_workers():
     """The worker count every thread variant uses: ThreadPoolTaskRunner's
     default."""
@@ -128,6 +149,27 @@ DEFAULT_PROCESSES = 2   # the spec's process-pool targets are for 2 worker proce
 
 def workers_for(workload, threads, processes):
     return processes if workload.processes else threads
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """The sizes of one bench run: each workload's quick or full size, and
+    the items each variant is given of it: all of them with `full`, else at
+    most the variant's size_cap (shrunk in proportion for a quick run)."""
+    quick: bool = False
+    full: bool = False
+
+    def of(self, workload):
+        return workload.quick_size if self.quick else workload.size
+
+    def items(self, workload, variant):
+        size = self.of(workload)
+        cap = variant.full_size_cap if self.full else variant.size_cap
+        if cap is None:
+            return size
+        if self.quick:
+            cap = cap * workload.quick_size // workload.size
+        return min(size, max(workload.step, cap - cap % workload.step))
 
 
 # -- measuring ----------------------------------------------------------------
@@ -184,6 +226,8 @@ def _child(argv):
     variant = workload.variant(variant_name)
     for module in variant.requires:     # a peer is timed at its job, not at its import
         importlib.import_module(module)
+    if inner is measure_time:           # as warm_up() does for the other variants
+        variant.run(workload.prepare(min(int(size), WARM_UP_ITEMS)), int(workers))
     print(json.dumps(inner(workload, variant, data, int(size), int(workers))))
 
 
@@ -279,14 +323,20 @@ def dag_ours(edges, workers):
         return sum(f.result() for f in futures)
 
 
-def dag_dask(edges, workers):
-    import dask.threaded
+def dag_graph(edges):
+    """The DAG as a dask graph: (the graph dict, the keys of its last layer)."""
     graph = {("n", 0, i): (first_node, i) for i in range(DAG_WIDTH)}
     for depth, layer in enumerate(edges, 1):
         for i, (a, b, c) in enumerate(layer):
             up = depth - 1
             graph[("n", depth, i)] = (node, ("n", up, a), ("n", up, b), ("n", up, c))
-    last = [("n", len(edges), i) for i in range(DAG_WIDTH)]
+    return graph, [("n", len(edges), i) for i in range(DAG_WIDTH)]
+
+
+def dag_dask(edges, workers):
+    import dask.threaded
+
+    graph, last = dag_graph(edges)
     return sum(dask.threaded.get(graph, last, num_workers=workers))
 
 
@@ -654,13 +704,19 @@ def first_result_executor(n, workers):
     return elapsed, answer
 
 
-def _dask_cluster(workers):
-    """A LocalCluster of `workers` worker processes, one thread each, as
-    both Dask variants get it (started before the clock)."""
-    from distributed import LocalCluster
+def distributed_submit(client, n):
+    """n no-op client.submit, then client.gather of all: the raw Dask way."""
+    return sum(client.gather([client.submit(inc, i, pure=False) for i in range(n)]))
 
-    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                        dashboard_address=None)
+
+def distributed_map(client, n):
+    return sum(client.gather(client.map(inc, range(n), pure=False)))
+
+
+def _dask_processes(workers):
+    """The client of the LocalCluster both Dask variants of a row use: `workers`
+    worker processes of one thread each (started by the warm-up run)."""
+    return peers.dask_client(processes=True, workers=workers)
 
 
 def dask_submit_ours(n, workers):
@@ -668,45 +724,118 @@ def dask_submit_ours(n, workers):
     results (a FutureList gathers them in one call, as client.gather does)."""
     from taskrunner import DaskTaskRunner, FutureList
 
-    with _dask_cluster(workers) as cluster:
-        with DaskTaskRunner(address=cluster.scheduler_address) as runner:
-            runner.submit(inc, {"x": 0}).result()
-            start = time.perf_counter()
-            futures = FutureList([runner.submit(inc, {"x": i}) for i in range(n)])
-            total = sum(futures.result())
-            return time.perf_counter() - start, total
+    with DaskTaskRunner(address=_dask_processes(workers).scheduler.address) as runner:
+        runner.submit(inc, {"x": 0}).result()
+        start = time.perf_counter()
+        futures = FutureList([runner.submit(inc, {"x": i}) for i in range(n)])
+        total = sum(futures.result())
+        return time.perf_counter() - start, total
 
 
 def dask_submit_client(n, workers):
-    from distributed import Client
-
-    with _dask_cluster(workers) as cluster, Client(cluster) as client:
-        client.submit(inc, 0).result()
-        start = time.perf_counter()
-        futures = [client.submit(inc, i, pure=False) for i in range(n)]
-        total = sum(client.gather(futures))
-        return time.perf_counter() - start, total
+    client = _dask_processes(workers)
+    client.submit(inc, 0).result()
+    start = time.perf_counter()
+    total = distributed_submit(client, n)
+    return time.perf_counter() - start, total
 
 
 def dask_map_ours(n, workers):
     from taskrunner import DaskTaskRunner
 
-    with _dask_cluster(workers) as cluster:
-        with DaskTaskRunner(address=cluster.scheduler_address) as runner:
-            runner.submit(inc, {"x": 0}).result()
-            start = time.perf_counter()
-            total = sum(runner.map(inc, {"x": range(n)}).result())
-            return time.perf_counter() - start, total
+    with DaskTaskRunner(address=_dask_processes(workers).scheduler.address) as runner:
+        runner.submit(inc, {"x": 0}).result()
+        start = time.perf_counter()
+        total = sum(runner.map(inc, {"x": range(n)}).result())
+        return time.perf_counter() - start, total
 
 
 def dask_map_client(n, workers):
-    from distributed import Client
+    client = _dask_processes(workers)
+    client.submit(inc, 0).result()
+    start = time.perf_counter()
+    total = distributed_map(client, n)
+    return time.perf_counter() - start, total
 
-    with _dask_cluster(workers) as cluster, Client(cluster) as client:
-        client.submit(inc, 0).result()
+
+# -- peers started once: a LocalCluster on the thread rows, Ray, Prefect -----
+# Their start (a cluster, Ray's processes, Prefect's server) happens in the
+# variant's warm-up run and is not timed; see taskrunner._bench_peers.
+
+def _dask_threads(workers):
+    """A LocalCluster's client with one in-process worker of `workers`
+    threads: dask distributed in the shape of a thread pool."""
+    return peers.dask_client(processes=False, workers=workers)
+
+
+def submit_distributed(n, workers):
+    return distributed_submit(_dask_threads(workers), n)
+
+
+def map_distributed(n, workers):
+    return distributed_map(_dask_threads(workers), n)
+
+
+def dag_distributed(edges, workers):
+    graph, last = dag_graph(edges)
+    return sum(_dask_threads(workers).get(graph, last))
+
+
+def ray_calls(function, n, workers):
+    """function(i) for i in range(n) as Ray tasks on `workers` CPUs, summed
+    after one ray.get of all their references."""
+    import ray
+
+    remote = peers.ray_remote(function, workers)
+    return sum(ray.get([remote.remote(i) for i in range(n)]))
+
+
+def ray_timed(function):
+    """A process-row variant of Ray's: (seconds, answer) of ray_calls, after
+    a warm-up call on every CPU outside the clock (as the pools of the
+    other variants are started first)."""
+    def run(n, workers):
+        ray_calls(function, 4 * workers, workers)
         start = time.perf_counter()
-        total = sum(client.gather(client.map(inc, range(n), pure=False)))
+        total = ray_calls(function, n, workers)
         return time.perf_counter() - start, total
+    return run
+
+
+def cpu_map_ray(n, workers):
+    return ray_calls(spin, n, workers)
+
+
+def prefect_submits(prefect_task, n):
+    return sum(f.result() for f in [prefect_task.submit(i) for i in range(n)])
+
+
+def prefect_map(prefect_task, n):
+    return sum(prefect_task.map(range(n)).result())
+
+
+def in_prefect_flow(runner_name, job, function=inc):
+    """A Prefect variant: (seconds, answer) of `job(task(function), n)` in the
+    body of a @flow on prefect.task_runners.`runner_name` of `workers` workers, after
+    a warm-up map that starts every worker.  The flow run's own creation
+    and end (its records in the API server: seconds here) are not timed."""
+    def run(n, workers):
+        peers.prefect_api()     # before Prefect is imported: it sets Prefect's environment
+        import prefect.task_runners
+        from prefect import flow, task
+
+        prefect_task = task(function)
+        runner_class = getattr(prefect.task_runners, runner_name)
+
+        @flow(task_runner=runner_class(max_workers=workers))
+        def bench_flow():
+            prefect_map(prefect_task, workers)
+            start = time.perf_counter()
+            total = job(prefect_task, n)
+            return time.perf_counter() - start, total
+
+        return bench_flow()
+    return run
 
 
 def _same(size):
@@ -721,60 +850,107 @@ JOBLIB_THREADS = "joblib (threading)"
 DASK_THREADED = "dask threaded"
 SERIAL = "serial loop"
 DASK_CLIENT = "distributed.Client"
+DISTRIBUTED = "dask LocalCluster"
+PREFECT_THREADS = "Prefect ThreadPoolTaskRunner"
+PREFECT_PROCESSES = "Prefect ProcessPoolTaskRunner"
+RAY = "Ray"
 STREAM_MAP = "taskrunner map()"
 THREADPOOL_IMAP = "multiprocessing ThreadPool.imap"
 POOL_IMAP = "multiprocessing.Pool.imap"
-DASK_MAP_ITEMS = 20_000
 
-def dask_threaded(run, max_repeat=3, size_cap=None):
+# The items of a very slow peer in the default run (--full: all of them),
+# chosen from its cost a run on the 2-core machine so that a sample takes
+# seconds; each of these peers is 50x or more slower than taskrunner there,
+# except where a comment says otherwise.  Prefect costs 5-10 ms a task run
+# in threads and far more in processes (each a run recorded by its API
+# server): at full size it would take hours, so it is capped under --full too.
+DASK_MAP_ITEMS = 10_000         # taskrunner's DaskTaskRunner.map: some 0.2 ms an item
+DASK_CLIENT_ITEMS = 500         # the raw client's submit or map: some 3 ms an item
+DISTRIBUTED_ITEMS = 500         # about 3 ms a task here, threads or processes
+RAY_ITEMS = 2_000               # about 1-2 ms a task
+PREFECT_ITEMS, PREFECT_FULL_ITEMS = 100, 2_000
+PREFECT_PROCESS_ITEMS, PREFECT_PROCESS_FULL_ITEMS = 50, 500
+
+
+def dask_threaded(run, max_repeat=2, size_cap=None):
     """`run` as the dask-threaded peer: each sample in a fresh process within
     MEMORY_CAP (its graph can outgrow the machine)."""
     return Variant(DASK_THREADED, run, requires=("dask",), max_repeat=max_repeat,
                    measure=in_fresh_process(measure_time, MEMORY_CAP), size_cap=size_cap)
 
 
+def distributed_peer(run, size_cap=DISTRIBUTED_ITEMS):
+    """`run` as the peer dask distributed, on a LocalCluster of one worker with
+    the row's threads."""
+    return Variant(DISTRIBUTED, run, requires=("distributed",), size_cap=size_cap)
+
+
+def prefect_peer(runner_name, job, function=inc):
+    """Prefect 3's `runner_name` (ThreadPoolTaskRunner or ProcessPoolTaskRunner)
+    in a @flow, on a few items (see PREFECT_ITEMS), once: a flow run takes
+    some 10 s here whatever its size (its records in the API server)."""
+    caps = ((PREFECT_PROCESS_ITEMS, PREFECT_PROCESS_FULL_ITEMS) if "Process" in runner_name
+            else (PREFECT_ITEMS, PREFECT_FULL_ITEMS))
+    return Variant(f"Prefect {runner_name}", in_prefect_flow(runner_name, job, function),
+                   requires=("prefect",), measure=measure_self, max_repeat=1,
+                   size_cap=caps[0], full_size_cap=caps[1], start_seconds=30)
+
+
+def ray_peer(run):
+    """`run` as the peer Ray: local, with as many CPUs as the row's workers."""
+    return Variant(RAY, run, requires=("ray",), size_cap=RAY_ITEMS, start_seconds=10)
+
+
 WORKLOADS = {w.name: w for w in [
     Workload(
         "submit", "no-op tasks, submit each then result each",
         200_000, 10_000, _same, sum_of_incs,
-        Variant("taskrunner", submit_ours), (Variant(THREAD_POOL, submit_executor),),
+        Variant("taskrunner", submit_ours),
+        # ThreadPoolExecutor is some 20x slower here: capped for the time it takes.
+        (Variant(THREAD_POOL, submit_executor, size_cap=20_000),
+         distributed_peer(submit_distributed),
+         prefect_peer("ThreadPoolTaskRunner", prefect_submits)),
         (Target(">= 10x ThreadPoolExecutor", THREAD_POOL, min_ratio=10),),
         measure_time),
     Workload(
         "map", "map(inc) over range(n), results in order",
         1_000_000, 50_000, _same, sum_of_incs,
         Variant("taskrunner", map_ours),
-        (Variant(THREAD_POOL, map_executor),
-         # about 110 us an item here: 100,000 of them take some 11 s
+        (Variant(THREAD_POOL, map_executor, size_cap=100_000),
+         # about 110 us an item here
          Variant(JOBLIB_THREADS, map_joblib_threads, requires=("joblib",), max_repeat=3,
-                 size_cap=100_000)),
+                 size_cap=20_000),
+         distributed_peer(map_distributed)),
         (Target(">= 10x ThreadPoolExecutor", THREAD_POOL, min_ratio=10),),
         measure_time),
     # Dask's threaded scheduler needs memory quadratic in this graph's size
-    # here (0.9 GiB at 20,000 nodes, 3.7 GiB at 50,000): at 200,000 it runs
-    # into MEMORY_CAP, so the smaller graph gives a measured ratio too.
+    # here (0.9 GiB at 20,000 nodes, 3.7 GiB at 50,000): at 200,000 (--full)
+    # it runs into MEMORY_CAP; the default run gives it 10,000 nodes, its
+    # time scaled (kind to dask: its cost a node grows with the graph).
     Workload(
         "dag", f"layered DAG, {DAG_WIDTH} nodes a layer, 3 random upstreams each",
         200_000, 10_000, layered_dag, dag_answer,
         Variant("taskrunner", dag_ours),
-        (dask_threaded(dag_dask, max_repeat=1),),
+        (dask_threaded(dag_dask, max_repeat=1, size_cap=10_000),
+         distributed_peer(dag_distributed, size_cap=2 * DAG_WIDTH)),
         (Target(">= 50x dask threaded", DASK_THREADED, min_ratio=50),),
-        measure_time),
+        measure_time, step=DAG_WIDTH),
     Workload(
-        "dag-50k", "the same kind of DAG, smaller, so that dask finishes",
+        "dag-50k", "the same kind of DAG, smaller, so that dask finishes (with --full)",
         50_000, 5_000, layered_dag, dag_answer,
         Variant("taskrunner", dag_ours),
-        (dask_threaded(dag_dask),),
+        (dask_threaded(dag_dask, max_repeat=1, size_cap=10_000),),
         (Target(">= 50x dask threaded", DASK_THREADED, min_ratio=50),),
-        measure_time),
+        measure_time, step=DAG_WIDTH),
     # Dask's threaded scheduler takes about 25 us a node on either graph
-    # here: 20,000 parts (some 2.5 s a run) give its throughput.
+    # here: 10,000 parts (some 1.5 s a run) give its throughput.
     Workload(
         "fan-out-in", "first(), n runs each taking its result, then one summing them all",
         100_000, 5_000, _same, fan_answer,
         Variant("taskrunner", fan_out_in_ours),
-        (Variant(THREAD_POOL, fan_out_in_executor),
-         dask_threaded(fan_out_in_dask, size_cap=20_000)),
+        # ThreadPoolExecutor is some 25x slower here: capped for the time it takes.
+        (Variant(THREAD_POOL, fan_out_in_executor, size_cap=50_000),
+         dask_threaded(fan_out_in_dask, size_cap=10_000)),
         (), measure_time),
     Workload(
         "chain", "n runs, each taking the one before as its parameter",
@@ -786,17 +962,20 @@ WORKLOADS = {w.name: w for w in [
     Workload(
         "memory", "resident bytes per pending run, all pending at once",
         1_000_000, 50_000, _same, sum_of_incs,
-        Variant("taskrunner", pending_memory_ours),
-        (Variant(THREAD_POOL, pending_memory_executor),),
+        # One run each: the figure is the same to a few bytes from run to run.
+        Variant("taskrunner", pending_memory_ours, max_repeat=1),
+        (Variant(THREAD_POOL, pending_memory_executor, max_repeat=1, size_cap=200_000),),
         (Target("<= 300 B/run", max_figure=300),),
-        in_fresh_process(measure_self), unit="B/run"),
+        in_fresh_process(measure_self), unit="B/run", per_item=True),
     # Streaming: imap over a generator, summed as results come.  The list
     # and future of each item of the peers' maps do not fit at 10,000,000
-    # items everywhere: they get fewer, their figures scaled.
+    # items everywhere: they get fewer, their figures scaled; so does ours
+    # in the default run, for time (the memory rows give ours every item:
+    # its memory does not grow with them).
     Workload(
         "stream", "ThreadPoolTaskRunner.imap(inc) over a generator, summed as results come",
         10_000_000, 500_000, _same, sum_of_incs,
-        Variant("taskrunner", stream_ours),
+        Variant("taskrunner", stream_ours, size_cap=2_000_000),
         (Variant(STREAM_MAP, stream_map_ours, size_cap=1_000_000),
          Variant(THREAD_POOL, stream_executor, max_repeat=1, size_cap=100_000),
          Variant(THREADPOOL_IMAP, stream_thread_pool, max_repeat=1, size_cap=200_000)),
@@ -806,7 +985,7 @@ WORKLOADS = {w.name: w for w in [
     Workload(
         "stream-memory", "peak resident growth (MiB) over the stream workload",
         10_000_000, 500_000, _same, sum_of_incs,
-        Variant("taskrunner", stream_memory_ours),
+        Variant("taskrunner", stream_memory_ours, max_repeat=1),
         (Variant(THREAD_POOL, stream_memory_executor, max_repeat=1, size_cap=100_000),
          Variant(THREADPOOL_IMAP, stream_memory_thread_pool, max_repeat=1, size_cap=200_000)),
         (Target("<= 64 MiB", max_figure=64),),
@@ -819,7 +998,10 @@ WORKLOADS = {w.name: w for w in [
         Variant("taskrunner", proc_map_ours),
         (Variant(MP_POOL, proc_map_pool),
          Variant(PROCESS_POOL, proc_map_executor, max_repeat=1, size_cap=20_000),
-         Variant(JOBLIB, proc_map_joblib, requires=("joblib",), max_repeat=3)),
+         # joblib is some 15x slower here: capped for the time it takes.
+         Variant(JOBLIB, proc_map_joblib, requires=("joblib",), max_repeat=3, size_cap=100_000),
+         ray_peer(ray_timed(square)),
+         prefect_peer("ProcessPoolTaskRunner", prefect_map, square)),
         (Target(">= 0.8x multiprocessing.Pool.map", MP_POOL, min_ratio=0.8),
          Target(">= 1x (streaming issue)", MP_POOL, min_ratio=1),
          Target(">= 50x ProcessPoolExecutor.map", PROCESS_POOL, min_ratio=50)),
@@ -827,8 +1009,8 @@ WORKLOADS = {w.name: w for w in [
     Workload(
         "proc-stream", "ProcessPoolTaskRunner.imap(square) over a generator, summed",
         10_000_000, 500_000, _same, sum_of_squares,
-        Variant("taskrunner", proc_stream_ours, max_repeat=3),
-        (Variant(POOL_IMAP, proc_stream_pool, max_repeat=3),),
+        Variant("taskrunner", proc_stream_ours, max_repeat=3, size_cap=2_000_000),
+        (Variant(POOL_IMAP, proc_stream_pool, max_repeat=3, size_cap=2_000_000),),
         (Target(">= 1x Pool.imap (best chunksize)", POOL_IMAP, min_ratio=1),),
         measure_self, processes=True),
     Workload(
@@ -838,13 +1020,17 @@ WORKLOADS = {w.name: w for w in [
         (Variant(POOL_IMAP, proc_stream_memory_pool, max_repeat=1, size_cap=2_000_000),),
         (Target("<= 64 MiB", max_figure=64),),
         in_fresh_process(measure_self), unit="MiB", processes=True),
+    # Every variant but Ray is timed with its pool's start; in the default
+    # run each gets half the items (the start, some 0.3 s, is then a larger
+    # part of the scaled figure), ours two runs and the peers one, for time.
     Workload(
         "proc-cpu", "map of a CPU-bound task (about 50 us), pool start included",
         100_000, 5_000, _same, sum_of_spins,
-        Variant("taskrunner", cpu_map_ours),
-        (Variant(SERIAL, cpu_map_serial, max_repeat=3),
-         Variant(MP_POOL, cpu_map_pool, max_repeat=3),
-         Variant(JOBLIB, cpu_map_joblib, requires=("joblib",), max_repeat=3)),
+        Variant("taskrunner", cpu_map_ours, max_repeat=2, size_cap=50_000),
+        (Variant(SERIAL, cpu_map_serial, max_repeat=1, size_cap=50_000),
+         Variant(MP_POOL, cpu_map_pool, max_repeat=1, size_cap=50_000),
+         Variant(JOBLIB, cpu_map_joblib, requires=("joblib",), max_repeat=1, size_cap=50_000),
+         ray_peer(cpu_map_ray)),
         (Target(">= 1.7x the serial loop", SERIAL, min_ratio=1.7),
          Target(">= 1.8x (streaming issue)", SERIAL, min_ratio=1.8)),
         measure_time, processes=True),
@@ -852,7 +1038,7 @@ WORKLOADS = {w.name: w for w in [
         "proc-submit", "no-op tasks in worker processes, submit each then result each",
         20_000, 2_000, _same, sum_of_incs,
         Variant("taskrunner", proc_submit_ours),
-        (Variant(PROCESS_POOL, proc_submit_executor),),
+        (Variant(PROCESS_POOL, proc_submit_executor, size_cap=5_000),),
         (Target(">= 5x ProcessPoolExecutor", PROCESS_POOL, min_ratio=5),),
         measure_self, processes=True),
     Workload(
@@ -862,15 +1048,16 @@ WORKLOADS = {w.name: w for w in [
         (Variant(PROCESS_POOL, first_result_executor),),
         (Target("<= 1.5x ProcessPoolExecutor's", PROCESS_POOL, min_ratio=1 / 1.5),),
         measure_self, processes=True),
-    # The Dask runner against the client it drives, on the same kind of
-    # LocalCluster (2 worker processes, one thread each), started untimed.
-    # Dask costs milliseconds a task on a small machine: both map variants
-    # get DASK_MAP_ITEMS items, their times scaled to the workload's size.
+    # The Dask runner against the client it drives, on the same LocalCluster
+    # (2 worker processes, one thread each), started untimed.  Dask costs
+    # milliseconds a task on a small machine: the raw client gets a few
+    # thousand items, its time scaled to the workload's size.
     Workload(
         "dask-submit", "DaskTaskRunner: no-op submits, then their results",
         10_000, 1_000, _same, sum_of_incs,
         Variant("taskrunner", dask_submit_ours, requires=("distributed",), max_repeat=3),
-        (Variant(DASK_CLIENT, dask_submit_client, requires=("distributed",), max_repeat=3),),
+        (Variant(DASK_CLIENT, dask_submit_client, requires=("distributed",), max_repeat=3,
+                 size_cap=DASK_CLIENT_ITEMS),),
         (Target("<= 1.2x client.submit + gather", DASK_CLIENT, min_ratio=1 / 1.2),),
         measure_self, processes=True),
     Workload(
@@ -879,7 +1066,7 @@ WORKLOADS = {w.name: w for w in [
         Variant("taskrunner", dask_map_ours, requires=("distributed",), max_repeat=3,
                 size_cap=DASK_MAP_ITEMS),
         (Variant(DASK_CLIENT, dask_map_client, requires=("distributed",), max_repeat=3,
-                 size_cap=DASK_MAP_ITEMS),),
+                 size_cap=DASK_CLIENT_ITEMS),),
         (Target(">= 1x client.map + gather", DASK_CLIENT, min_ratio=1),),
         measure_self, processes=True),
 ]}
@@ -887,40 +1074,84 @@ WORKLOADS = {w.name: w for w in [
 
 # -- running and reporting ----------------------------------------------------
 
-def run_workload(workload, size, workers, repeat, log=None):
-    """Measure every available variant of `workload`, `repeat` times each
-    (interleaved, capped by each variant's max_repeat).  Returns a dict:
-    variant name -> list of figures, None if the variant is missing, or
-    the NotFinished error of a variant that could not do the job."""
+WARM_UP_ITEMS = 100
+
+
+def warm_up(workload, variant, items, workers):
+    """One untimed run of `variant` on a few items before its samples: its
+    imports, and the start of a peer that runs as a service (a LocalCluster,
+    Ray, Prefect's server), which its samples then reuse.  A variant sampled
+    in a fresh process warms up there instead (_child)."""
+    if (variant.measure or workload.measure) in (measure_time, measure_self):
+        variant.run(workload.prepare(min(items, WARM_UP_ITEMS)), workers)
+
+
+def initial_samples(variant, quick, named):
+    """A variant's list of samples to come, or why it will have none."""
+    if not variant.available():
+        return Skipped(not_installed(variant))
+    if quick and variant.start_seconds and not named:
+        return Skipped(f"with --quick (it starts in about {variant.start_seconds:.0f} s); "
+                       f"name it with --system")
+    return []
+
+
+def run_workload(workload, sizes, workers, repeat, log=None, systems=None):
+    """Measure every available variant of `workload` (ours and, if `systems`
+    is given, only the peers it names), after a warm-up each, `repeat`
+    times each (interleaved, capped by each variant's max_repeat), each on
+    sizes.items(workload, variant) items, its figure scaled to the
+    workload's size.  Returns a dict: variant name -> list of figures, the
+    Skipped reason of a variant not run, or the NotFinished error of one
+    that could not do the job; a peer left out by `systems` is not in it."""
+    log = log or (lambda message: None)
+    size = sizes.of(workload)
+    chosen = [v for v in workload.variants
+              if v is workload.ours or systems is None or v.name.lower() in systems]
     inputs = {}         # items -> (data, expected)
-    samples = {v.name: ([] if v.available() else None) for v in workload.variants}
-    for round_ in range(repeat):
-        for variant in workload.variants:
-            figures = samples[variant.name]
-            if not isinstance(figures, list) or round_ >= (variant.max_repeat or repeat):
-                continue
-            items = variant_size(variant, size)
-            if items not in inputs:
-                data = workload.prepare(items)
-                inputs[items] = (data, workload.expected(data))
-            data, expected = inputs[items]
-            try:
-                figures.append(measure(workload, variant, data, items, workers, expected)
-                               * size / items)
-            except NotFinished as error:
-                samples[variant.name] = error
-                if log:
+    samples = {v.name: initial_samples(v, quick=sizes.quick, named=systems is not None)
+               for v in chosen}
+    try:
+        for round_ in range(repeat):
+            for variant in chosen:
+                figures = samples[variant.name]
+                runs = min(repeat, variant.max_repeat or repeat)
+                if not isinstance(figures, list) or round_ >= runs:
+                    continue
+                items = sizes.items(workload, variant)
+                if round_ == 0:
+                    log(f"{workload.name}: {variant.name} warm-up")
+                    try:
+                        warm_up(workload, variant, items, workers)
+                    except Exception as error:
+                        if variant is workload.ours:
+                            raise
+                        # A peer that cannot start here (say, Ray without the
+                        # shared memory it needs) is reported, not fatal.
+                        samples[variant.name] = Skipped(f"failed to start: {error!r:.200}")
+                        log(f"{workload.name}: {variant.name}: {samples[variant.name].reason}")
+                        continue
+                if items not in inputs:
+                    data = workload.prepare(items)
+                    inputs[items] = (data, workload.expected(data))
+                data, expected = inputs[items]
+                log(f"{workload.name}: {variant.name} run {round_ + 1} of {runs}, "
+                    f"{items:,} items ...")
+                scale = 1 if workload.per_item else size / items
+                try:
+                    figures.append(measure(workload, variant, data, items, workers, expected)
+                                   * scale)
+                except NotFinished as error:
+                    samples[variant.name] = error
                     log(f"{workload.name}: {variant.name} run {round_ + 1}: {error}")
-                continue
-            if log:
+                    continue
                 log(f"{workload.name}: {variant.name} run {round_ + 1}: "
                     f"{format_figure(figures[-1], workload.unit)}")
+    finally:
+        # A cluster's, Ray's or Prefect's processes would hold memory and CPU
+        # (their idle loops) that the next rows need.
+        peers.close_all()
     return samples
-
-
-def variant_size(variant, size):
-    """The items `variant` is given of a workload of `size`."""
-    return min(size, variant.size_cap) if variant.size_cap else size
 
 
 def format_figure(value, unit):
@@ -962,7 +1193,12 @@ def machine_line(info):
 
 
 PEER_PACKAGES = ("dask", "distributed", "joblib", "prefect", "ray", "matplotlib")
-NOT_INSTALLED = "not installed: pip install 'taskrunner[peers]'"
+INSTALL_PEERS = "pip install 'taskrunner[peers]'"
+
+
+def not_installed(variant):
+    """Why `variant` is skipped when it is missing: which modules, and the extra."""
+    return f"not installed ({', '.join(variant.missing())}): {INSTALL_PEERS}"
 
 
 def peer_versions():
@@ -981,25 +1217,28 @@ def versions_line(versions, python):
     return f"peers: {', '.join(f'{p} {v}' for p, v in versions.items())}; Python {python}"
 
 
-def summarize(workload, size, samples):
-    """A JSON-ready dict of a workload: each variant's samples, median, min,
-    max and throughput (items a second, for a timed workload), or why it
-    has none; the peers' ratios and the targets.  A peer that could not
-    finish counts as infinitely slower."""
+def summarize(workload, sizes, samples):
+    """A JSON-ready dict of a workload: each measured variant's samples,
+    median, min, max, throughput (items a second, for a timed workload) and
+    the items it was given, or why it has none; the peers' ratios and the
+    targets.  A peer that could not finish counts as infinitely slower."""
+    size = sizes.of(workload)
     variants = {}
     for name, figures in samples.items():
+        items = sizes.items(workload, workload.variant(name))
         if isinstance(figures, list):
             median = statistics.median(figures)
             variants[name] = {
                 "samples": figures, "median": median, "min": min(figures), "max": max(figures),
-                "throughput": size / median if workload.unit == "s" else None}
-        elif figures is None:
-            variants[name] = {"samples": [], "skipped": NOT_INSTALLED}
+                "throughput": size / median if workload.unit == "s" else None, "items": items}
+        elif isinstance(figures, Skipped):
+            variants[name] = {"samples": [], "skipped": figures.reason}
         else:
-            variants[name] = {"samples": [], "not_finished": str(figures)}
+            variants[name] = {"samples": [], "not_finished": str(figures), "items": items}
     ours = variants[workload.ours.name].get("median")
-    peers = {p.name: math.inf if "not_finished" in variants[p.name] else variants[p.name]["median"]
-             for p in workload.peers if "skipped" not in variants[p.name]}
+    peers = {name: math.inf if "not_finished" in entry else entry["median"]
+             for name, entry in variants.items()
+             if name != workload.ours.name and "skipped" not in entry}
     return {
         "workload": workload.name,
         "description": workload.description,
@@ -1027,7 +1266,7 @@ def format_spread(low, high, unit):
     return f"{number if low_unit == high.partition(' ')[2] else low}–{high}"
 
 
-def figure_cells(workload, variant, entry, size, repeat):
+def figure_cells(workload, entry, size, repeat):
     """The median (with notes), min–max and throughput cells of a variant."""
     if "skipped" in entry:
         return [f"skipped: {entry['skipped']}", "-", "-"]
@@ -1036,9 +1275,9 @@ def figure_cells(workload, variant, entry, size, repeat):
     notes = []
     if len(entry["samples"]) != repeat:
         notes.append(f"{len(entry['samples'])} run{'s' * (len(entry['samples']) > 1)}")
-    items = variant_size(variant, size)
+    items = entry["items"]
     if items != size:
-        notes.append(f"scaled from {items:,} items")
+        notes.append(f"on {items:,} items" if workload.per_item else f"scaled from {items:,} items")
     median = format_figure(entry["median"], workload.unit)
     return [
         f"{median} [{'; '.join(notes)}]" if notes else median,
@@ -1053,7 +1292,8 @@ def table_rows(workload, summary, repeat):
     size = summary["size"]
     targets = list(zip(workload.targets, summary["targets"]))
     rows = []
-    for index, variant in enumerate(workload.variants):
+    measured = [v for v in workload.variants if v.name in summary["variants"]]
+    for index, variant in enumerate(measured):
         peer = None if variant is workload.ours else variant.name
         mine = [(t, m["met"]) for t, m in targets if t.peer == peer]
         ratio = summary["ratios"].get(peer)
@@ -1061,7 +1301,7 @@ def table_rows(workload, summary, repeat):
             workload.name if index == 0 else "",
             f"{size:,}" if index == 0 else "",
             variant.name,
-            *figure_cells(workload, variant, summary["variants"][variant.name], size, repeat),
+            *figure_cells(workload, summary["variants"][variant.name], size, repeat),
             "-" if ratio is None else "did not finish" if ratio == math.inf else f"{ratio:.1f}x",
             "; ".join(t.text for t, _ in mine) or "-",
             ", ".join({True: "yes", False: "NO", None: "n/a"}[met] for _, met in mine) or "-",
@@ -1106,7 +1346,8 @@ def plot_throughput(results, path):
     axes.set_ylabel("items per second (higher is better)")
     axes.set_title("taskrunner bench: throughput per workload and system")
     axes.grid(axis="y", which="major", alpha=0.3)
-    axes.legend(fontsize="small")
+    # Beside the axes, not on them: a legend inside covers the last groups' bars.
+    axes.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.005, 1))
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
@@ -1183,7 +1424,7 @@ def run_scaling(series, quick, workers, repeat, log):
             for variant in workload.variants:
                 if runs > (variant.size_cap or runs):
                     continue
-                samples, skipped = [], None if variant.available() else NOT_INSTALLED
+                samples, skipped = [], None if variant.available() else not_installed(variant)
                 try:
                     while not skipped and len(samples) < repeat:
                         samples.append(tuple(measure(workload, variant, runs, runs, workers,
@@ -1249,12 +1490,21 @@ def plot_scaling(points, path):
 
 def add_arguments(parser):
     parser.add_argument("--quick", action="store_true",
-                        help="about 1/20 of the sizes, for smoke runs (same code path)")
-    parser.add_argument("--repeat", type=int, default=5, metavar="N",
-                        help="runs of each variant; the table shows medians (default 5; "
-                             "slow peers may run fewer times, marked in the table)")
-    parser.add_argument("--only", metavar="NAME[,NAME]",
+                        help="about 1/20 of the sizes, for smoke runs (same code path), "
+                             "one run each unless --repeat is given")
+    parser.add_argument("--full", action="store_true",
+                        help="every peer on the workload's full size (the default run gives "
+                             "very slow peers fewer items and scales their figures, marked; "
+                             "this can take hours)")
+    parser.add_argument("--repeat", type=int, metavar="N",
+                        help=f"runs of each variant after its warm-up; the table shows "
+                             f"medians (default {DEFAULT_REPEAT}, 1 with --quick; slow peers "
+                             f"may run fewer times, marked in the table)")
+    parser.add_argument("--workload", "--only", dest="workload", metavar="NAME[,NAME]",
                         help=f"run only these workloads, of: {', '.join(WORKLOADS)}")
+    parser.add_argument("--system", metavar="NAME[,NAME]",
+                        help="measure only these peers (taskrunner always runs: the ratios "
+                             "are to it), of: " + ", ".join(system_names()))
     parser.add_argument("--workers", type=int, default=default_workers(), metavar="N",
                         help="worker threads for every thread variant (default %(default)s, "
                              "ThreadPoolTaskRunner's default)")
@@ -1267,53 +1517,93 @@ def add_arguments(parser):
     parser.add_argument("--scaling", action="store_true",
                         help="instead of the table, the cost per run of submit and map from "
                              f"{SCALING_SIZES[0]:,} to {SCALING_SIZES[-1]:,} runs "
-                             "(--quick: to 100,000); --only does not apply")
+                             "(--quick: to 100,000); --workload and --system do not apply")
+
+
+DEFAULT_REPEAT = 3
+
+
+def system_names():
+    """Every peer's name, in the order of first appearance."""
+    return list(dict.fromkeys(p.name for w in WORKLOADS.values() for p in w.peers))
+
+
+def parse_names(text, known, what):
+    """The names of a comma-separated option, in `known`'s spelling (matched
+    without regard to case); raises ValueError naming any unknown."""
+    by_lower = {name.lower(): name for name in known}
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name.lower() not in by_lower]
+    if unknown:
+        raise ValueError(f"unknown {what}(s): {', '.join(unknown)}; known: {', '.join(known)}")
+    return [by_lower[name.lower()] for name in names]
+
+
+def progress_log():
+    """The progress line: what is running, with the time since the start, on stderr."""
+    start = time.monotonic()
+
+    def log(message):
+        minutes, seconds = divmod(int(time.monotonic() - start), 60)
+        print(f"  [{minutes}:{seconds:02d}] {message}", file=sys.stderr, flush=True)
+    return log
 
 
 def main(args):
     """Run the selected workloads (or the scaling series) and print the
     table; returns the exit code."""
-    names = args.only.split(",") if args.only else list(WORKLOADS)
-    unknown = [n for n in names if n not in WORKLOADS]
-    if unknown:
-        print(f"unknown workload(s): {', '.join(unknown)}; known: {', '.join(WORKLOADS)}",
-              file=sys.stderr)
+    try:
+        names = parse_names(args.workload, list(WORKLOADS), "workload") if args.workload \
+            else list(WORKLOADS)
+        systems = ({name.lower() for name in parse_names(args.system, system_names(), "system")}
+                   if args.system else None)
+    except ValueError as error:
+        print(error, file=sys.stderr)
         return 2
-    if args.repeat < 1 or args.workers < 1 or args.processes < 1:
+    repeat = args.repeat or (1 if args.quick else DEFAULT_REPEAT)
+    if repeat < 1 or args.workers < 1 or args.processes < 1:
         print("--repeat, --workers and --processes must be at least 1", file=sys.stderr)
         return 2
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         print("--plot needs matplotlib: pip install 'taskrunner[bench]'", file=sys.stderr)
         return 2
+    sizes = Sizes(quick=args.quick, full=args.full)
     info, versions = machine(), peer_versions()
     print(machine_line(info))
     print(versions_line(versions, info["python"]))
+    mode = ("QUICK sizes (targets are for the full sizes)" if args.quick
+            else "FULL: every peer on every item" if args.full
+            else "very slow peers on fewer items, scaled (marked); --full for all")
     print(f"workers: {args.workers} threads or {args.processes} processes for every variant; "
-          f"repeat: {args.repeat}"
-          f"{'; QUICK sizes (targets are for the full sizes)' if args.quick else ''}", flush=True)
-    log = lambda message: print(f"  {message}", file=sys.stderr, flush=True)
-    if args.scaling:
-        points = run_scaling(SCALING.values(), args.quick, args.workers, args.repeat, log)
-        table = format_table(SCALING_HEADER, scaling_rows(points))
-        footer = (f"Figures are medians of {args.repeat} runs: time and peak resident growth "
-                  f"per run, pool start and shutdown included; lower is better.")
-        figures = {"scaling": [p.as_dict() for p in points]}
-        plot = lambda path: plot_scaling(points, path)
-    else:
-        rows, results = [], []
-        for name in names:
-            workload = WORKLOADS[name]
-            size = workload.quick_size if args.quick else workload.size
-            workers = workers_for(workload, args.workers, args.processes)
-            summary = summarize(workload, size, run_workload(workload, size, workers,
-                                                             args.repeat, log))
-            results.append(summary)
-            rows += table_rows(workload, summary, args.repeat)
-        table = format_table(HEADER, rows)
-        footer = (f"Figures are medians of {args.repeat} runs unless marked; lower is better; "
-                  f"peer/ours is how many times faster (or smaller) taskrunner is.")
-        figures = {"workloads": results}
-        plot = lambda path: plot_throughput(results, path)
+          f"repeat: {repeat}; {mode}", flush=True)
+    log = progress_log()
+    try:
+        if args.scaling:
+            points = run_scaling(SCALING.values(), args.quick, args.workers, repeat, log)
+            table = format_table(SCALING_HEADER, scaling_rows(points))
+            footer = (f"Figures are medians of {repeat} runs: time and peak resident growth "
+                      f"per run, pool start and shutdown included; lower is better.")
+            figures = {"scaling": [p.as_dict() for p in points]}
+            plot = lambda path: plot_scaling(points, path)
+        else:
+            rows, results = [], []
+            for name in names:
+                workload = WORKLOADS[name]
+                workers = workers_for(workload, args.workers, args.processes)
+                samples = run_workload(workload, sizes, workers, repeat, log, systems)
+                summary = summarize(workload, sizes, samples)
+                results.append(summary)
+                rows += table_rows(workload, summary, repeat)
+            table = format_table(HEADER, rows)
+            footer = (f"Figures are medians of {repeat} runs unless marked, each after a "
+                      f"warm-up run; lower is better; peer/ours is how many times faster (or "
+                      f"smaller) taskrunner is. The start of a peer that runs as a service "
+                      f"(a dask LocalCluster, Ray, Prefect's API server) is in its warm-up, "
+                      f"not timed; Prefect is timed inside its flow's body.")
+            figures = {"workloads": results}
+            plot = lambda path: plot_throughput(results, path)
+    finally:
+        peers.close_all()
     print()
     print(table)
     print(f"\n{footer}")
@@ -1324,6 +1614,6 @@ def main(args):
         with open(args.json, "w") as out:
             json.dump({"machine": info, "machine_line": machine_line(info),
                        "peer_versions": versions, "workers": args.workers,
-                       "processes": args.processes, "repeat": args.repeat, "quick": args.quick,
-                       **figures}, out, indent=2)
+                       "processes": args.processes, "repeat": repeat, "quick": args.quick,
+                       "full": args.full, **figures}, out, indent=2)
     return 0
