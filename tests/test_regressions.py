@@ -7,10 +7,11 @@ timeout, so that it fails the test instead of the session.
 """
 
 import os
+import threading
 
 import pytest
 
-from taskrunner import quote, unmapped
+from taskrunner import ThreadPoolTaskRunner, allow_failure, quote, unmapped
 
 import runner_tasks as rt
 from harness import run_script, running
@@ -590,3 +591,46 @@ def test_a_consumer_settling_a_mapped_item_keeps_its_block_alive():
     """, timeout=110, env={"PYTHONMALLOC": "malloc"})
     assert result.returncode == 0 and result.stdout.strip() == "ok", \
         (result.returncode, result.stderr[-2000:])
+
+
+@pytest.mark.timeout(60)
+def test_a_run_a_cancel_releases_starts_while_the_runner_has_room():
+    """cancel() of a waiting run released the runs that allow its failure
+    onto the ready ring but asked no consumer for them (found by the
+    runner state machine): they waited for some other run to end."""
+    gate, started = threading.Event(), threading.Event()
+
+    def blocker():
+        started.set()
+        return gate.wait(30)
+
+    with running(ThreadPoolTaskRunner(max_workers=4)) as runner:
+        try:
+            a = runner.submit(blocker)
+            assert started.wait(10)
+            b = runner.submit(rt.noop, wait_for=[a])
+            c = runner.submit(rt.identity, {"x": "ran"}, wait_for=[allow_failure(b)])
+            assert b.cancel()
+            assert c.result(timeout=10) == "ran"    # while `a` still holds its place
+            assert not a.done()
+        finally:
+            gate.set()
+
+
+@pytest.mark.timeout(60)
+def test_a_run_a_cancel_releases_runs_on_a_runner_with_no_consumer_yet():
+    """The same, where the cancelled run waited for another runner's run:
+    no consumer of this runner existed to notice, and its exit hung.  Once
+    it could exit, the other runner's run ending afterwards released the
+    cancelled run through a slot that had left the graph (a segfault)."""
+    gate = threading.Event()
+    with running(ThreadPoolTaskRunner(max_workers=2)) as other:
+        try:
+            a = other.submit(gate.wait, {"timeout": 30})
+            with running(ThreadPoolTaskRunner(max_workers=4), exit_timeout=10) as runner:
+                b = runner.submit(rt.noop, wait_for=[a])
+                c = runner.submit(rt.identity, {"x": "ran"}, wait_for=[allow_failure(b)])
+                assert b.cancel()
+                assert c.result(timeout=10) == "ran"
+        finally:
+            gate.set()

@@ -272,6 +272,8 @@ cdef class Engine(EngineBase):
         cdef Graph graph = self.graph
         cdef RunVec out = RunVec(NULL, 0, 0)
         cdef int32_t cause = -1
+        if fut._run < 0 or graph.released:
+            return      # it left the graph (its runner exited): nothing waits
         if up._state() != COMPLETED and not allow and fut._state() == PENDING:
             fut._value = up         # the cause, kept before the run can end
             cause = CAUSE_OUTSIDE

@@ -595,6 +595,8 @@ cdef class Graph:
         runvec_push(out, run, -1, self.payloads[run], NULL)
         self._fire_edges(run, False, out)
         self._fail_downstream(start + 1, out)
+        # Runs that allow its failure may be ready now.
+        self._demand()
 
     cdef void unstart_locked(self, int32_t run, bint cancel, RunVec* out) noexcept nogil:
         """A consumer gives back a run it took but never started: to the
@@ -628,6 +630,7 @@ cdef class Graph:
                 runvec_push(out, run, -1, self.payloads[run], NULL)
         for i in range(start, out.len):
             self._fire_edges(out.items[i].run, False, out)
+        self._demand()
 
     cdef void drop(self, int32_t run) noexcept nogil:
         self.lock()
