@@ -191,3 +191,17 @@ def make_path(tmp_path):
         return str(tmp_path / f"{stem}-{uuid.uuid4().hex}")
 
     return factory
+
+
+# ------------------------------------------------------------- one kind only
+
+
+@pytest.fixture
+def runner_specs():
+    """Every RunnerSpec by id, for tests written for one kind of runner
+    (the stress tests pick the thread, process and Dask runners by id).
+    A spec whose `requires` is missing is left out."""
+    import importlib.util
+
+    return {spec.id: spec for spec in RUNNERS
+            if not spec.requires or importlib.util.find_spec(spec.requires)}
