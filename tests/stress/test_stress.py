@@ -56,42 +56,47 @@ def _report(label, counts, seconds):
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
+ALL_OUTCOMES = ("COMPLETED", "FAILED", "NOT_READY", "CANCELLED")
+
+
+def _load_and_check(spec, leaks, label, load, max_workers, midway=None):
+    """Warm up, enter a runner of `spec`, run `load` on it (nested tasks
+    submit to it when the load has any), leave it, check every run against
+    the model.  Returns (runs, counts)."""
+    _warm_up(spec, leaks, max_workers=max_workers)
+    start = time.monotonic()
+    entering = own_runner if load.p_nested else running
+    with entering(spec(max_workers=max_workers), exit_timeout=120) as runner:
+        runs = sl.run_load(runner, load, midway=midway)
+    counts = sl.check(runs, cancel_all_called=midway is not None)
+    _report(label, counts, time.monotonic() - start)
+    assert len(runs) == load.threads * load.runs
+    return runs, counts
+
+
 @pytest.mark.timeout(240)
 def test_four_threads_at_once_on_the_thread_runner(runner_specs, leaks):
-    spec = runner_specs["threadpool"]
-    _warm_up(spec, leaks, max_workers=4)
-    load = sl.Load(threads=4, runs=_n(50_000), seed=1)
-    start = time.monotonic()
-    with own_runner(spec(max_workers=4)) as runner:
-        runs = sl.run_load(runner, load)
-    counts = sl.check(runs)
-    _report("thread runner, 4 threads", counts, time.monotonic() - start)
-    assert len(runs) == 4 * load.runs
+    runs, counts = _load_and_check(runner_specs["threadpool"], leaks, "thread runner, 4 threads",
+                                   sl.Load(threads=4, runs=_n(50_000), seed=1), max_workers=4)
     # The load must have exercised every outcome, or the check proved little.
-    assert all(counts.get(k, 0) > 0 for k in ("COMPLETED", "FAILED", "NOT_READY", "CANCELLED")), counts
+    assert all(counts.get(k, 0) > 0 for k in ALL_OUTCOMES), counts
     assert sum(r.kind == sl.NESTED for r in runs) > 0
     assert sum(r.kind == sl.TOLERANT for r in runs) > 0
-    del runs, runner
+    del runs
     leaks.check()
 
 
 @pytest.mark.timeout(240)
 def test_cancel_all_in_the_middle_of_the_load(runner_specs, leaks):
-    spec = runner_specs["threadpool"]
-    _warm_up(spec, leaks, max_workers=4)
-    load = sl.Load(threads=4, runs=_n(25_000), seed=2)
     swept = []
 
     def cancel_all(runner):
-        before = time.monotonic()
         runner.cancel_all()
-        swept.append(time.monotonic() - before)
+        swept.append(True)
 
-    start = time.monotonic()
-    with own_runner(spec(max_workers=4)) as runner:
-        runs = sl.run_load(runner, load, midway=cancel_all)
-    counts = sl.check(runs, cancel_all_called=True)
-    _report("thread runner, cancel_all midway", counts, time.monotonic() - start)
+    runs, _ = _load_and_check(runner_specs["threadpool"], leaks, "thread runner, cancel_all midway",
+                              sl.Load(threads=4, runs=_n(25_000), seed=2), max_workers=4,
+                              midway=cancel_all)
     assert swept, "cancel_all was never called"
     # cancel_all reached runs that no cancel() did, and runs submitted after
     # it ran as usual.
@@ -99,7 +104,7 @@ def test_cancel_all_in_the_middle_of_the_load(runner_specs, leaks):
     assert by_cancel_all, "cancel_all cancelled nothing"
     after = [r for r in runs if not r.before_cancel_all]
     assert after and any(r.future.state.is_completed() for r in after)
-    del runs, runner, by_cancel_all, after
+    del runs, by_cancel_all, after
     leaks.check()
 
 
@@ -124,16 +129,11 @@ def test_a_hundred_duplicates_in_a_row(runner_specs, leaks):
 
 @pytest.mark.timeout(300)
 def test_the_load_on_the_process_runner(runner_specs, leaks):
-    spec = runner_specs["processpool"]
-    _warm_up(spec, leaks, max_workers=2)
-    load = sl.Load(threads=4, runs=_n(5_000), p_nested=0, seed=3)
-    start = time.monotonic()
-    with running(spec(max_workers=2), exit_timeout=120) as runner:
-        runs = sl.run_load(runner, load)
-    counts = sl.check(runs)
-    _report("process runner, 4 threads", counts, time.monotonic() - start)
-    assert all(counts.get(k, 0) > 0 for k in ("COMPLETED", "FAILED", "NOT_READY", "CANCELLED")), counts
-    del runs, runner
+    runs, counts = _load_and_check(runner_specs["processpool"], leaks, "process runner, 4 threads",
+                                   sl.Load(threads=4, runs=_n(5_000), p_nested=0, seed=3),
+                                   max_workers=2)
+    assert all(counts.get(k, 0) > 0 for k in ALL_OUTCOMES), counts
+    del runs
     leaks.check()
 
 
@@ -141,16 +141,11 @@ def test_the_load_on_the_process_runner(runner_specs, leaks):
 def test_the_load_on_the_dask_runner(runner_specs, leaks):
     if "dask" not in runner_specs:
         pytest.skip("distributed is not installed")
-    spec = runner_specs["dask"]
-    _warm_up(spec, leaks, max_workers=2)
-    load = sl.Load(threads=4, runs=_n(500), p_nested=0, seed=4)
-    start = time.monotonic()
-    with running(spec(max_workers=2), exit_timeout=120) as runner:
-        runs = sl.run_load(runner, load)
-    counts = sl.check(runs)
-    _report("dask runner, 4 threads", counts, time.monotonic() - start)
+    runs, counts = _load_and_check(runner_specs["dask"], leaks, "dask runner, 4 threads",
+                                   sl.Load(threads=4, runs=_n(500), p_nested=0, seed=4),
+                                   max_workers=2)
     assert counts.get("COMPLETED", 0) > 0 and counts.get("NOT_READY", 0) > 0, counts
-    del runs, runner
+    del runs
     leaks.check()
 
 
