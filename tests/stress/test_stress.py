@@ -17,11 +17,17 @@ import time
 
 import pytest
 import stress_load as sl
+from leak_check import Leaks
 
 import runner_tasks as rt
 from harness import running
 
 SCALE = float(os.environ.get("TASKRUNNER_STRESS_SCALE", "1"))
+
+
+@pytest.fixture
+def leaks():
+    return Leaks()
 
 
 def _n(runs):

@@ -1,11 +1,12 @@
 """Leak checks for the stress tests: no thread, child process or file
-descriptor may outlive the runners a test made."""
+descriptor may outlive the runners a test made.  (A module, not a
+conftest.py: a second conftest here would shadow tests/conftest.py for the
+modules that import it by name.)"""
 
 import os
 import threading
 
 import psutil
-import pytest
 
 import runner_tasks as rt
 
@@ -58,8 +59,3 @@ def _fd_target(fd):
         return os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return "?"
-
-
-@pytest.fixture
-def leaks():
-    return Leaks()
