@@ -56,9 +56,10 @@ def own_runner(runner, exit_timeout=120):
         rt.OWN_RUNNER.clear()
 
 
-def _report(label, counts, seconds):
+def _report(label, counts, seconds=None):
     total = sum(counts.values())
-    print(f"\n{label}: {total} runs checked in {seconds:.1f} s: "
+    took = f" in {seconds:.1f} s" if seconds is not None else ""
+    print(f"\n{label}: {total} runs checked{took}: "
           + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
 
 
@@ -128,7 +129,7 @@ def test_a_hundred_duplicates_in_a_row(runner_specs, leaks):
             total[name] = total.get(name, 0) + n
         # Each runner's threads are gone when its exit returns.
         assert not [t for t in leaks.left()[0] if t.name.startswith("taskrunner-worker")], k
-    _report("100 duplicated thread runners", total, 0)
+    _report("100 duplicated thread runners", total)
     del runs, entered
     leaks.check()
 
