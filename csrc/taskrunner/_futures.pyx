@@ -78,18 +78,23 @@ cdef double until_signal_check(double deadline):
 
 
 cdef bint _wait_final(Graph graph, int32_t run, double deadline) except -1:
-    """Block (without the GIL) until `run` is final or the deadline passes."""
+    """Block (without the GIL) until `run` is final or the deadline passes.
+
+    Signals are checked after every wait, the one that saw the run end
+    too: a caller waiting on many runs in turn (FutureList.result(), a
+    loop in C with no bytecode between the waits) would otherwise never
+    see a Ctrl-C while each run ends within a slice."""
     cdef double until
     cdef bint final
     while True:
         until = until_signal_check(deadline)
         with nogil:
             final = graph.wait_final(run, until)
+        PyErr_CheckSignals()
         if final:
             return True
         if deadline >= 0 and tr_monotonic() >= deadline:
             return False
-        PyErr_CheckSignals()
 
 
 cdef bint wait_run(Graph graph, int32_t run, double deadline) except -1:
