@@ -629,3 +629,23 @@ def fail_at_then_gated(x, bad, log, gate):
     append_line(log, x)
     wait_path(gate)
     return x
+
+
+def tick(x, log, seconds):
+    """Log ``x`` (the run started), sleep ``seconds``, return ``x``."""
+    append_line(log, x)
+    time.sleep(seconds)
+    return x
+
+
+def started_then_gated(x, log, gate, timeout=GATE_TIMEOUT):
+    """Log ``x`` (the run started), block until the gate opens, return ``x``."""
+    append_line(log, x)
+    wait_path(gate, timeout)
+    return x
+
+
+def count_call(path, x=None):
+    """Log one line per call (a counter of calls across processes); return ``x``."""
+    append_line(path, x)
+    return x
