@@ -141,6 +141,7 @@ class EngineTaskRunner(TaskRunner):
 
     _engine = None
     _abandoned = False      # a second Ctrl-C stopped the exit's wait (see _wait_for_runs)
+    _exited = False         # it was entered and has exited (for the error of a late submit)
 
     def _start(self):
         raise NotImplementedError
@@ -151,6 +152,10 @@ class EngineTaskRunner(TaskRunner):
     def _started(self):
         engine = self._engine
         if engine is None:
+            if self._exited:
+                raise RuntimeError(
+                    f"{type(self).__name__} has exited: submit and map work only inside "
+                    f"its `with` block (enter it again, or use duplicate())")
             raise RuntimeError(
                 f"{type(self).__name__} is not started: use it in a `with` block "
                 f"before calling submit or map")
@@ -173,6 +178,7 @@ class EngineTaskRunner(TaskRunner):
         finally:
             engine.close()
             self._engine = None
+            self._exited = True
             self._stop()
             if not self._abandoned:
                 # The futures that outlive the runner keep their own states.

@@ -396,6 +396,8 @@ cdef class TaskFuture:
 
     def wait(self, timeout=None):
         """Block until the run is final or `timeout` seconds pass."""
+        if timeout is not None:
+            deadline_of(timeout)        # a bad timeout fails whether or not the run is final
         self._wait(timeout)
 
     def result(self, timeout=None, raise_on_failure=True):
@@ -403,8 +405,13 @@ cdef class TaskFuture:
         exception (with raise_on_failure=False, return it).  TimeoutError if
         the run is not final within `timeout` seconds."""
         # A result kept elsewhere: fetching it counts against the timeout too.
-        cdef double deadline = deadline_of(timeout) if self._engine.fetch is not None else -1.0
-        cdef uint8_t state = self._final_state(timeout)
+        cdef double deadline = (deadline_of(timeout)
+                                if timeout is not None and self._engine.fetch is not None
+                                else -1.0)
+        cdef uint8_t state
+        if timeout is not None and deadline < 0:
+            deadline_of(timeout)        # a bad timeout fails whether or not the run is final
+        state = self._final_state(timeout)
         if state == COMPLETED:
             if self._flags & REMOTE_VALUE:
                 return self._engine.fetch(self._value, remaining(deadline))
@@ -416,7 +423,10 @@ cdef class TaskFuture:
 
     def exception(self, timeout=None):
         """The run's exception, or None if it completed."""
-        cdef uint8_t state = self._final_state(timeout)
+        cdef uint8_t state
+        if timeout is not None:
+            deadline_of(timeout)        # a bad timeout fails whether or not the run is final
+        state = self._final_state(timeout)
         return None if state == COMPLETED else self._error(state)
 
     def add_done_callback(self, fn):
