@@ -131,6 +131,17 @@ def test_a_map_length_mismatch(spec, make_path):
     _only_the_good_call(counter)
 
 
+def test_an_imap_length_mismatch_raises_once_the_shortest_ends(spec, make_path):
+    counter = make_path("count")
+    with spec() as runner:
+        results = runner.imap(rt.count_call, {"path": [counter] * 2, "x": [1, 2, 3]})
+        assert [next(results), next(results)] == [1, 2]     # the results before that point
+        with pytest.raises(MappingLengthMismatch, match="'path' has 2"):
+            next(results)
+        assert sorted(rt.read_lines(counter)) == ["1", "2"]  # no third run
+        assert runner._engine.unfinished == 0
+
+
 @pytest.mark.parametrize("how", ["map", "imap"])
 def test_no_iterable_to_map_over(spec, how, make_path):
     counter = make_path("count")
