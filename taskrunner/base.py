@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import os
+import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar
@@ -33,6 +34,13 @@ def checked_max_workers(max_workers, default):
     if max_workers < 1:
         raise ValueError(f"max_workers must be at least 1, got {max_workers}")
     return max_workers
+
+
+def _shutdown_quietly(engine):
+    try:
+        engine.shutdown(True)
+    except BaseException:  # noqa: B036 (the exit's own wait reports what matters)
+        pass
 
 
 class TaskRunner(abc.ABC):
@@ -132,6 +140,8 @@ class EngineTaskRunner(TaskRunner):
     are executed: `_start()` returns the Engine, `_stop()` tears down."""
 
     _engine = None
+    _abandoned = False      # a second Ctrl-C stopped the exit's wait (see _wait_for_runs)
+    _exited = False         # it was entered and has exited (for the error of a late submit)
 
     def _start(self):
         raise NotImplementedError
@@ -142,6 +152,10 @@ class EngineTaskRunner(TaskRunner):
     def _started(self):
         engine = self._engine
         if engine is None:
+            if self._exited:
+                raise RuntimeError(
+                    f"{type(self).__name__} has exited: submit and map work only inside "
+                    f"its `with` block (enter it again, or use duplicate())")
             raise RuntimeError(
                 f"{type(self).__name__} is not started: use it in a `with` block "
                 f"before calling submit or map")
@@ -158,15 +172,66 @@ class EngineTaskRunner(TaskRunner):
         if engine is None:
             return None
         self._end_streams("the runner exited")
+        self._abandoned = False
         try:
-            engine.shutdown(exc_type is not None)
+            self._wait_for_runs(engine, exc_type)
         finally:
             engine.close()
             self._engine = None
+            self._exited = True
             self._stop()
-            # The futures that outlive the runner keep their own states.
-            engine.free_graph()
+            if not self._abandoned:
+                # The futures that outlive the runner keep their own states.
+                engine.free_graph()
         return None
+
+    def _wait_for_runs(self, engine, exc_type):
+        """The exit's wait: for every run, or (`cancel`: an exit by
+        exception) for the runs already running, those not started being
+        cancelled.  A Ctrl-C during a normal exit cancels as an exception
+        would, and is raised once the running runs end.  While it waits
+        for running runs after a Ctrl-C or an exception, the exit says so
+        once on stderr; a further Ctrl-C stops the wait: `_abandon()`
+        ends what it can, and the exit raises that KeyboardInterrupt."""
+        interrupted = None
+        if exc_type is None:
+            try:
+                engine._wait_quiet()
+                return False
+            except KeyboardInterrupt as error:
+                interrupted = error
+        # Cancel here, then once more with the engine told to cancel runs
+        # submitted from now on (by running tasks): shutdown(True) does
+        # both, and waits; on a thread of its own, so that this wait alone
+        # answers a Ctrl-C (shutdown answers one by waiting once more).
+        closer = threading.Thread(target=_shutdown_quietly, args=(engine,),
+                                  name="taskrunner-exit", daemon=True)
+        try:
+            # From here a Ctrl-C, wherever it lands, stops the wait.
+            engine.cancel_all()
+            closer.start()
+            running = engine.unfinished
+            if running and (interrupted is not None or issubclass(exc_type, KeyboardInterrupt)):
+                print(f"taskrunner: {self.name} runner exiting: waiting for {running} task "
+                      f"run{'s' if running != 1 else ''} still running; press Ctrl-C again "
+                      f"to stop waiting", file=sys.stderr, flush=True)
+            engine._wait_quiet()
+        except KeyboardInterrupt:
+            self._abandoned = True
+            self._abandon()
+            raise
+        closer.join()
+        if interrupted is not None:
+            raise interrupted
+
+    def _abandon(self):
+        """A second Ctrl-C stopped the exit's wait for the running runs:
+        end them as this runner can (kill its workers, cancel them where
+        they run), or leave them to finish in the background.  A runner
+        elsewhere hands it to its backend's `abandon()`, if it has one."""
+        abandon = getattr(getattr(self, "_active", None), "abandon", None)
+        if abandon is not None:
+            abandon()
 
     def submit(self, task: Callable[..., R], parameters: Optional[Parameters] = None,
                wait_for: Optional[Iterable[Any]] = None,

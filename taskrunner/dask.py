@@ -19,6 +19,7 @@ imported only when a runner is made.
 """
 
 import importlib
+import time
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
@@ -147,6 +148,28 @@ class DaskTaskRunner(RemoteTaskRunner):
 
     def _max_out(self, backend):
         return backend.window
+
+    def _abandon(self):
+        """A second Ctrl-C stopped the exit's wait: cancel the runs on the
+        cluster (their watcher ends them CRASHED: Dask cancelled them)."""
+        backend = self._active
+        if backend is None:
+            return
+        with backend.lock:
+            futures = {id(s.dask_future): s.dask_future for s in backend.placed.values()
+                       if s.dask_future is not None}
+        if not futures:
+            return
+        try:
+            backend.client.cancel(list(futures.values()), force=True)
+        except Exception:
+            return
+        # The watcher ends them as it sees the cancellations: let it, before
+        # the exit stops it (a bounded wait: the cluster may be gone).
+        engine = self._engine
+        deadline = time.monotonic() + 5.0
+        while engine is not None and engine.unfinished and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _parallelism(self):
         backend = self._active

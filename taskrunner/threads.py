@@ -66,6 +66,11 @@ class ThreadPoolTaskRunner(EngineTaskRunner):
     def _stop(self):
         with self._threads_lock:
             threads, self._threads = self._threads, []
+        if self._abandoned:
+            # A second Ctrl-C stopped the exit's wait: the threads still
+            # running a task finish it in the background (they are daemon
+            # threads: they do not keep the interpreter alive), then leave.
+            return
         for thread in threads:
             if thread is not threading.current_thread():
                 thread.join()

@@ -639,3 +639,62 @@ def gated_then_fail_at(x, gates, bad):
     if x == bad:
         raise TaskError(f"item {x} is bad")
     return x
+
+
+def tick(x, log, seconds):
+    """Log ``x`` (the run started), sleep ``seconds``, return ``x``."""
+    append_line(log, x)
+    time.sleep(seconds)
+    return x
+
+
+def started_then_gated(x, log, gate, timeout=GATE_TIMEOUT):
+    """Log ``x`` (the run started), block until the gate opens, return ``x``."""
+    append_line(log, x)
+    wait_path(gate, timeout)
+    return x
+
+
+def count_call(path, x=None):
+    """Log one line per call (a counter of calls across processes); return ``x``."""
+    append_line(path, x)
+    return x
+
+
+def slow_square(x, seconds):
+    time.sleep(seconds)
+    return x * x
+
+
+def stamped(i, size):
+    """``size`` bytes that say which item made them (checked whole)."""
+    return i.to_bytes(4, "little") * (size // 4)
+
+
+def big_result_after_pid(pidfile, size):
+    """Publish this worker's pid and bytes written so far (/proc/self/io
+    wchar), then return ``size`` bytes: the test kills the worker while
+    they are being written to the result pipe."""
+    with open("/proc/self/io") as f:
+        wchar = next(int(line.split()[1]) for line in f if line.startswith("wchar"))
+    tmp = pidfile + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{os.getpid()} {wchar}")
+    os.rename(tmp, pidfile)
+    return b"x" * size
+
+
+def logged_node(i, xs, log):
+    """A DAG node (``node``) that logs ``i`` as it runs."""
+    append_line(log, i)
+    return i + sum(xs)
+
+
+def square_marking_pid(x, marks, seconds):
+    """x * x after ``seconds``; the first run on each worker process
+    leaves a file named after its pid in ``marks`` (it serves runs)."""
+    mark = os.path.join(marks, str(os.getpid()))
+    if not os.path.exists(mark):
+        touch(mark)
+    time.sleep(seconds)
+    return x * x

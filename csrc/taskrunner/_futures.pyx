@@ -78,18 +78,23 @@ cdef double until_signal_check(double deadline):
 
 
 cdef bint _wait_final(Graph graph, int32_t run, double deadline) except -1:
-    """Block (without the GIL) until `run` is final or the deadline passes."""
+    """Block (without the GIL) until `run` is final or the deadline passes.
+
+    Signals are checked after every wait, the one that saw the run end
+    too: a caller waiting on many runs in turn (FutureList.result(), a
+    loop in C with no bytecode between the waits) would otherwise never
+    see a Ctrl-C while each run ends within a slice."""
     cdef double until
     cdef bint final
     while True:
         until = until_signal_check(deadline)
         with nogil:
             final = graph.wait_final(run, until)
+        PyErr_CheckSignals()
         if final:
             return True
         if deadline >= 0 and tr_monotonic() >= deadline:
             return False
-        PyErr_CheckSignals()
 
 
 cdef bint wait_run(Graph graph, int32_t run, double deadline) except -1:
@@ -391,6 +396,8 @@ cdef class TaskFuture:
 
     def wait(self, timeout=None):
         """Block until the run is final or `timeout` seconds pass."""
+        if timeout is not None:
+            deadline_of(timeout)        # a bad timeout fails whether or not the run is final
         self._wait(timeout)
 
     def result(self, timeout=None, raise_on_failure=True):
@@ -398,8 +405,13 @@ cdef class TaskFuture:
         exception (with raise_on_failure=False, return it).  TimeoutError if
         the run is not final within `timeout` seconds."""
         # A result kept elsewhere: fetching it counts against the timeout too.
-        cdef double deadline = deadline_of(timeout) if self._engine.fetch is not None else -1.0
-        cdef uint8_t state = self._final_state(timeout)
+        cdef double deadline = (deadline_of(timeout)
+                                if timeout is not None and self._engine.fetch is not None
+                                else -1.0)
+        cdef uint8_t state
+        if timeout is not None and deadline < 0:
+            deadline_of(timeout)        # a bad timeout fails whether or not the run is final
+        state = self._final_state(timeout)
         if state == COMPLETED:
             if self._flags & REMOTE_VALUE:
                 return self._engine.fetch(self._value, remaining(deadline))
@@ -411,7 +423,10 @@ cdef class TaskFuture:
 
     def exception(self, timeout=None):
         """The run's exception, or None if it completed."""
-        cdef uint8_t state = self._final_state(timeout)
+        cdef uint8_t state
+        if timeout is not None:
+            deadline_of(timeout)        # a bad timeout fails whether or not the run is final
+        state = self._final_state(timeout)
         return None if state == COMPLETED else self._error(state)
 
     def add_done_callback(self, fn):
