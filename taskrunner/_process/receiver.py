@@ -182,7 +182,9 @@ class Receiver:
         runs go back to be run again, and a new worker takes its place."""
         pool = self.pool
         code = worker.process.exitcode
-        if not worker.ready and not pool.closing:
+        # Killed by a signal (from outside: an operator, the OOM killer), a
+        # worker says nothing about whether new workers can start.
+        if not worker.ready and not pool.closing and (code is None or code >= 0):
             self.early_deaths += 1
             if self.early_deaths >= EARLY_DEATHS:
                 pool.break_down(CrashedRun(
