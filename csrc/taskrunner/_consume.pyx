@@ -85,6 +85,21 @@ def work(Engine engine, loop):
             consumer.in_callbacks = settling
             if out.len:
                 settle_ended(&out)
+            if (run >= 0 and not settling and fut is not None and fut._extra is not None
+                    and fut._extra.callbacks):
+                # A done callback added since the test above (while this
+                # thread ran Python code: starting a consumer, say) may block
+                # too: give the run held back first, as above.
+                graph.lock()
+                graph.unstart_locked(run, False, &out)
+                spawn = graph.pop_spawn_wanted_locked()
+                graph.unlock()
+                run = TAKE_NONE
+                consumer.holding = False
+                consumer.in_callbacks = True
+                if spawn:
+                    engine._spawn(spawn)
+                    spawn = 0
             settle_end(taken, fut, True)
             fut = None
             owner = None

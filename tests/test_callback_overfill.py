@@ -1,24 +1,17 @@
-"""Reproducer (issue 14, point 8: the root of the thread runner's flaky
-blocking-callback test, tests/test_engine.py::
-test_done_callbacks_that_block_do_not_break_the_running_limit).  The fix is
-in csrc/taskrunner/_consume.pyx, outside the faults-work brief.
-Run: python -m pytest repro/test_callback_added_late_overfills_the_pool.py
+"""The root of the thread runner's flaky blocking-callback test
+(test_engine.py::test_done_callbacks_that_block_do_not_break_the_running_limit),
+held open deterministically.
 
-work() decides whether a run has done callbacks (`settling`) before it
-completes the run and takes the next one; a callback added after that test
-and before settle_end() fires it (main thread, during any Python code the
-consumer runs in between: engine._spawn() starting a thread, a __del__ in
-settle_ended) runs while the consumer still holds the next run, taken and
-not started (holding=True, in_callbacks=False).  If it blocks, _secede
-gives that run's place up (graph.secede(True)), another consumer fills it,
-and on rejoin(True) the consumer takes the place back and starts the run:
-max_workers + 1 tasks run at once.  Under load the window opens by itself
-(the flake); here _start_worker holds it open.
-
-Fix (_consume.pyx, work()): test for callbacks again right before
-settle_end(), and if there are some while a run is held, unstart it first
-(as the `settling and run >= 0` branch does), or have settle_end fire the
-callbacks with the consumer marked in_callbacks and not holding.
+work() decided whether a run had done callbacks before it completed the run
+and took the next one; a callback added after that test and before
+settle_end() fired it (by the main thread, while the consumer ran Python
+code in between: engine._spawn() starting a thread) ran while the consumer
+still held the next run, taken and not started.  If it blocked, the
+consumer seceded and gave that run's place up, another consumer filled it,
+and on rejoining the consumer took the place back and started the run:
+max_workers + 1 tasks at once.  work() now tests again right before
+settle_end() and gives a held run back first.  Here _start_worker holds
+the window open.
 """
 
 import threading
