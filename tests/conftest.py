@@ -14,6 +14,8 @@ import threading
 import uuid
 
 import pytest
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
 
 
 class RunnerSpec:
@@ -199,12 +201,8 @@ def make_path(tmp_path):
 @pytest.fixture
 def runner_specs():
     """Every RunnerSpec by id, for tests written for one kind of runner
-    (the stress tests pick the thread, process and Dask runners by id).
-    A spec whose `requires` is missing is left out."""
-    import importlib.util
-
-    return {spec.id: spec for spec in RUNNERS
-            if not spec.requires or importlib.util.find_spec(spec.requires)}
+    (the stress tests pick the thread, process and Dask runners by id)."""
+    return {spec.id: spec for spec in RUNNERS}
 
 
 # ------------------------------------------------------- hypothesis profiles
@@ -214,19 +212,13 @@ def runner_specs():
 # --hypothesis-profile=long` tries 20,000 (see the README's Reliability
 # section for what a long run takes and found).
 
-try:
-    from hypothesis import HealthCheck
-    from hypothesis import settings as _hypothesis_settings
-except ImportError:  # hypothesis is a test extra; without it no test uses a profile
-    _hypothesis_settings = None
-else:
-    _profile_defaults = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
-    _hypothesis_settings.register_profile("ci", max_examples=200, **_profile_defaults)
-    _hypothesis_settings.register_profile("long", max_examples=20_000, **_profile_defaults)
+_profile_defaults = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+hypothesis_settings.register_profile("ci", max_examples=200, **_profile_defaults)
+hypothesis_settings.register_profile("long", max_examples=20_000, **_profile_defaults)
 
 
 def pytest_configure(config):
     # hypothesis's own plugin loads a profile named by --hypothesis-profile;
     # without one, the suite's default is "ci".
-    if _hypothesis_settings is not None and not config.getoption("--hypothesis-profile", None):
-        _hypothesis_settings.load_profile("ci")
+    if not config.getoption("--hypothesis-profile", None):
+        hypothesis_settings.load_profile("ci")

@@ -4,7 +4,6 @@ skipped peers, the progress line, --plot and --scaling."""
 
 import contextlib
 import dataclasses
-import importlib.util
 import io
 import json
 import re
@@ -18,10 +17,6 @@ from taskrunner.__main__ import main
 pytestmark = pytest.mark.timeout(240)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-has_matplotlib = pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
-                                    reason="--plot needs matplotlib")
-has_dask = pytest.mark.skipif(importlib.util.find_spec("dask") is None,
-                              reason="the chain row's dask peer needs dask")
 
 
 def run_bench(*argv):
@@ -220,7 +215,6 @@ def test_progress_line_says_what_is_running(capsys):
     assert re.search(r"\[0:\d\d\] chain: ThreadPoolExecutor run 1 of 1, 1,000 items", err)
 
 
-@has_dask
 def test_quick_default_runs_the_dask_peer_of_chain(tmp_path):
     """A peer sampled in a fresh process (dask threaded) runs in --quick too."""
     _, report = run_json(tmp_path, "--quick", "--workload", "chain", "--system",
@@ -238,7 +232,6 @@ def test_plot_without_matplotlib_exits_before_running(monkeypatch, capsys, tmp_p
     assert not (tmp_path / "c.png").exists()
 
 
-@has_matplotlib
 def test_plot_writes_a_png(tmp_path):
     chart = tmp_path / "chart.png"
     code, _ = run_bench("--quick", "--workload", "chain,memory", "--system", bench.THREAD_POOL,
@@ -249,12 +242,11 @@ def test_plot_writes_a_png(tmp_path):
 
 @pytest.fixture(scope="module")
 def scaling_run(tmp_path_factory):
-    """One --scaling --quick run (charted too when matplotlib is there):
-    (stdout, JSON, the chart's path or None)."""
+    """One --scaling --quick run, charted: (stdout, JSON, the chart's path)."""
     folder = tmp_path_factory.mktemp("scaling")
-    chart = folder / "scaling.png" if importlib.util.find_spec("matplotlib") else None
+    chart = folder / "scaling.png"
     code, stdout = run_bench("--scaling", "--quick", "--json", str(folder / "out.json"),
-                             *(["--plot", str(chart)] if chart else []))
+                             "--plot", str(chart))
     assert code == 0
     return stdout, json.loads((folder / "out.json").read_text()), chart
 
@@ -276,7 +268,6 @@ def test_scaling_quick_has_a_row_per_size_and_system(scaling_run):
     assert stdout.count("Figures are medians") == 1
 
 
-@has_matplotlib
 def test_scaling_plot_writes_a_png(scaling_run):
     chart = scaling_run[2]
     assert chart.read_bytes().startswith(PNG_MAGIC) and chart.stat().st_size > 10_000

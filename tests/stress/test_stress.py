@@ -146,8 +146,6 @@ def test_the_load_on_the_process_runner(runner_specs, leaks):
 
 @pytest.mark.timeout(300)
 def test_the_load_on_the_dask_runner(runner_specs, leaks):
-    if "dask" not in runner_specs:
-        pytest.skip("distributed is not installed")
     runs, counts = _load_and_check(runner_specs["dask"], leaks, "dask runner, 4 threads",
                                    sl.Load(threads=4, runs=_n(500), p_nested=0, seed=4),
                                    max_workers=2)
