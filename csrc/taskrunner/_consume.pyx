@@ -71,10 +71,7 @@ def work(Engine engine, loop):
                 # Done callbacks may block: hold no run meanwhile, or this
                 # thread would start it on top of the consumers started in
                 # its place (or wait for the run it holds).
-                graph.lock()
-                graph.unstart_locked(run, False, &out)
-                spawn += graph.pop_spawn_wanted_locked()
-                graph.unlock()
+                spawn += _give_back(graph, run, &out)
                 run = TAKE_NONE
             consumer.holding = run >= 0
             if spawn:
@@ -90,10 +87,7 @@ def work(Engine engine, loop):
                 # A done callback added since the test above (while this
                 # thread ran Python code: starting a consumer, say) may block
                 # too: give the run held back first, as above.
-                graph.lock()
-                graph.unstart_locked(run, False, &out)
-                spawn = graph.pop_spawn_wanted_locked()
-                graph.unlock()
+                spawn = _give_back(graph, run, &out)
                 run = TAKE_NONE
                 consumer.holding = False
                 consumer.in_callbacks = True
@@ -110,6 +104,17 @@ def work(Engine engine, loop):
         consumer_end()
         runvec_free(&out)
         graph.consumer_exit()
+
+
+cdef int32_t _give_back(Graph graph, int32_t run, RunVec* out) noexcept:
+    """Put a taken, unstarted run back in the ready queue; returns the
+    consumers the graph asks to start."""
+    cdef int32_t spawn
+    graph.lock()
+    graph.unstart_locked(run, False, out)
+    spawn = graph.pop_spawn_wanted_locked()
+    graph.unlock()
+    return spawn
 
 
 cdef object _call(Engine engine, TakenCall call, object loop):

@@ -405,13 +405,9 @@ cdef class TaskFuture:
         exception (with raise_on_failure=False, return it).  TimeoutError if
         the run is not final within `timeout` seconds."""
         # A result kept elsewhere: fetching it counts against the timeout too.
-        cdef double deadline = (deadline_of(timeout)
-                                if timeout is not None and self._engine.fetch is not None
-                                else -1.0)
-        cdef uint8_t state
-        if timeout is not None and deadline < 0:
-            deadline_of(timeout)        # a bad timeout fails whether or not the run is final
-        state = self._final_state(timeout)
+        # Also checks `timeout`, whether or not the run is final.
+        cdef double deadline = deadline_of(timeout)
+        cdef uint8_t state = self._final_state(timeout)
         if state == COMPLETED:
             if self._flags & REMOTE_VALUE:
                 return self._engine.fetch(self._value, remaining(deadline))

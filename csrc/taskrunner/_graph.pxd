@@ -20,7 +20,7 @@
 #   take        hand ready runs to a consumer: take() for one that runs
 #               them here (a thread), take_out() for one that sends them on
 #               (the ledger: F_OUT, then F_SENT once mark_sent says so).
-#   finish      a consumer reports how taken runs ended (complete_taken_locked):
+#   finish      a consumer reports how taken runs ended (complete_taken_many_locked):
 #               COMPLETED, FAILED or CRASHED; what depends on them moves on.
 #   give back   a consumer returns taken runs that never started (unstart_locked):
 #               ready again, or cancelled.
@@ -190,7 +190,6 @@ cdef class Graph:
     cdef int32_t _take_waiting_locked(self, void** payload, double deadline) noexcept nogil
     cdef void unstart_locked(self, int32_t run, bint cancel, RunVec* out) noexcept nogil
     cdef void complete_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil
-    cdef void complete_taken_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil
     cdef void complete_taken_many_locked(self, int32_t* runs, uint8_t* states, Py_ssize_t n,
                                          RunVec* out) noexcept nogil
     cdef int32_t complete_and_take(self, int32_t run, uint8_t state, RunVec* out,

@@ -476,16 +476,10 @@ cdef class Graph:
         self._fail_downstream(start, out)
         self._maybe_free(run)
 
-    cdef void complete_taken_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil:
-        """complete_locked() for a run a consumer took: its place is free."""
-        self.n_running -= 1
-        self.runs[run].flags &= ~(F_OUT | F_SENT)
-        self.complete_locked(run, state, out)
-
     cdef void complete_taken_many_locked(self, int32_t* runs, uint8_t* states, Py_ssize_t n,
                                          RunVec* out) noexcept nogil:
-        """complete_taken_locked() for runs[i] in states[i], waking
-        consumers once for all of them."""
+        """complete_locked() for runs[i], in states[i], that a consumer
+        took: their places are free; consumers are woken once for all."""
         cdef Py_ssize_t i
         cdef int32_t run
         for i in range(n):

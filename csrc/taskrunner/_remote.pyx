@@ -210,7 +210,7 @@ cdef class Outbox:
         cdef uint8_t* on_future         # run i ends through its future
         cdef int32_t* run_ids
         cdef bint kept_elsewhere = engine.fetch is not None
-        cdef bint settling = False
+        cdef bint settling = False, last
         if PyList_GET_SIZE(values) != n:
             raise ValueError("futures and values differ in length")
         codes = <uint8_t*>malloc(2 * n + 1)
@@ -252,11 +252,9 @@ cdef class Outbox:
             engine.settle(&out, spawn)
             for i in range(n):
                 payload = runs.items[i]
-                if on_future[i]:
-                    settle_end(payload, future_of(payload), i + 1 == n
-                               or owner_of(runs.items[i + 1]) != owner_of(payload))
-                elif i + 1 == n or owner_of(runs.items[i + 1]) != owner_of(payload):
-                    settle_end(payload, None, True)
+                last = i + 1 == n or owner_of(runs.items[i + 1]) != owner_of(payload)
+                if on_future[i] or last:
+                    settle_end(payload, future_of(payload) if on_future[i] else None, last)
         finally:
             free(codes)
             free(run_ids)
