@@ -698,3 +698,45 @@ def square_marking_pid(x, marks, seconds):
         touch(mark)
     time.sleep(seconds)
     return x * x
+
+
+# -- task options (retries, timeouts) -----------------------------------------
+
+
+def attempts_made(path):
+    """How many attempts a task recorded in `path` (one line each)."""
+    return len(read_lines(path)) if os.path.exists(path) else 0
+
+
+def fail_until(path, succeed_on, value, exc_type=TaskError):
+    """Record an attempt (its start time) in `path`; raise `exc_type` until
+    attempt `succeed_on`, which returns `value`."""
+    append_line(path, repr(time.monotonic()))
+    made = attempts_made(path)
+    if made < succeed_on:
+        raise exc_type(f"attempt {made} of {path}")
+    return value
+
+
+def item_fails_until(x, directory, succeed_on):
+    """fail_until() for mapped item `x`, with a file per item in `directory`."""
+    return fail_until(os.path.join(directory, f"item-{x}"), succeed_on, x * 10)
+
+
+def crash_until(path, succeed_on, value):
+    """Record an attempt in `path`; kill this worker process until attempt
+    `succeed_on`, which returns `value`."""
+    append_line(path, repr(time.monotonic()))
+    if attempts_made(path) < succeed_on:
+        os._exit(17)
+    return value
+
+
+def raise_by_attempt(path, kinds):
+    """Record an attempt; raise the exception class kinds[attempt - 1]."""
+    append_line(path, repr(time.monotonic()))
+    raise kinds[attempts_made(path) - 1]("attempt %d" % attempts_made(path))
+
+
+def is_value_error(exc):
+    return isinstance(exc, ValueError)

@@ -44,6 +44,13 @@ cdef class CallSpec:
     # pickled function, see taskrunner.remote): specs are cached per engine,
     # so this is once per runner.
     cdef public object wire
+    # The task's options (taskrunner.tasks): read per failure, never per run.
+    cdef readonly int retries
+    cdef readonly tuple retry_delays    # one per retry, the last repeats
+    cdef readonly double retry_jitter   # 0: none
+    cdef readonly object retry_condition
+    cdef readonly double timeout        # seconds; 0: none
+    cdef readonly frozenset tags
 
     cdef tuple bind(self, dict params, PyObject** kwargs)
 

@@ -36,9 +36,17 @@ cdef CallSpec spec_of(object task):
     """The plan for `task`, a Task or any callable; TypeError for anything else."""
     cdef CallSpec spec = CallSpec.__new__(CallSpec)
     spec.task = task
+    spec.retry_delays = (0.0,)
+    spec.tags = frozenset()
     if isinstance(task, Task):
         spec.fn = task.fn
         spec.name = task.name
+        spec.retries = task.retries
+        spec.retry_delays = task.retry_delay_seconds
+        spec.retry_jitter = task.retry_jitter_factor or 0.0
+        spec.retry_condition = task.retry_condition_fn
+        spec.timeout = task.timeout_seconds or 0.0
+        spec.tags = task.tags
     elif callable(task):
         spec.fn = task
         spec.name = _callable_name(task)

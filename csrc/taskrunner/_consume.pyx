@@ -4,7 +4,8 @@
     work(engine, loop):
         take a ready run (sleeping without the GIL while there is none)
         read its call (TakenCall), resolve its upstreams, call the task
-        record how it ended (record_end), then in one critical section
+        failed and to be retried: put it back (_retry), take the next
+        else record how it ended (record_end), then in one critical section
             complete it and take the next ready run (complete_and_take)
         settle what ended: done callbacks, the engine's references
 
@@ -24,6 +25,7 @@ from taskrunner._futures cimport (
 from taskrunner._graph cimport COMPLETED, FAILED, TAKE_NONE, Graph, RunVec, runvec_free
 from taskrunner._mapped cimport TakenCall, owner_of, record_end, settle_end, settle_ended
 from taskrunner._params cimport find_kept_elsewhere, prefetch_found, resolve, resolve_args
+from taskrunner._retry cimport retry_delay, retry_taken
 
 
 def work(Engine engine, loop):
@@ -63,6 +65,15 @@ def work(Engine engine, loop):
             except BaseException as exc:
                 value = exc
                 state = FAILED
+                if call.spec.retries:
+                    delay = retry_delay(call.spec, taken, exc)
+                    if delay is not None:
+                        value = None
+                        retry_taken(engine, taken, run, delay, exc)
+                        run = TAKE_NONE
+                        consumer.holding = False
+                        owner = None
+                        continue
             fut = record_end(taken, state, value, False)
             value = None
             settling = fut is not None and fut._extra is not None and bool(fut._extra.callbacks)

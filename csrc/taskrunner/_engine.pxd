@@ -21,11 +21,13 @@ cdef class Engine(EngineBase):
     cdef object _recall         # runner hook: take back runs sent on (see the class docstring)
     cdef bint _cancel_new       # exiting by exception: new runs end CANCELLED at once
     cdef object _callback_pool  # runs done callbacks apart (see taskrunner._callbacks), or None
+    cdef object _timer          # retry delays and run deadlines (taskrunner._timer), made on first use
 
     # For the consumer loop and the remote interface.
     cdef void unlock_and_settle(self, RunVec* out)
     cdef void settle(self, RunVec* out, int32_t spawn)
     cdef int unstart(self, RunList runs, bint cancel) except -1
+    cdef object call_later(self, double delay, object fn, object owner, int32_t run)
 
     cdef CallSpec _spec_for(self, object task)
     cdef CallSpec _find_spec(self, object task)

@@ -51,6 +51,7 @@ import io
 import logging
 
 from taskrunner._callbacks import CallbackPool
+from taskrunner._timer import Timer
 from taskrunner.annotations import allow_failure, quote, unmapped
 from taskrunner.exceptions import (
     MappingLengthMismatch, MappingMissingIterable, UpstreamTaskError,
@@ -648,11 +649,32 @@ cdef class Engine(EngineBase):
                 graph.wait_quiet(until)
             PyErr_CheckSignals()
 
+    cdef object call_later(self, double delay, object fn, object owner, int32_t run):
+        """fn(owner, run) on the engine's timer thread after `delay` seconds."""
+        if self._timer is None:
+            self._timer = Timer("taskrunner-timer")
+        return self._timer.call_later(delay, fn, owner, run)
+
+    def _end_retry_wait(self, owner, int32_t run):
+        """A run's retry delay has passed: it is ready again (if it was
+        cancelled meanwhile, its slot is let go).  `owner` kept its payload
+        alive until now."""
+        cdef Graph graph = self.graph
+        cdef RunVec out = RunVec(NULL, 0, 0)
+        graph.lock()
+        if graph.released:
+            graph.unlock()
+            return
+        graph.release_locked(run, -1, &out)
+        self.unlock_and_settle(&out)
+
     def close(self):
         """Stop the consumers now, whatever is unfinished, and let go of the
         callables and the runner: ended futures keep the engine alive, and
         must not keep those alive through it."""
         self.graph.close()
+        if self._timer is not None:
+            self._timer.stop()
         if self._callback_pool is not None:
             self._callback_pool.stop()
         self._specs.clear()

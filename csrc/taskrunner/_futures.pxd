@@ -69,6 +69,7 @@ cdef class TaskFuture:
     cdef object _uuid
     cdef _Extra _extra
     cdef int32_t _run           # its run in the graph; -1 before it is one, and once detached
+    cdef int32_t _retried       # attempts that failed and were retried (attempt = _retried + 1)
     cdef uint8_t _flags
     cdef uint8_t _final         # its final state, once detached from the graph (see Engine.release)
 

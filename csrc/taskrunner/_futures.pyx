@@ -22,7 +22,7 @@ import logging
 import threading
 import uuid
 
-from taskrunner.exceptions import CancelledRun, UpstreamTaskError
+from taskrunner.exceptions import CancelledRun, UpstreamTaskError, is_timeout
 from taskrunner.states import State, StateType
 
 _log = logging.getLogger("taskrunner")
@@ -376,12 +376,22 @@ cdef class TaskFuture:
         if state == COMPLETED:
             return State(kind)
         if state == FAILED:
+            if is_timeout(self._value):
+                return State(kind, "TimedOut", str(self._value))
             return State(kind, message=repr(self._value))
+        if state < COMPLETED and self._retried:
+            return State(kind, "Retrying")
         if state == NOT_READY:
             return State(kind, "NotReady", str(self._error(state)))
         if state >= COMPLETED:
             return State(kind, message=str(self._error(state)))
         return State(kind)
+
+    @property
+    def attempt(self):
+        """Which attempt at the run this is (or was, once it ended),
+        counting from 1: each retry of a failed attempt counts one more."""
+        return self._retried + 1
 
     @property
     def dependencies(self):

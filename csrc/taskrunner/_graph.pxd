@@ -28,6 +28,10 @@
 #               to recall runs sent on: it takes back those that surely
 #               never started, and the engine cancels them.
 #   cancel      end a run CANCELLED before it started, here or by a recall.
+#   retry       a consumer's taken run failed and will run again: it goes
+#               back to PENDING, held, until its retry delay has passed
+#               (retry_locked, then release_locked); an attempt is one run
+#               of its task, and a run has one more after each retry.
 #   settle      what an owner does after runs end, outside the lock: wake
 #               waiters, run done callbacks, let runs go (n_settling).
 #   consumer    whatever takes ready runs: a thread of the thread runner,
@@ -189,6 +193,7 @@ cdef class Graph:
                                   bint if_running) noexcept nogil
     cdef int32_t _take_waiting_locked(self, void** payload, double deadline) noexcept nogil
     cdef void unstart_locked(self, int32_t run, bint cancel, RunVec* out) noexcept nogil
+    cdef void retry_locked(self, int32_t run) noexcept nogil
     cdef void complete_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil
     cdef void complete_taken_many_locked(self, int32_t* runs, uint8_t* states, Py_ssize_t n,
                                          RunVec* out) noexcept nogil

@@ -603,6 +603,18 @@ cdef class Graph:
             self._push_ready(run)
             self._demand()
 
+    cdef void retry_locked(self, int32_t run) noexcept nogil:
+        """A consumer's taken run failed and is to run again: PENDING, held
+        (as a run being built is) until release_locked() makes it ready, at
+        once or when its retry delay has passed.  Meanwhile it holds no
+        running place, and cancel() and cancel_all() end it; its slot stays
+        until that release (the hold), so the run id stays its own."""
+        self.n_running -= 1
+        self.runs[run].flags &= ~(F_OUT | F_SENT)
+        self.runs[run].state = PENDING
+        self.runs[run].npending += 1
+        self._demand()
+
     cdef void cancel_all_locked(self, RunVec* out) noexcept nogil:
         # Mark every unstarted run first (out but not sent on included),
         # then fire: so each of them ends CANCELLED, none NOT_READY because
