@@ -31,6 +31,7 @@ class ThreadPoolTaskRunner(EngineTaskRunner):
         self._max_workers = max_workers
         self._threads: list = []
         self._threads_lock = threading.Lock()
+        self._left_behind: set = set()
 
     @property
     def name(self):
@@ -44,7 +45,9 @@ class ThreadPoolTaskRunner(EngineTaskRunner):
         return type(self)(max_workers=self._max_workers)
 
     def _start(self):
-        return Engine(self._max_workers, self._start_worker)
+        engine = Engine(self._max_workers, self._start_worker)
+        self._left_behind = engine.left_behind
+        return engine
 
     def _start_worker(self):
         engine = self._engine
@@ -71,8 +74,12 @@ class ThreadPoolTaskRunner(EngineTaskRunner):
             # running a task finish it in the background (they are daemon
             # threads: they do not keep the interpreter alive), then leave.
             return
+        # A thread left behind on a timed-out run (timeout_seconds) is still
+        # in the task, which no thread can be stopped in: its run has ended
+        # without it, and the exit does not wait for it either.
+        left_behind = self._left_behind
         for thread in threads:
-            if thread is not threading.current_thread():
+            if thread is not threading.current_thread() and thread.ident not in left_behind:
                 thread.join()
 
     def __repr__(self):

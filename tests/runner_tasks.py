@@ -740,3 +740,38 @@ def raise_by_attempt(path, kinds):
 
 def is_value_error(exc):
     return isinstance(exc, ValueError)
+
+
+def hang_until(path, succeed_on, value, gate):
+    """Record an attempt in `path`; until attempt `succeed_on`, block until
+    `gate` opens (past any timeout); that attempt returns `value`."""
+    append_line(path, repr(time.monotonic()))
+    if attempts_made(path) < succeed_on:
+        wait_path(gate)
+    return value
+
+
+def hang_noting_the_end(gate, note):
+    """Block until `gate` opens; note in `note` how the call ended."""
+    try:
+        wait_path(gate)
+    except BaseException as exc:
+        append_line(note, f"interrupted {type(exc).__name__}")
+        raise
+    append_line(note, "returned")
+
+
+async def async_hang_noting_cancel(note):
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        append_line(note, "cancelled")
+        raise
+
+
+def hang_if(x, bad, gate, pidfile):
+    """Item `bad` writes its worker's pid to `pidfile` and blocks on `gate`."""
+    if x == bad:
+        write_pid(pidfile)
+        wait_path(gate)
+    return x * 2

@@ -315,3 +315,123 @@ def test_a_crash_past_its_retries_ends_crashed(make_path):
             fut.result(timeout=60)
     assert attempts_made(path) == 2 and fut.attempt == 2
     assert fut.state.is_crashed()
+
+
+# =============================================================== timeouts
+
+
+def test_a_run_past_its_timeout_ends_timed_out(runner_factory, make_gate):
+    gate = make_gate()
+    slow = task(rt.hang_until, name="slowpoke", timeout_seconds=0.5)
+    with running(runner_factory(max_workers=2), exit_timeout=30) as runner:
+        fut = runner.submit(slow, {"path": _scratch(gate), "succeed_on": 2, "value": 1,
+                                   "gate": gate.path})
+        with pytest.raises(TimeoutError) as info:
+            fut.result(timeout=60)
+    assert type(info.value) is TimeoutError
+    assert "slowpoke" in str(info.value) and "0.5" in str(info.value)
+    state = fut.state
+    assert state.type is StateType.FAILED and state.name == "TimedOut"
+    assert fut.attempt == 1
+
+
+def _scratch(gate):
+    return gate.path + ".attempts"
+
+
+def test_a_timed_out_run_is_retried_like_a_failed_one(runner_factory, make_gate):
+    gate = make_gate()
+    slow_once = task(rt.hang_until, timeout_seconds=0.5, retries=2)
+    path = _scratch(gate)
+    with running(runner_factory(max_workers=2), exit_timeout=30) as runner:
+        fut = runner.submit(slow_once, {"path": path, "succeed_on": 2, "value": "second",
+                                        "gate": gate.path})
+        assert fut.result(timeout=60) == "second"
+    assert fut.attempt == 2 and attempts_made(path) == 2
+
+
+def test_runs_within_their_timeout_are_unaffected(runner_factory):
+    quick = task(rt.inc, timeout_seconds=30)
+    with running(runner_factory(max_workers=2)) as runner:
+        assert runner.map(quick, {"x": range(200)}).result(timeout=60) == list(range(1, 201))
+
+
+def test_thread_runner_frees_the_slot_of_a_timed_out_run_and_exits_without_it(make_gate,
+                                                                              make_path):
+    from taskrunner import ThreadPoolTaskRunner
+
+    gate, note = make_gate(), make_path()
+    stuck = task(rt.hang_noting_the_end, timeout_seconds=0.3)
+    with running(ThreadPoolTaskRunner(max_workers=1), exit_timeout=10) as runner:
+        fut = runner.submit(stuck, {"gate": gate.path, "note": note})
+        # The one worker's place is free once the run timed out, though its
+        # thread is still inside the task (the gate is shut).
+        assert runner.submit(rt.inc, {"x": 1}).result(timeout=30) == 2
+        with pytest.raises(TimeoutError):
+            fut.result(timeout=30)
+        assert not gate.is_open()
+    # The exit returned with the thread still in the task; its late result
+    # is dropped when it comes.
+    assert not os.path.exists(note)
+    gate.open()
+    assert wait_until(lambda: os.path.exists(note), timeout=30)
+    assert rt.read_lines(note) == ["returned"]
+    assert fut.state.name == "TimedOut"
+
+
+def test_thread_runner_cancels_an_async_task_on_its_loop(make_path):
+    from taskrunner import ThreadPoolTaskRunner
+
+    note = make_path()
+    stuck = task(rt.async_hang_noting_cancel, timeout_seconds=0.3)
+    with running(ThreadPoolTaskRunner(max_workers=2), exit_timeout=20) as runner:
+        fut = runner.submit(stuck, {"note": note})
+        with pytest.raises(TimeoutError):
+            fut.result(timeout=30)
+        assert wait_until(lambda: os.path.exists(note), timeout=20)
+    assert rt.read_lines(note) == ["cancelled"]
+
+
+def test_process_runner_kills_and_replaces_the_worker_of_a_timed_out_run(make_gate,
+                                                                        make_path):
+    from taskrunner import ProcessPoolTaskRunner
+
+    gate, pidfile = make_gate(), make_path("pid")
+    stuck_at_7 = task(rt.hang_if, timeout_seconds=1.0)
+    with running(ProcessPoolTaskRunner(max_workers=2), exit_timeout=30) as runner:
+        futures = runner.map(stuck_at_7, {"x": range(200), "bad": 7, "gate": gate.path,
+                                          "pidfile": pidfile})
+        values = futures.result(timeout=60, raise_on_failure=False)
+        assert isinstance(values[7], TimeoutError)
+        assert values[:7] + values[8:] == [x * 2 for x in range(200) if x != 7]
+        assert futures[7].state.name == "TimedOut"
+        killed = rt.read_pid(pidfile)
+        with pytest.raises(ProcessLookupError):
+            os.kill(killed, 0)
+        # Two workers again, neither of them the killed one.
+        pids = _two_worker_pids(runner, os.path.dirname(pidfile))
+        assert len(pids) == 2 and killed not in pids
+
+
+def _two_worker_pids(runner, directory):
+    """The pids of two runs that must run at once (so on two workers)."""
+    marks = [os.path.join(directory, f"rendezvous-{i}") for i in range(2)]
+    futures = [runner.submit(rt.rendezvous, {"me": marks[i], "others": [marks[1 - i]]})
+               for i in range(2)]
+    return {f.result(timeout=60)[0] for f in futures}
+
+
+def test_dask_stops_a_timed_out_task_on_its_worker(make_gate, make_path):
+    from conftest import RUNNERS
+
+    (spec,) = [s for s in RUNNERS if s.id == "dask-cluster"]
+    gate, note = make_gate(), make_path()
+    stuck = task(rt.hang_noting_the_end, timeout_seconds=0.5)
+    with running(spec(max_workers=2), exit_timeout=60) as runner:
+        fut = runner.submit(stuck, {"gate": gate.path, "note": note})
+        with pytest.raises(TimeoutError):
+            fut.result(timeout=60)
+        # Stopped there, not left running: the task's own except clause ran.
+        assert wait_until(lambda: os.path.exists(note), timeout=30)
+        assert not gate.is_open()
+    assert rt.read_lines(note) == ["interrupted _Overdue"]

@@ -62,3 +62,4 @@ cdef object awaited(object value, bint is_async, object loop)
 
 cdef class TaskLoop:
     cdef object loop
+    cdef object current     # the asyncio Task of the coroutine running now, if any

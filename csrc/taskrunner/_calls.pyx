@@ -109,7 +109,13 @@ cdef class TaskLoop:
     def run_coroutine(self, coro):
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
-        return self.loop.run_until_complete(coro)
+        # As a Task of its own, so that another thread can cancel it (a
+        # run's timeout: cancel_task).
+        self.current = asyncio.ensure_future(coro, loop=self.loop)
+        try:
+            return self.loop.run_until_complete(self.current)
+        finally:
+            self.current = None
 
     def close(self):
         if self.loop is not None:
@@ -118,6 +124,14 @@ cdef class TaskLoop:
             finally:
                 self.loop.close()
                 self.loop = None
+
+
+def cancel_task(task):
+    """Cancel an asyncio Task from any thread."""
+    try:
+        task.get_loop().call_soon_threadsafe(task.cancel)
+    except RuntimeError:
+        pass        # its loop has closed: it is over
 
 
 def call_task(fn, bint is_async, args, kwargs, loop):

@@ -22,12 +22,15 @@ cdef class Engine(EngineBase):
     cdef bint _cancel_new       # exiting by exception: new runs end CANCELLED at once
     cdef object _callback_pool  # runs done callbacks apart (see taskrunner._callbacks), or None
     cdef object _timer          # retry delays and run deadlines (taskrunner._timer), made on first use
+    # The thread idents of consumers left behind on a timed-out attempt
+    # (_consume): the runner's exit does not wait for them.
+    cdef readonly set left_behind
 
     # For the consumer loop and the remote interface.
     cdef void unlock_and_settle(self, RunVec* out)
     cdef void settle(self, RunVec* out, int32_t spawn)
     cdef int unstart(self, RunList runs, bint cancel) except -1
-    cdef object call_later(self, double delay, object fn, object owner, int32_t run)
+    cdef object call_later(self, double delay, object fn, tuple args)
 
     cdef CallSpec _spec_for(self, object task)
     cdef CallSpec _find_spec(self, object task)

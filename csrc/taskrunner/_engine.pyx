@@ -98,6 +98,7 @@ cdef class Engine(EngineBase):
             self._callback_pool = CallbackPool(self._call_callbacks, self._callbacks_done,
                                                "taskrunner-callbacks")
         self._specs = {}
+        self.left_behind = set()
         self._spawn_consumer = spawn_consumer
         self._recall = recall
         self.fetch = fetch
@@ -649,11 +650,12 @@ cdef class Engine(EngineBase):
                 graph.wait_quiet(until)
             PyErr_CheckSignals()
 
-    cdef object call_later(self, double delay, object fn, object owner, int32_t run):
-        """fn(owner, run) on the engine's timer thread after `delay` seconds."""
+    cdef object call_later(self, double delay, object fn, tuple args):
+        """fn(*args) on the engine's timer thread after `delay` seconds;
+        returns the entry (entry.cancel())."""
         if self._timer is None:
             self._timer = Timer("taskrunner-timer")
-        return self._timer.call_later(delay, fn, owner, run)
+        return self._timer.call_later(delay, fn, *args)
 
     def _end_retry_wait(self, owner, int32_t run):
         """A run's retry delay has passed: it is ready again (if it was

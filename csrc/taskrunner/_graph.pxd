@@ -28,6 +28,9 @@
 #               to recall runs sent on: it takes back those that surely
 #               never started, and the engine cancels them.
 #   cancel      end a run CANCELLED before it started, here or by a recall.
+#   left behind a consumer whose attempt timed out (a thread cannot be
+#               killed): the run ends or is retried without it, its place
+#               goes to other runs, and its late result is dropped.
 #   retry       a consumer's taken run failed and will run again: it goes
 #               back to PENDING, held, until its retry delay has passed
 #               (retry_locked, then release_locked); an attempt is one run
@@ -99,6 +102,7 @@ ctypedef struct Run:
     int32_t cause       # NOT_READY: the upstream that did not complete
     uint8_t state
     uint8_t flags
+    uint8_t n_stale     # consumers left behind on a timed-out attempt, not yet back
 
 ctypedef struct Edge:
     int32_t target      # (downstream << 1) | allow_failure
@@ -194,6 +198,8 @@ cdef class Graph:
     cdef int32_t _take_waiting_locked(self, void** payload, double deadline) noexcept nogil
     cdef void unstart_locked(self, int32_t run, bint cancel, RunVec* out) noexcept nogil
     cdef void retry_locked(self, int32_t run) noexcept nogil
+    cdef void leave_behind_locked(self, int32_t run, bint holding) noexcept nogil
+    cdef void back_from_behind_locked(self, int32_t run, bint holding) noexcept nogil
     cdef void complete_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil
     cdef void complete_taken_many_locked(self, int32_t* runs, uint8_t* states, Py_ssize_t n,
                                          RunVec* out) noexcept nogil

@@ -156,7 +156,7 @@ cdef class Graph:
     cdef void _maybe_free(self, int32_t run) noexcept nogil:
         cdef Run* r = &self.runs[run]
         if (r.state >= COMPLETED and r.state != FREE_SLOT and r.npending == 0
-                and (r.flags & (F_DROPPED | F_QUEUED)) == F_DROPPED):
+                and (r.flags & (F_DROPPED | F_QUEUED)) == F_DROPPED and r.n_stale == 0):
             r.state = FREE_SLOT
             r.flags = 0
             r.succ = self.free_run
@@ -177,6 +177,7 @@ cdef class Graph:
         self.runs[run].cause = -1
         self.runs[run].state = PENDING
         self.runs[run].flags = flags
+        self.runs[run].n_stale = 0
         self.payloads[run] = payload
         self.n_live += 1
         self.n_unfinished += 1
@@ -613,6 +614,33 @@ cdef class Graph:
         self.runs[run].flags &= ~(F_OUT | F_SENT)
         self.runs[run].state = PENDING
         self.runs[run].npending += 1
+        self._demand()
+
+    cdef void leave_behind_locked(self, int32_t run, bint holding) noexcept nogil:
+        """The attempt a thread consumer runs timed out: the run is ended
+        (or retried) without it, as if it still held its running place, and
+        the consumer counts as seceded until it is back (so a new consumer
+        may take the place).  A consumer in a nested wait (not `holding`)
+        gave its place up already: the run takes one back to end with.  The
+        slot outlives the run's end until back_from_behind_locked()."""
+        if holding:
+            self.n_seceded += 1
+        else:
+            self.n_running += 1
+        self.runs[run].n_stale += 1
+
+    cdef void back_from_behind_locked(self, int32_t run, bint holding) noexcept nogil:
+        """A consumer left behind (leave_behind_locked) returned from the
+        task: it gives up the place it holds (it rejoined from a nested
+        wait) or stops counting as seceded, and lets the run's slot go."""
+        if self.released:
+            return
+        if holding:
+            self.n_running -= 1
+        else:
+            self.n_seceded -= 1
+        self.runs[run].n_stale -= 1
+        self._maybe_free(run)
         self._demand()
 
     cdef void cancel_all_locked(self, RunVec* out) noexcept nogil:

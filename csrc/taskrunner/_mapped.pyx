@@ -886,6 +886,12 @@ cdef class RunList:
         keeps its own records of them by, while it holds them."""
         return [self.run_at(i) for i in range(self.n)]
 
+    def timeout_at(self, Py_ssize_t i):
+        """The timeout_seconds of run i's task (0.0: none)."""
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return spec_at(self.items[i]).timeout
+
     def position_of(self, int32_t run):
         """The index of run `run` (an id, see run_ids) here, or -1."""
         cdef Py_ssize_t i

@@ -76,5 +76,5 @@ cdef int retry_taken(Engine engine, void* payload, int32_t run, double delay,
         graph.release_locked(run, -1, &out)
     engine.unlock_and_settle(&out)
     if delay > 0:
-        engine.call_later(delay, engine._end_retry_wait, <object>owner_of(payload), run)
+        engine.call_later(delay, engine._end_retry_wait, (<object>owner_of(payload), run))
     return 0
