@@ -8,27 +8,30 @@ future.
 
 import os
 import threading
-from typing import Optional
+from typing import Mapping, Optional
 
 from taskrunner._calls import TaskLoop
 from taskrunner._consume import work
 from taskrunner._engine import Engine
-from taskrunner.base import EngineTaskRunner, checked_max_workers
+from taskrunner.base import EngineTaskRunner, checked_limits, checked_max_workers
 
 __all__ = ["ThreadPoolTaskRunner"]
 
 
 class ThreadPoolTaskRunner(EngineTaskRunner):
-    """Runs tasks on up to `max_workers` threads at once.
+    """Runs tasks on up to `max_workers` threads at once; `limits={tag: n}`
+    lets at most n runs of tasks with that tag run at once.
 
     Threads start as work arrives.  A run waiting for its upstreams holds
     no thread, and a task that blocks on another future gives its thread's
     place up until it resumes, so nested submits cannot deadlock the pool.
     """
 
-    def __init__(self, max_workers: Optional[int] = None) -> None:
+    def __init__(self, max_workers: Optional[int] = None, *,
+                 limits: Optional[Mapping[str, int]] = None) -> None:
         max_workers = checked_max_workers(max_workers, min(32, (os.cpu_count() or 1) + 4))
         self._max_workers = max_workers
+        self._limits = checked_limits(limits)
         self._threads: list = []
         self._threads_lock = threading.Lock()
         self._left_behind: set = set()
@@ -42,10 +45,10 @@ class ThreadPoolTaskRunner(EngineTaskRunner):
         return self._max_workers
 
     def duplicate(self):
-        return type(self)(max_workers=self._max_workers)
+        return type(self)(max_workers=self._max_workers, limits=self._limits)
 
     def _start(self):
-        engine = Engine(self._max_workers, self._start_worker)
+        engine = Engine(self._max_workers, self._start_worker, limits=self._limits)
         self._left_behind = engine.left_behind
         return engine
 

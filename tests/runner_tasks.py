@@ -775,3 +775,23 @@ def hang_if(x, bad, gate, pidfile):
         write_pid(pidfile)
         wait_path(gate)
     return x * 2
+
+
+def note_running(path, x, seconds=0.05):
+    """Append "<monotonic> start|end <x>" lines around a short sleep: the
+    intervals in which runs ran, comparable across processes."""
+    append_line(path, f"{time.monotonic()!r} start {x}")
+    time.sleep(seconds)
+    append_line(path, f"{time.monotonic()!r} end {x}")
+    return x
+
+
+def most_at_once(path):
+    """The largest number of note_running() intervals in `path` that overlap."""
+    events = sorted((float(t), kind == "start") for t, kind, _ in
+                    (line.split() for line in read_lines(path)))
+    at_once = most = 0
+    for _, starts in events:
+        at_once += 1 if starts else -1
+        most = max(most, at_once)
+    return most

@@ -435,3 +435,130 @@ def test_dask_stops_a_timed_out_task_on_its_worker(make_gate, make_path):
         assert wait_until(lambda: os.path.exists(note), timeout=30)
         assert not gate.is_open()
     assert rt.read_lines(note) == ["interrupted _Overdue"]
+
+
+# ==================================================== concurrency limits
+
+
+def _with_limits(runner_factory, max_workers, limits):
+    """runner_factory's runner, rebuilt with `limits` (through duplicate's
+    constructor arguments: each runner class takes limits=)."""
+    runner = runner_factory(max_workers=max_workers)
+    return _rebuilt(runner, limits)
+
+
+def _rebuilt(runner, limits):
+    from taskrunner import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+    from taskrunner.dask import DaskTaskRunner
+
+    if isinstance(runner, ThreadPoolTaskRunner):
+        return ThreadPoolTaskRunner(max_workers=runner.max_workers, limits=limits)
+    if isinstance(runner, ProcessPoolTaskRunner):
+        return ProcessPoolTaskRunner(max_workers=runner.max_workers, limits=limits)
+    assert isinstance(runner, DaskTaskRunner)
+    return DaskTaskRunner(address=runner.address, cluster_kwargs=runner.cluster_kwargs or None,
+                          limits=limits)
+
+
+def _runner_classes():
+    from taskrunner import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+    from taskrunner.dask import DaskTaskRunner
+
+    return [ThreadPoolTaskRunner, ProcessPoolTaskRunner, DaskTaskRunner]
+
+
+@pytest.mark.parametrize("limits, error", [
+    ({"db": 0}, ValueError), ({"db": -1}, ValueError), ({"db": 1.5}, ValueError),
+    ({"db": "2"}, ValueError), ({"db": True}, ValueError), ({"db": None}, ValueError),
+    ({3: 1}, TypeError), (["db"], TypeError), ("db", TypeError),
+])
+@pytest.mark.parametrize("cls", _runner_classes(), ids=lambda c: c.__name__)
+def test_a_bad_limit_is_an_error_at_construction(cls, limits, error):
+    with pytest.raises(error, match="limits"):
+        cls(limits=limits)
+
+
+@pytest.mark.parametrize("cls", _runner_classes(), ids=lambda c: c.__name__)
+def test_limits_are_kept_and_duplicated(cls):
+    runner = cls(limits={"db": 2, "io": 1})
+    assert runner.limits == {"db": 2, "io": 1}
+    assert runner.duplicate().limits == {"db": 2, "io": 1}
+    assert cls().limits == {}
+
+
+def test_at_most_the_limit_of_a_tag_runs_at_once(runner_factory, make_path):
+    limited, free = make_path("db"), make_path("free")
+    db_task = task(rt.note_running, tags=["db"])
+    with running(_with_limits(runner_factory, 4, {"db": 2})) as runner:
+        a = runner.map(db_task, {"path": limited, "x": range(16)})
+        b = runner.map(rt.note_running, {"path": free, "x": range(16)})
+        assert a.result(timeout=60) == list(range(16)) and b.result(timeout=60) == list(range(16))
+    assert rt.most_at_once(limited) == 2
+    assert rt.most_at_once(free) >= 2      # the limit is the tag's alone
+
+
+def test_a_run_waiting_for_its_limit_holds_no_worker(runner_factory, make_gate):
+    """Two workers, limit 1: one "db" run blocks, a second waits for the
+    slot; a run of another task still gets the second worker."""
+    gate, started = make_gate(), make_gate()
+    db_gated = task(rt.gated, tags=["db"])
+    with running(_with_limits(runner_factory, 2, {"db": 1}), exit_timeout=30) as runner:
+        first = runner.submit(db_gated, {"value": 1, "gate": gate.path,
+                                         "started": started.path})
+        rt.wait_path(started.path)
+        second = runner.submit(db_gated, {"value": 2, "gate": gate.path})
+        other = runner.submit(rt.inc, {"x": 41})
+        assert other.result(timeout=30) == 42
+        assert second.state.is_pending() and first.state.is_running()
+        gate.open()
+        assert (first.result(timeout=30), second.result(timeout=30)) == (1, 2)
+
+
+def test_a_run_of_several_limited_tags_waits_for_each(make_path):
+    from taskrunner import ThreadPoolTaskRunner
+
+    both, db_only, io_only = make_path("both"), make_path("db"), make_path("io")
+    db_io = task(rt.note_running, tags=["db", "io"])
+    with running(ThreadPoolTaskRunner(max_workers=8, limits={"db": 2, "io": 1})) as runner:
+        runs = [runner.map(db_io, {"path": both, "x": range(6)}),
+                runner.map(task(rt.note_running, tags=["db"]), {"path": db_only, "x": range(6)}),
+                runner.map(task(rt.note_running, tags=["io"]), {"path": io_only, "x": range(6)})]
+        for futures in runs:
+            futures.result(timeout=60)
+    assert rt.most_at_once(both) == 1
+    # "io" allows one run at once across both tasks that carry it.
+    merged = rt.read_lines(both) + rt.read_lines(io_only)
+    with open(io_only + ".merged", "w") as f:
+        f.write("\n".join(merged) + "\n")
+    assert rt.most_at_once(io_only + ".merged") == 1
+
+
+def test_a_run_waiting_for_its_limit_can_be_cancelled(runner_factory, make_gate):
+    gate, started = make_gate(), make_gate()
+    db_gated = task(rt.gated, tags=["db"])
+    with running(_with_limits(runner_factory, 2, {"db": 1}), exit_timeout=30) as runner:
+        first = runner.submit(db_gated, {"value": 1, "gate": gate.path,
+                                         "started": started.path})
+        rt.wait_path(started.path)
+        waiting = [runner.submit(db_gated, {"value": i, "gate": gate.path}) for i in range(5)]
+        assert waiting[2].cancel()
+        runner.cancel_all()
+        assert all(f.state.is_cancelled() for f in waiting)
+        gate.open()
+        assert first.result(timeout=30) == 1
+        # The slot is free again for new runs of the tag.
+        assert runner.submit(db_gated, {"value": 9, "gate": gate.path}).result(timeout=30) == 9
+
+
+def test_a_run_waiting_out_a_retry_gives_its_limit_slot_up(make_path, make_gate):
+    from taskrunner import ThreadPoolTaskRunner
+
+    gate = make_gate()
+    flaky = task(rt.fail_until, retries=1, retry_delay_seconds=60, tags=["db"])
+    with running(ThreadPoolTaskRunner(max_workers=2, limits={"db": 1}), exit_timeout=20) as r:
+        waiting = r.submit(flaky, {"path": make_path(), "succeed_on": 2, "value": 1})
+        assert wait_until(lambda: waiting.state.name == "Retrying", timeout=30)
+        other = r.submit(task(rt.gated, tags=["db"]), {"value": 5, "gate": gate.path})
+        gate.open()
+        assert other.result(timeout=30) == 5
+        r.cancel_all()

@@ -51,6 +51,7 @@ cdef class CallSpec:
     cdef readonly object retry_condition
     cdef readonly double timeout        # seconds; 0: none
     cdef readonly frozenset tags
+    cdef readonly int lim           # its tags' limit set in the engine's graph (0: none)
 
     cdef tuple bind(self, dict params, PyObject** kwargs)
 

@@ -25,6 +25,7 @@ cdef class Engine(EngineBase):
     # The thread idents of consumers left behind on a timed-out attempt
     # (_consume): the runner's exit does not wait for them.
     cdef readonly set left_behind
+    cdef dict _limit_index      # tag -> its limit's number in the graph (the runner's limits)
 
     # For the consumer loop and the remote interface.
     cdef void unlock_and_settle(self, RunVec* out)
@@ -34,6 +35,7 @@ cdef class Engine(EngineBase):
 
     cdef CallSpec _spec_for(self, object task)
     cdef CallSpec _find_spec(self, object task)
+    cdef CallSpec _limited(self, CallSpec spec)
     cdef int _lock_open(self) except -1
     cdef void _release_new_locked(self, int32_t run, bint cancel, RunVec* out) noexcept
     cdef int _register(self, PyObject** futs, Py_ssize_t n, Upstreams* shared,

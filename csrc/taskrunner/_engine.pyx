@@ -26,7 +26,7 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 from cpython.sequence cimport PySequence_Fast_ITEMS
 from cpython.tuple cimport PyTuple_GET_SIZE
-from libc.stdint cimport int32_t, uint8_t
+from libc.stdint cimport int32_t, uint8_t, uint64_t
 from libc.stdlib cimport calloc, free
 
 from taskrunner._calls cimport CallSpec, as_params, spec_of
@@ -92,8 +92,12 @@ cdef class Engine(EngineBase):
     """
 
     def __cinit__(self, int max_running, spawn_consumer=None, recall=None, fetch=None,
-                  fetch_many=None, prefetch=None, bint callbacks_apart=False):
+                  fetch_many=None, prefetch=None, bint callbacks_apart=False, limits=None):
         self.graph = Graph(max_running, spawn_consumer is not None)
+        self._limit_index = {}
+        if limits:
+            self._limit_index = {tag: i for i, tag in enumerate(limits)}
+            self.graph.set_limits(list(limits.values()))
         if callbacks_apart:
             self._callback_pool = CallbackPool(self._call_callbacks, self._callbacks_done,
                                                "taskrunner-callbacks")
@@ -118,13 +122,23 @@ cdef class Engine(EngineBase):
         try:
             found = self._specs.get(task)
         except TypeError:       # an unhashable callable: no caching
-            return spec_of(task)
+            return self._limited(spec_of(task))
         if found is not None:
             return <CallSpec>found
-        spec = spec_of(task)
+        spec = self._limited(spec_of(task))
         if len(self._specs) >= _MAX_SPECS:
             self._specs.clear()
         self._specs[task] = spec
+        return spec
+
+    cdef CallSpec _limited(self, CallSpec spec):
+        """`spec`, with the limit set of its tags that the runner limits."""
+        cdef uint64_t mask = 0
+        if self._limit_index and spec.tags:
+            for tag in spec.tags:
+                if tag in self._limit_index:
+                    mask |= (<uint64_t>1) << <int>self._limit_index[tag]
+            spec.lim = self.graph.limit_set_of(mask)
         return spec
 
     def spec_of(self, task):
@@ -218,7 +232,7 @@ cdef class Engine(EngineBase):
         self._lock_open()
         for i in range(n):
             fut = <TaskFuture>futs[i]
-            run = graph.add_run_locked(<void*>fut, 0)
+            run = graph.add_run_locked(<void*>fut, 0, <uint8_t>fut._spec.lim)
             if run < 0:
                 oom = True
                 break
@@ -461,9 +475,10 @@ cdef class Engine(EngineBase):
         cdef Py_ssize_t i
         cdef int32_t run, cause
         cdef bint outside = False, oom = False
+        cdef uint8_t lim = <uint8_t>block.spec.lim
         self._lock_open()
         for i in range(lo, hi):
-            run = graph.add_run_locked(item_payload(block, i), 0)
+            run = graph.add_run_locked(item_payload(block, i), 0, lim)
             if run < 0:
                 oom = True
                 break
