@@ -14,7 +14,7 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-CORE = ["_graph", "_calls", "_futures", "_mapped", "_params", "_engine", "_consume", "_remote",
+CORE = ["_graph", "_calls", "_futures", "_mapped", "_params", "_trace", "_engine", "_consume", "_remote",
         "_worker", "_stream"]
 
 SANITIZERS = {

@@ -21,9 +21,12 @@ from taskrunner._engine cimport Engine
 from taskrunner._futures cimport (
     HAS_OUTSIDE, NEEDS_RESOLVE, ONE_ARG, Consumer, TaskFuture, consumer_begin, consumer_end,
 )
-from taskrunner._graph cimport COMPLETED, FAILED, TAKE_NONE, Graph, RunVec, runvec_free
+from taskrunner._graph cimport (
+    COMPLETED, FAILED, TAKE_NONE, Graph, RunVec, runvec_free, tr_monotonic,
+)
 from taskrunner._mapped cimport TakenCall, owner_of, record_end, settle_end, settle_ended
 from taskrunner._params cimport find_kept_elsewhere, prefetch_found, resolve, resolve_args
+from taskrunner._trace cimport Trace
 
 
 def work(Engine engine, loop):
@@ -40,6 +43,9 @@ def work(Engine engine, loop):
     cdef object owner = None
     cdef TakenCall call = TakenCall.__new__(TakenCall)
     cdef Consumer consumer = consumer_begin(engine)
+    cdef Trace trace = engine.trace
+    cdef int32_t track = trace.thread_track() if trace is not None else -1
+    cdef double started = 0.0
     graph.consumer_enter()
     try:
         while True:
@@ -57,12 +63,16 @@ def work(Engine engine, loop):
             # drops the list) while this thread still settles it.
             owner = <object>owner_of(taken)
             call.read(taken, True)
+            if trace is not None:
+                started = tr_monotonic()
             try:
                 value = _call(engine, call, loop)
                 state = COMPLETED
             except BaseException as exc:
                 value = exc
                 state = FAILED
+            if trace is not None:
+                trace.add(taken, track, started, tr_monotonic(), state)
             fut = record_end(taken, state, value, False)
             value = None
             settling = fut is not None and fut._extra is not None and bool(fut._extra.callbacks)

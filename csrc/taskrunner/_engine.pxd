@@ -12,6 +12,7 @@ from taskrunner._futures cimport EngineBase, TaskFuture
 from taskrunner._graph cimport RunVec
 from taskrunner._mapped cimport FutureList, MapBlock, RunList
 from taskrunner._params cimport Upstream, Upstreams
+from taskrunner._trace cimport Trace
 
 
 cdef class Engine(EngineBase):
@@ -21,6 +22,7 @@ cdef class Engine(EngineBase):
     cdef object _recall         # runner hook: take back runs sent on (see the class docstring)
     cdef bint _cancel_new       # exiting by exception: new runs end CANCELLED at once
     cdef object _callback_pool  # runs done callbacks apart (see taskrunner._callbacks), or None
+    cdef public Trace trace     # the run trace's recorder (_trace.pyx), or None: not tracing
 
     # For the consumer loop and the remote interface.
     cdef void unlock_and_settle(self, RunVec* out)

@@ -362,6 +362,12 @@ cdef class TaskFuture:
             run_id = uuid.uuid4()
             if self._uuid is None:
                 self._uuid = run_id
+        made = self._uuid
+        if type(made) is int:
+            # Given by a run trace, as the int it stands for (see _trace.pyx).
+            run_id = uuid.UUID(int=made)
+            if self._uuid is made:
+                self._uuid = run_id
         return self._uuid
 
     @property

@@ -1,0 +1,573 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The run trace: `trace="run.json"` on a runner records every attempt of
+every run, and when the runner exits writes a Chrome trace-event file
+(Perfetto, chrome://tracing).
+
+While the runner runs, only raw records are made, in C arrays that grow by
+doubling: a slice is (run key, track, start, end, task, state), an edge is
+(upstream key, downstream key).  Consumers record a slice around each call
+(the thread runner's consumer loop; the parent of a process worker from the
+times the worker sends back; the Dask backend from the times its workers
+keep), the engine records the edges when it adds runs.  Everything else is
+worked out at exit, in write(): attempts (a run's slices in time order are
+its attempts 1, 2, ...), the wait between a failed attempt and the next
+("retry wait"), the flow arrows along edges, the tracks' names.
+
+Run keys.  A run's id in the file is its future's task_run_id.  Making a
+uuid4 for every run would cost more than the run, so the trace gives a run
+whose id nobody has read yet one of its own: the trace's random version-4
+prefix with a counter in the last 48 bits, stored in the future as the int
+it stands for (TaskFuture.task_run_id turns it into the UUID when it is
+read).  A map's items, which have no future, get a range of counters when
+the map is made, and a future made for item i later takes the i-th (see
+MapBlock.hand_over).  Key k < FOREIGN is the run whose id is prefix + k;
+a run whose UUID was made before the trace saw it is keyed FOREIGN + its
+index in `foreign_text`.
+
+Times are tr_monotonic() seconds (CLOCK_MONOTONIC: one clock for every
+process of the machine), written as microseconds since the trace began.
+"""
+
+cimport cython
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.dict cimport PyDict_Contains
+from cpython.list cimport PyList_GET_ITEM
+from cpython.object cimport PyObject
+from libc.math cimport isnan, llround
+from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdio cimport FILE, fclose, fdopen, ferror, fprintf, fputs
+from libc.stdlib cimport free, malloc, qsort, realloc
+
+from taskrunner._futures cimport EngineBase, TaskFuture, is_item
+from taskrunner._graph cimport COMPLETED, CRASHED, FAILED, tr_monotonic
+from taskrunner._mapped cimport MapBlock, RunList, block_of, index_of
+from taskrunner._params cimport Upstream, Upstreams
+
+import heapq
+import json
+import os
+import tempfile
+import threading
+import uuid
+from typing import NamedTuple
+
+from taskrunner._graph import STATES
+
+cdef int64_t _ID_BITS = 48
+cdef int64_t FOREIGN = (<int64_t>1) << 48
+cdef int64_t _LOW = FOREIGN - 1
+
+# The names the file gives the states an attempt ends in (as State.name).
+_STATE_NAMES = {code: name.capitalize() for name, code in STATES.items()}
+STATE_OF = {"completed": COMPLETED, "failed": FAILED, "crashed": CRASHED}
+
+
+class Track(NamedTuple):
+    """A row of the trace: one worker thread, process or Dask worker thread."""
+    group: str      # the process row it is in ("pid" in the file)
+    label: str      # its own name ("tid")
+
+
+class Wait(NamedTuple):
+    """A span a run spent waiting: for its next attempt, or for a limit."""
+    key: int
+    name: int       # index into the task names
+    start: float
+    end: float
+    label: str
+
+
+cdef int _by_key_then_start(const void* a, const void* b) noexcept nogil:
+    cdef const _Order* x = <const _Order*>a
+    cdef const _Order* y = <const _Order*>b
+    if x.key != y.key:
+        return -1 if x.key < y.key else 1
+    if x.start != y.start:
+        return -1 if x.start < y.start else 1
+    return -1 if x.index < y.index else (1 if x.index > y.index else 0)
+
+
+@cython.final
+cdef class Trace:
+    """The records of one entered runner (see the module docstring)."""
+
+    def __cinit__(self):
+        self.t0 = tr_monotonic()
+        self.cap = 1024
+        self.starts = <double*>malloc(self.cap * sizeof(double))
+        self.ends = <double*>malloc(self.cap * sizeof(double))
+        self.keys = <int64_t*>malloc(self.cap * sizeof(int64_t))
+        self.tracks = <int32_t*>malloc(self.cap * sizeof(int32_t))
+        self.names = <int32_t*>malloc(self.cap * sizeof(int32_t))
+        self.states = <uint8_t*>malloc(self.cap)
+        self.cap_edges = 256
+        self.edges = <int64_t*>malloc(2 * self.cap_edges * sizeof(int64_t))
+        if (self.starts == NULL or self.ends == NULL or self.keys == NULL or self.tracks == NULL
+                or self.names == NULL or self.states == NULL or self.edges == NULL):
+            raise MemoryError()
+        base = uuid.uuid4().int & ~_LOW
+        self.prefix = base
+        self.prefix_text = str(uuid.UUID(int=base))[:24].encode()
+        self.foreign = {}
+        self.foreign_text = []
+        self.name_of_spec = {}
+        self.task_names = []
+        self.last_name = -1
+        self.track_of = {}
+        self.track_list = []
+        self.waits = []
+
+    def __dealloc__(self):
+        free(self.starts)
+        free(self.ends)
+        free(self.keys)
+        free(self.tracks)
+        free(self.names)
+        free(self.states)
+        free(self.edges)
+
+    # -- keys and names ----------------------------------------------------------
+
+    cdef int64_t key_of_future(self, TaskFuture fut) except? -1:
+        cdef object made = fut._uuid
+        cdef int64_t key
+        if made is None:
+            key = self.next_id
+            self.next_id += 1
+            fut._uuid = self.prefix + key
+            return key
+        offset = (made if type(made) is int else made.int) - self.prefix
+        if 0 <= offset < self.next_id:
+            return <int64_t>offset
+        found = self.foreign.get(made)
+        if found is None:
+            found = self.foreign[made] = FOREIGN + len(self.foreign_text)
+            self.foreign_text.append(str(made).encode())
+        return <int64_t>found
+
+    cdef int64_t key_of(self, void* payload) except? -1:
+        cdef MapBlock block
+        cdef Py_ssize_t i
+        if not is_item(payload):
+            return self.key_of_future(<TaskFuture>payload)
+        block = block_of(payload)
+        i = index_of(payload, block)
+        if block.futures[i] != NULL:
+            return self.key_of_future(<TaskFuture>block.futures[i])
+        if block.trace_ids is None:
+            self._number_block(block)
+        return block.trace_key + i
+
+    cdef int _number_block(self, MapBlock block) except -1:
+        """Ids for a block's items, in one range: a future made for an item
+        later takes its id (MapBlock.hand_over)."""
+        block.trace_key = self.next_id
+        block.trace_ids = self.prefix + self.next_id
+        self.next_id += block.n
+        return 0
+
+    cdef int32_t _name_of(self, object spec) except -1:
+        cdef int32_t index
+        if spec is self.last_spec:
+            return self.last_name
+        found = self.name_of_spec.get(spec)
+        if found is None:
+            index = len(self.task_names)
+            self.task_names.append(spec.name)
+            # Held: a spec evicted from the engine's cache must not be
+            # freed and its address reused by another task's.
+            self.name_of_spec[spec] = index
+        else:
+            index = found
+        self.last_spec = spec
+        self.last_name = index
+        return index
+
+    cdef int _grow(self) except -1:
+        cdef Py_ssize_t cap = 2 * self.cap
+        cdef void* p
+        p = realloc(self.starts, cap * sizeof(double))
+        if p == NULL:
+            raise MemoryError()
+        self.starts = <double*>p
+        p = realloc(self.ends, cap * sizeof(double))
+        if p == NULL:
+            raise MemoryError()
+        self.ends = <double*>p
+        p = realloc(self.keys, cap * sizeof(int64_t))
+        if p == NULL:
+            raise MemoryError()
+        self.keys = <int64_t*>p
+        p = realloc(self.tracks, cap * sizeof(int32_t))
+        if p == NULL:
+            raise MemoryError()
+        self.tracks = <int32_t*>p
+        p = realloc(self.names, cap * sizeof(int32_t))
+        if p == NULL:
+            raise MemoryError()
+        self.names = <int32_t*>p
+        p = realloc(self.states, cap)
+        if p == NULL:
+            raise MemoryError()
+        self.states = <uint8_t*>p
+        self.cap = cap
+        return 0
+
+    cdef int _slice(self, int64_t key, int32_t name, int32_t track, double start, double end,
+                    uint8_t state) except -1:
+        cdef Py_ssize_t i = self.n
+        if self.closed:
+            return 0
+        if i == self.cap:
+            self._grow()
+        self.starts[i] = start
+        self.ends[i] = end
+        self.keys[i] = key
+        self.tracks[i] = track
+        self.names[i] = name
+        self.states[i] = state
+        self.n = i + 1
+        return 0
+
+    # -- recording -----------------------------------------------------------------
+
+    cdef void add(self, void* payload, int32_t track, double start, double end,
+                  uint8_t state) noexcept:
+        """One attempt of the run `payload` (a taken run's) on `track`.
+        Never raises: a consumer holding a run must not lose it to the
+        trace; a record it has no memory for is dropped, and counted."""
+        cdef object spec
+        try:
+            spec = block_of(payload).spec if is_item(payload) else (<TaskFuture>payload)._spec
+            self._slice(self.key_of(payload), self._name_of(spec), track, start, end, state)
+        except BaseException:
+            self.dropped += 1
+
+    cdef int add_edge(self, int64_t up, int64_t down) except -1:
+        cdef void* p
+        if self.closed:
+            return 0
+        if self.n_edges == self.cap_edges:
+            p = realloc(self.edges, 4 * self.cap_edges * sizeof(int64_t))
+            if p == NULL:
+                raise MemoryError()
+            self.edges = <int64_t*>p
+            self.cap_edges *= 2
+        self.edges[2 * self.n_edges] = up
+        self.edges[2 * self.n_edges + 1] = down
+        self.n_edges += 1
+        return 0
+
+    cdef int add_edges_from(self, EngineBase engine, int64_t down, Upstream* ups,
+                            Py_ssize_t n) except -1:
+        """Edges to `down` from the upstreams of this engine among `ups`
+        (an upstream of another runner is in that runner's trace)."""
+        cdef Py_ssize_t i
+        cdef TaskFuture up
+        for i in range(n):
+            up = <TaskFuture>ups[i].future
+            if up._engine is engine:
+                self.add_edge(self.key_of_future(up), down)
+        return 0
+
+    cdef int add_run_edges(self, EngineBase engine, PyObject** futs, Py_ssize_t n,
+                           Upstreams* shared, Upstreams* own, Py_ssize_t* first) except -1:
+        """The edges of runs just added (Engine._register's arguments)."""
+        cdef Py_ssize_t i
+        cdef int64_t down
+        if shared.len == 0 and first == NULL:
+            return 0
+        for i in range(n):
+            down = self.key_of_future(<TaskFuture>futs[i])
+            self.add_edges_from(engine, down, shared.items, shared.len)
+            if first != NULL:
+                self.add_edges_from(engine, down, own.items + first[i], first[i + 1] - first[i])
+        return 0
+
+    cdef int add_item_edges(self, EngineBase engine, MapBlock block, Py_ssize_t lo,
+                            Py_ssize_t hi, Upstreams* shared) except -1:
+        """The edges of a block's items lo .. hi-1, about to be added; the
+        first time, the ids of all its items."""
+        cdef Py_ssize_t i
+        cdef int64_t down
+        if block.trace_ids is None:
+            self._number_block(block)
+        if shared.len == 0:
+            return 0
+        for i in range(lo, hi):
+            down = block.trace_key + i
+            self.add_edges_from(engine, down, shared.items, shared.len)
+        return 0
+
+    cdef int limit_wait_of(self, void* payload, double start, double end, object tag) except -1:
+        cdef int64_t key = self.key_of(payload)
+        cdef object spec = (block_of(payload).spec if is_item(payload)
+                            else (<TaskFuture>payload)._spec)
+        if not self.closed:
+            self.waits.append(Wait(key, self._name_of(spec), start, end,
+                                   f"waiting for limit {tag}"))
+        return 0
+
+    # -- the runners' Python side ---------------------------------------------------
+
+    def track(self, key, str group, str label):
+        """The index of the track `key` stands for (a thread, a worker
+        process, a Dask worker's thread), made the first time: `label`
+        names it, in the process row `group`."""
+        found = self.track_of.get(key)
+        if found is not None:
+            return found
+        index = len(self.track_list)
+        self.track_list.append(Track(group, label))
+        self.track_of[key] = index
+        return index
+
+    def thread_track(self):
+        """The track of the calling thread, a consumer of this process."""
+        thread = threading.current_thread()
+        return self.track((threading.get_ident(), thread.name), f"threads (pid {os.getpid()})",
+                          thread.name)
+
+    def add_answers(self, RunList runs, int32_t track, bytes times, long long first,
+                    dict errors):
+        """The attempts of runs a worker process answered: `times` holds a
+        (start, end) pair of doubles for each run (NaN: skipped, never
+        started); the run numbered first + i failed if it is in `errors`."""
+        cdef const double* t = <const double*>PyBytes_AS_STRING(times)
+        cdef Py_ssize_t i, n = min(runs.n, PyBytes_GET_SIZE(times) // (2 * sizeof(double)))
+        cdef uint8_t state
+        for i in range(n):
+            if isnan(t[2 * i]):
+                continue
+            state = COMPLETED
+            if errors and PyDict_Contains(errors, first + i):
+                state = FAILED
+            self.add(runs.items[i], track, t[2 * i], t[2 * i + 1], state)
+
+    def keys_of(self, RunList runs):
+        """The runs' keys, for attempts recorded later (add_keyed)."""
+        return [self.key_of(runs.items[i]) for i in range(runs.n)]
+
+    def add_keyed(self, int64_t key, spec, int32_t track, double start, double end, state):
+        """One attempt of the run `key` (keys_of) of the task `spec`;
+        `state` one of STATE_OF's names or a state code."""
+        code = STATE_OF[state] if isinstance(state, str) else state
+        self._slice(key, self._name_of(spec), track, start, end, code)
+
+    def limit_wait(self, TaskFuture run, double start, double end, tag):
+        """`run` waited from `start` to `end` (tr_monotonic() seconds) for
+        the limit `tag`: a slice "waiting for limit <tag>" in the waits
+        rows."""
+        self.limit_wait_of(<void*>run, start, end, tag)
+
+    @property
+    def slices(self):
+        """How many attempts are recorded."""
+        return self.n
+
+    # -- the file ------------------------------------------------------------------
+
+    def write(self, path):
+        """Write the Chrome trace-event file to `path`, replacing it as a
+        whole (a new file renamed over it).  Records made after this are
+        dropped."""
+        cdef Py_ssize_t n = self.n, i, j
+        cdef _Order* order = NULL
+        cdef int32_t* attempts = NULL
+        cdef int32_t* tids = NULL
+        cdef int32_t* pids = NULL
+        cdef FILE* out = NULL
+        self.closed = True
+        path = os.fspath(path)
+        directory, base = os.path.split(os.path.abspath(path))
+        fd, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+        try:
+            order = <_Order*>malloc((n + 1) * sizeof(_Order))
+            attempts = <int32_t*>malloc((n + 1) * sizeof(int32_t))
+            if order == NULL or attempts == NULL:
+                raise MemoryError()
+            for i in range(n):
+                order[i].key = self.keys[i]
+                order[i].start = self.starts[i]
+                order[i].index = i
+            qsort(order, n, sizeof(_Order), _by_key_then_start)
+            retries = []        # (failed attempt, next attempt): slice indexes
+            for j in range(n):
+                i = order[j].index
+                if j > 0 and order[j - 1].key == order[j].key:
+                    attempts[i] = attempts[order[j - 1].index] + 1
+                    retries.append((order[j - 1].index, i))
+                else:
+                    attempts[i] = 1
+            waits = list(self.waits)
+            for before, after in retries:
+                if self.states[before] == COMPLETED:
+                    continue        # run again, not retried (Dask recomputing a lost result)
+                waits.append(Wait(self.keys[after], self.names[after], self.ends[before],
+                                  self.starts[after], "retry wait"))
+            tracks = list(self.track_list)
+            groups = {}
+            lanes = _lanes(waits)
+            wait_tracks = len(tracks)
+            tracks += [Track("waits", f"waits {k + 1}") for k in range(max(lanes, default=-1) + 1)]
+            tids = <int32_t*>malloc((len(tracks) + 1) * sizeof(int32_t))
+            pids = <int32_t*>malloc((len(tracks) + 1) * sizeof(int32_t))
+            if tids == NULL or pids == NULL:
+                raise MemoryError()
+            for i, track in enumerate(tracks):
+                pids[i] = groups.setdefault(track.group, len(groups) + 1)
+                tids[i] = i + 1
+            out = fdopen(fd, "wb")
+            if out == NULL:
+                raise OSError(f"cannot write the trace file {temporary!r}")
+            fd = -1
+            fputs(b'{"displayTimeUnit":"ms","otherData":{"producer":"taskrunner"},'
+                  b'"traceEvents":[\n', out)
+            meta = []
+            for group, pid in groups.items():
+                meta.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": group}})
+                meta.append({"ph": "M", "pid": pid, "name": "process_sort_index",
+                             "args": {"sort_index": pid}})
+            for i, track in enumerate(tracks):
+                meta.append({"ph": "M", "pid": pids[i], "tid": tids[i], "name": "thread_name",
+                             "args": {"name": track.label}})
+                meta.append({"ph": "M", "pid": pids[i], "tid": tids[i],
+                             "name": "thread_sort_index", "args": {"sort_index": tids[i]}})
+            fputs(",\n".join(json.dumps(m) for m in meta).encode(), out)
+            names = [json.dumps(name).encode() for name in self.task_names]
+            states = [json.dumps(_STATE_NAMES.get(code, str(code))).encode() for code in range(256)]
+            self._put_slices(out, order, attempts, pids, tids, names, states)
+            self._put_flows(out, order, pids, tids, retries)
+            for wait, lane in zip(waits, lanes):
+                event = {"ph": "X", "cat": "wait", "name": wait.label,
+                         "pid": pids[wait_tracks + lane], "tid": tids[wait_tracks + lane],
+                         "ts": self._us(wait.start), "dur": self._us(wait.end) - self._us(wait.start),
+                         "args": {"task": self.task_names[wait.name],
+                                  "run_id": self._run_id(wait.key)}}
+                fputs(b",\n" + json.dumps(event).encode(), out)
+            fputs(b"\n]}\n", out)
+            failed = ferror(out)
+            if fclose(out) != 0 or failed:
+                out = NULL
+                raise OSError(f"could not write the trace file {temporary!r}")
+            out = NULL
+            os.replace(temporary, path)
+        except BaseException:
+            if out != NULL:
+                fclose(out)
+            elif fd >= 0:
+                os.close(fd)
+            try:
+                os.unlink(temporary)
+            except OSError:
+                pass
+            raise
+        finally:
+            free(order)
+            free(attempts)
+            free(tids)
+            free(pids)
+
+    cdef double _us(self, double t):
+        return llround((t - self.t0) * 1e9) / 1000.0
+
+    cdef str _run_id(self, int64_t key):
+        if key >= FOREIGN:
+            return self.foreign_text[key - FOREIGN].decode()
+        return f"{self.prefix_text.decode()}{key:012x}"
+
+    cdef void _put_run_id(self, FILE* out, int64_t key):
+        if key >= FOREIGN:
+            fputs(PyBytes_AS_STRING(<bytes>PyList_GET_ITEM(self.foreign_text, key - FOREIGN)), out)
+        else:
+            fputs(PyBytes_AS_STRING(self.prefix_text), out)
+            fprintf(out, "%012llx", <long long>key)
+
+    cdef int _put_slices(self, FILE* out, _Order* order, int32_t* attempts, int32_t* pids,
+                         int32_t* tids, list names, list states) except -1:
+        cdef Py_ssize_t i
+        cdef long long start, end
+        cdef char* name
+        for i in range(self.n):
+            start = llround((self.starts[i] - self.t0) * 1e9)
+            end = llround((self.ends[i] - self.t0) * 1e9)
+            if end < start:
+                end = start
+            name = PyBytes_AS_STRING(<bytes>PyList_GET_ITEM(names, self.names[i]))
+            fprintf(out, ',\n{"ph":"X","cat":"run","name":%s,"pid":%d,"tid":%d,'
+                    '"ts":%.3f,"dur":%.3f,"args":{"task":%s,"run_id":"',
+                    name, pids[self.tracks[i]], tids[self.tracks[i]],
+                    start / 1000.0, (end - start) / 1000.0, name)
+            self._put_run_id(out, self.keys[i])
+            fprintf(out, '","state":%s,"attempt":%d}}',
+                    PyBytes_AS_STRING(<bytes>PyList_GET_ITEM(states, self.states[i])),
+                    attempts[i])
+        return 0
+
+    cdef int _put_flows(self, FILE* out, _Order* order, int32_t* pids, int32_t* tids,
+                        list retries) except -1:
+        """A flow arrow per edge whose both runs have an attempt, from the
+        upstream's last attempt to the downstream's first; one from each
+        failed attempt to the next."""
+        cdef Py_ssize_t e, lo, hi, flow = 0
+        cdef Py_ssize_t before, after
+        for e in range(self.n_edges):
+            lo = _first_of(order, self.n, self.edges[2 * e])
+            if lo < 0:
+                continue
+            hi = _first_of(order, self.n, self.edges[2 * e + 1])
+            if hi < 0:
+                continue
+            while lo + 1 < self.n and order[lo + 1].key == order[lo].key:
+                lo += 1
+            flow += 1
+            self._put_flow(out, b"dependency", flow, order[lo].index, order[hi].index, pids, tids)
+        for before, after in retries:
+            flow += 1
+            self._put_flow(out, b"retry", flow, before, after, pids, tids)
+        return 0
+
+    cdef void _put_flow(self, FILE* out, const char* cat, Py_ssize_t flow, Py_ssize_t src,
+                        Py_ssize_t dst, int32_t* pids, int32_t* tids) noexcept:
+        # Each end inside its slice (a nanosecond in, if it lasts more than
+        # two): a flow event binds to the slice that encloses it.
+        cdef long long start = llround((self.starts[src] - self.t0) * 1e9)
+        cdef long long end = llround((self.ends[src] - self.t0) * 1e9)
+        cdef long long at = end - 1 if end - start > 2 else start
+        fprintf(out, ',\n{"ph":"s","cat":"%s","name":"%s","id":%zd,"pid":%d,"tid":%d,"ts":%.3f}',
+                cat, cat, flow, pids[self.tracks[src]], tids[self.tracks[src]], at / 1000.0)
+        start = llround((self.starts[dst] - self.t0) * 1e9)
+        end = llround((self.ends[dst] - self.t0) * 1e9)
+        at = start + 1 if end - start > 2 else start
+        fprintf(out, ',\n{"ph":"f","bp":"e","cat":"%s","name":"%s","id":%zd,"pid":%d,"tid":%d,'
+                '"ts":%.3f}', cat, cat, flow, pids[self.tracks[dst]], tids[self.tracks[dst]],
+                at / 1000.0)
+
+
+cdef Py_ssize_t _first_of(_Order* order, Py_ssize_t n, int64_t key) noexcept:
+    """The position of the first slice of `key` in `order`, or -1."""
+    cdef Py_ssize_t lo = 0, hi = n, mid
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if order[mid].key < key:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo if lo < n and order[lo].key == key else -1
+
+
+def _lanes(waits):
+    """A lane for each wait, so that no two in one lane overlap (the file's
+    slices on one track must nest): in order of start, the lane that came
+    free first if one is free, else a new one."""
+    lanes = [0] * len(waits)
+    free_at = []            # (end of its last wait, lane)
+    opened = 0
+    for i in sorted(range(len(waits)), key=lambda k: waits[k].start):
+        if free_at and free_at[0][0] <= waits[i].start:
+            _, lane = heapq.heappop(free_at)
+        else:
+            lane, opened = opened, opened + 1
+        lanes[i] = lane
+        heapq.heappush(free_at, (waits[i].end, lane))
+    return lanes
