@@ -364,8 +364,9 @@ cdef class TaskFuture:
                 self._uuid = run_id
         made = self._uuid
         if type(made) is int:
-            # Given by a run trace, as the int it stands for (see _trace.pyx).
-            run_id = uuid.UUID(int=made)
+            # The run's key in its engine's run trace, which makes the id
+            # the trace file shows for it (see _trace.pyx).
+            run_id = self._engine.trace.run_uuid(made)
             if self._uuid is made:
                 self._uuid = run_id
         return self._uuid

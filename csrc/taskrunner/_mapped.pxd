@@ -43,9 +43,9 @@ cdef class MapBlock:
     # that ends puts on_end_base + its index there, as it ends.
     cdef object on_end
     cdef Py_ssize_t on_end_base
-    # Traced (see _trace.pyx): item i's run id is the int trace_ids + i (its
-    # future's task_run_id, once it has one), its key in the trace trace_key + i.
-    cdef object trace_ids       # None: untraced
+    # Traced (see _trace.pyx): item i's key in the run trace is trace_key + i,
+    # and its future's too, once it has one.
+    cdef bint traced
     cdef int64_t trace_key
 
     cdef object args_at(self, Py_ssize_t i)

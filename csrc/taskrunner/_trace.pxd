@@ -6,20 +6,12 @@
 # receiving thread and the submitting thread may record at once.
 
 from libc.stdint cimport int32_t, int64_t, uint8_t
-from libc.stdio cimport FILE
 
 from cpython.object cimport PyObject
 
 from taskrunner._futures cimport EngineBase, TaskFuture
 from taskrunner._mapped cimport MapBlock
 from taskrunner._params cimport Upstream, Upstreams
-
-
-# A slice's place when write() sorts them by run, then start.
-ctypedef struct _Order:
-    int64_t key
-    double start
-    Py_ssize_t index
 
 
 cdef class Trace:
@@ -69,14 +61,9 @@ cdef class Trace:
     cdef int32_t _name_of(self, object spec) except -1
     cdef int _number_block(self, MapBlock block) except -1
     cdef int _grow(self) except -1
+    cdef void _release(self) noexcept
     cdef int _slice(self, int64_t key, int32_t name, int32_t track, double start, double end,
                     uint8_t state) except -1
-    cdef double _us(self, double t)
+    cdef long long _ns(self, double t)
+    cdef Py_ssize_t _slot(self, int64_t key) noexcept
     cdef str _run_id(self, int64_t key)
-    cdef void _put_run_id(self, FILE* out, int64_t key)
-    cdef int _put_slices(self, FILE* out, _Order* order, int32_t* attempts, int32_t* pids,
-                         int32_t* tids, list names, list states) except -1
-    cdef int _put_flows(self, FILE* out, _Order* order, int32_t* pids, int32_t* tids,
-                        list retries) except -1
-    cdef void _put_flow(self, FILE* out, const char* cat, Py_ssize_t flow, Py_ssize_t src,
-                        Py_ssize_t dst, int32_t* pids, int32_t* tids) noexcept

@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The run trace: `trace="run.json"` on a runner records every attempt of
 every run, and when the runner exits writes a Chrome trace-event file
 (Perfetto, chrome://tracing).
@@ -16,13 +16,13 @@ its attempts 1, 2, ...), the wait between a failed attempt and the next
 Run keys.  A run's id in the file is its future's task_run_id.  Making a
 uuid4 for every run would cost more than the run, so the trace gives a run
 whose id nobody has read yet one of its own: the trace's random version-4
-prefix with a counter in the last 48 bits, stored in the future as the int
-it stands for (TaskFuture.task_run_id turns it into the UUID when it is
-read).  A map's items, which have no future, get a range of counters when
-the map is made, and a future made for item i later takes the i-th (see
-MapBlock.hand_over).  Key k < FOREIGN is the run whose id is prefix + k;
-a run whose UUID was made before the trace saw it is keyed FOREIGN + its
-index in `foreign_text`.
+prefix with a counter k in the last 48 bits.  The future keeps k as its
+`_uuid` (an int: no more than a small int to make), and task_run_id asks
+the engine's trace for the UUID when it is read.  A map's items, which have
+no future, get a range of counters when the map is made, and a future made
+for item i later takes the i-th (see MapBlock.hand_over).  Key k < FOREIGN
+is the run whose id is prefix + k; a run whose UUID was made before the
+trace saw it is keyed FOREIGN + its index in `foreign_text`.
 
 Times are tr_monotonic() seconds (CLOCK_MONOTONIC: one clock for every
 process of the machine), written as microseconds since the trace began.
@@ -35,8 +35,9 @@ from cpython.list cimport PyList_GET_ITEM
 from cpython.object cimport PyObject
 from libc.math cimport isnan, llround
 from libc.stdint cimport int32_t, int64_t, uint8_t
-from libc.stdio cimport FILE, fclose, fdopen, ferror, fprintf, fputs
-from libc.stdlib cimport free, malloc, qsort, realloc
+from libc.stdio cimport FILE, fclose, fdopen, ferror, fwrite
+from libc.string cimport memcpy, strlen
+from libc.stdlib cimport free, malloc, realloc
 
 from taskrunner._futures cimport EngineBase, TaskFuture, is_item
 from taskrunner._graph cimport COMPLETED, CRASHED, FAILED, tr_monotonic
@@ -46,7 +47,6 @@ from taskrunner._params cimport Upstream, Upstreams
 import heapq
 import json
 import os
-import tempfile
 import threading
 import uuid
 from typing import NamedTuple
@@ -75,16 +75,6 @@ class Wait(NamedTuple):
     start: float
     end: float
     label: str
-
-
-cdef int _by_key_then_start(const void* a, const void* b) noexcept nogil:
-    cdef const _Order* x = <const _Order*>a
-    cdef const _Order* y = <const _Order*>b
-    if x.key != y.key:
-        return -1 if x.key < y.key else 1
-    if x.start != y.start:
-        return -1 if x.start < y.start else 1
-    return -1 if x.index < y.index else (1 if x.index > y.index else 0)
 
 
 @cython.final
@@ -118,13 +108,7 @@ cdef class Trace:
         self.waits = []
 
     def __dealloc__(self):
-        free(self.starts)
-        free(self.ends)
-        free(self.keys)
-        free(self.tracks)
-        free(self.names)
-        free(self.states)
-        free(self.edges)
+        self._release()
 
     # -- keys and names ----------------------------------------------------------
 
@@ -134,11 +118,13 @@ cdef class Trace:
         if made is None:
             key = self.next_id
             self.next_id += 1
-            fut._uuid = self.prefix + key
+            fut._uuid = key
             return key
-        offset = (made if type(made) is int else made.int) - self.prefix
+        if type(made) is int:
+            return made         # only this engine's trace keys its runs
+        offset = made.int - self.prefix
         if 0 <= offset < self.next_id:
-            return <int64_t>offset
+            return <int64_t>offset      # read as a UUID since
         found = self.foreign.get(made)
         if found is None:
             found = self.foreign[made] = FOREIGN + len(self.foreign_text)
@@ -154,7 +140,7 @@ cdef class Trace:
         i = index_of(payload, block)
         if block.futures[i] != NULL:
             return self.key_of_future(<TaskFuture>block.futures[i])
-        if block.trace_ids is None:
+        if not block.traced:
             self._number_block(block)
         return block.trace_key + i
 
@@ -162,7 +148,7 @@ cdef class Trace:
         """Ids for a block's items, in one range: a future made for an item
         later takes its id (MapBlock.hand_over)."""
         block.trace_key = self.next_id
-        block.trace_ids = self.prefix + self.next_id
+        block.traced = True
         self.next_id += block.n
         return 0
 
@@ -290,7 +276,7 @@ cdef class Trace:
         first time, the ids of all its items."""
         cdef Py_ssize_t i
         cdef int64_t down
-        if block.trace_ids is None:
+        if not block.traced:
             self._number_block(block)
         if shared.len == 0:
             return 0
@@ -360,6 +346,11 @@ cdef class Trace:
         rows."""
         self.limit_wait_of(<void*>run, start, end, tag)
 
+    def run_uuid(self, int64_t key):
+        """The task_run_id of the run `key` (one of its future's, see
+        TaskFuture.task_run_id)."""
+        return uuid.UUID(int=self.prefix + key)
+
     @property
     def slices(self):
         """How many attempts are recorded."""
@@ -369,42 +360,62 @@ cdef class Trace:
 
     def write(self, path):
         """Write the Chrome trace-event file to `path`, replacing it as a
-        whole (a new file renamed over it).  Records made after this are
-        dropped."""
-        cdef Py_ssize_t n = self.n, i, j
-        cdef _Order* order = NULL
+        whole (a new file renamed over it), once: the records go with it,
+        and records made after it are dropped."""
+        cdef Py_ssize_t n = self.n, i, slot
+        cdef Py_ssize_t slots = self.next_id + len(self.foreign_text)
+        cdef Py_ssize_t* first = NULL       # run slot -> its first attempt (a slice), or -1
+        cdef Py_ssize_t* after = NULL       # slice -> the run's next attempt, or -1
         cdef int32_t* attempts = NULL
         cdef int32_t* tids = NULL
         cdef int32_t* pids = NULL
         cdef FILE* out = NULL
+        cdef _Sink sink
+        sink.buf = NULL
         self.closed = True
-        path = os.fspath(path)
-        directory, base = os.path.split(os.path.abspath(path))
-        fd, temporary = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
+        path = os.path.abspath(os.fspath(path))
+        temporary = os.path.join(os.path.dirname(path),
+                                 f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            order = <_Order*>malloc((n + 1) * sizeof(_Order))
+            first = <Py_ssize_t*>malloc((slots + 1) * sizeof(Py_ssize_t))
+            after = <Py_ssize_t*>malloc((n + 1) * sizeof(Py_ssize_t))
             attempts = <int32_t*>malloc((n + 1) * sizeof(int32_t))
-            if order == NULL or attempts == NULL:
+            if first == NULL or after == NULL or attempts == NULL:
                 raise MemoryError()
+            # Each run's attempts chained in the order recorded (backwards,
+            # each in front), then numbered; a run's attempts recorded out
+            # of time order (from Dask workers, at exit) are put in order.
+            for slot in range(slots):
+                first[slot] = -1
+            for i in range(n - 1, -1, -1):
+                slot = self._slot(self.keys[i])
+                after[i] = first[slot]
+                first[slot] = i
+            retries = []        # (an attempt, the next): slice indexes
             for i in range(n):
-                order[i].key = self.keys[i]
-                order[i].start = self.starts[i]
-                order[i].index = i
-            qsort(order, n, sizeof(_Order), _by_key_then_start)
-            retries = []        # (failed attempt, next attempt): slice indexes
-            for j in range(n):
-                i = order[j].index
-                if j > 0 and order[j - 1].key == order[j].key:
-                    attempts[i] = attempts[order[j - 1].index] + 1
-                    retries.append((order[j - 1].index, i))
-                else:
-                    attempts[i] = 1
+                slot = self._slot(self.keys[i])
+                if first[slot] != i:
+                    continue
+                attempts[i] = 1
+                if after[i] < 0:
+                    continue        # the common case: one attempt
+                chain = [i]
+                while after[chain[-1]] >= 0:
+                    chain.append(after[chain[-1]])
+                chain.sort(key=lambda k: self.starts[k])
+                first[slot] = chain[0]
+                for k in range(len(chain)):
+                    attempts[<Py_ssize_t>chain[k]] = k + 1
+                    after[<Py_ssize_t>chain[k]] = chain[k + 1] if k + 1 < len(chain) else -1
+                retries += zip(chain, chain[1:])
             waits = list(self.waits)
-            for before, after in retries:
-                if self.states[before] == COMPLETED:
+            for before, again in retries:
+                if self.states[<Py_ssize_t>before] == COMPLETED:
                     continue        # run again, not retried (Dask recomputing a lost result)
-                waits.append(Wait(self.keys[after], self.names[after], self.ends[before],
-                                  self.starts[after], "retry wait"))
+                waits.append(Wait(self.keys[<Py_ssize_t>again], self.names[<Py_ssize_t>again],
+                                  self.ends[<Py_ssize_t>before], self.starts[<Py_ssize_t>again],
+                                  "retry wait"))
             tracks = list(self.track_list)
             groups = {}
             lanes = _lanes(waits)
@@ -421,8 +432,9 @@ cdef class Trace:
             if out == NULL:
                 raise OSError(f"cannot write the trace file {temporary!r}")
             fd = -1
-            fputs(b'{"displayTimeUnit":"ms","otherData":{"producer":"taskrunner"},'
-                  b'"traceEvents":[\n', out)
+            _sink_open(&sink, out)
+            text = ['{"displayTimeUnit":"ms","otherData":{"producer":"taskrunner"},'
+                    '"traceEvents":[\n']
             meta = []
             for group, pid in groups.items():
                 meta.append({"ph": "M", "pid": pid, "name": "process_name", "args": {"name": group}})
@@ -433,20 +445,23 @@ cdef class Trace:
                              "args": {"name": track.label}})
                 meta.append({"ph": "M", "pid": pids[i], "tid": tids[i],
                              "name": "thread_sort_index", "args": {"sort_index": tids[i]}})
-            fputs(",\n".join(json.dumps(m) for m in meta).encode(), out)
+            for wait, lane in zip(waits, lanes):
+                begin = self._ns(wait.start)
+                meta.append({"ph": "X", "cat": "wait", "name": wait.label,
+                             "pid": pids[wait_tracks + lane], "tid": tids[wait_tracks + lane],
+                             "ts": begin / 1000.0,
+                             "dur": max(0, self._ns(wait.end) - begin) / 1000.0,
+                             "args": {"task": self.task_names[wait.name],
+                                      "run_id": self._run_id(wait.key)}})
+            text.append(",\n".join(json.dumps(m) for m in meta))
+            _put(&sink, "".join(text).encode())
             names = [json.dumps(name).encode() for name in self.task_names]
             states = [json.dumps(_STATE_NAMES.get(code, str(code))).encode() for code in range(256)]
-            self._put_slices(out, order, attempts, pids, tids, names, states)
-            self._put_flows(out, order, pids, tids, retries)
-            for wait, lane in zip(waits, lanes):
-                event = {"ph": "X", "cat": "wait", "name": wait.label,
-                         "pid": pids[wait_tracks + lane], "tid": tids[wait_tracks + lane],
-                         "ts": self._us(wait.start), "dur": self._us(wait.end) - self._us(wait.start),
-                         "args": {"task": self.task_names[wait.name],
-                                  "run_id": self._run_id(wait.key)}}
-                fputs(b",\n" + json.dumps(event).encode(), out)
-            fputs(b"\n]}\n", out)
-            failed = ferror(out)
+            _put_slices(self, &sink, attempts, pids, tids, names, states)
+            _put_flows(self, &sink, first, after, pids, tids, retries)
+            _put(&sink, b"\n]}\n")
+            _flush(&sink)
+            failed = sink.failed or ferror(out)
             if fclose(out) != 0 or failed:
                 out = NULL
                 raise OSError(f"could not write the trace file {temporary!r}")
@@ -463,97 +478,264 @@ cdef class Trace:
                 pass
             raise
         finally:
-            free(order)
+            free(sink.buf)
+            free(first)
+            free(after)
             free(attempts)
             free(tids)
             free(pids)
+            # The futures that outlive the runner keep its engine, and so
+            # this trace, for their ids: only the prefix is needed now.
+            self._release()
+            self.waits = []
+            self.name_of_spec = {}
+            self.last_spec = None
 
-    cdef double _us(self, double t):
-        return llround((t - self.t0) * 1e9) / 1000.0
+    cdef void _release(self) noexcept:
+        free(self.starts)
+        free(self.ends)
+        free(self.keys)
+        free(self.tracks)
+        free(self.names)
+        free(self.states)
+        free(self.edges)
+        self.starts = self.ends = NULL
+        self.keys = self.edges = NULL
+        self.tracks = self.names = NULL
+        self.states = NULL
+        self.n = self.cap = self.n_edges = self.cap_edges = 0
+
+    cdef Py_ssize_t _slot(self, int64_t key) noexcept:
+        """A run's place in write()'s tables: its key, the foreign ones
+        after the others."""
+        return <Py_ssize_t>(key if key < FOREIGN else self.next_id + (key - FOREIGN))
+
+    cdef long long _ns(self, double t):
+        return llround((t - self.t0) * 1e9)
 
     cdef str _run_id(self, int64_t key):
         if key >= FOREIGN:
             return self.foreign_text[key - FOREIGN].decode()
         return f"{self.prefix_text.decode()}{key:012x}"
 
-    cdef void _put_run_id(self, FILE* out, int64_t key):
-        if key >= FOREIGN:
-            fputs(PyBytes_AS_STRING(<bytes>PyList_GET_ITEM(self.foreign_text, key - FOREIGN)), out)
-        else:
-            fputs(PyBytes_AS_STRING(self.prefix_text), out)
-            fprintf(out, "%012llx", <long long>key)
 
-    cdef int _put_slices(self, FILE* out, _Order* order, int32_t* attempts, int32_t* pids,
-                         int32_t* tids, list names, list states) except -1:
-        cdef Py_ssize_t i
-        cdef long long start, end
-        cdef char* name
-        for i in range(self.n):
-            start = llround((self.starts[i] - self.t0) * 1e9)
-            end = llround((self.ends[i] - self.t0) * 1e9)
-            if end < start:
-                end = start
-            name = PyBytes_AS_STRING(<bytes>PyList_GET_ITEM(names, self.names[i]))
-            fprintf(out, ',\n{"ph":"X","cat":"run","name":%s,"pid":%d,"tid":%d,'
-                    '"ts":%.3f,"dur":%.3f,"args":{"task":%s,"run_id":"',
-                    name, pids[self.tracks[i]], tids[self.tracks[i]],
-                    start / 1000.0, (end - start) / 1000.0, name)
-            self._put_run_id(out, self.keys[i])
-            fprintf(out, '","state":%s,"attempt":%d}}',
-                    PyBytes_AS_STRING(<bytes>PyList_GET_ITEM(states, self.states[i])),
-                    attempts[i])
-        return 0
+# -- writing the file fast: 200,000 slices must take a fraction of a second ------
+# Each event is formatted straight into the sink's buffer through a cursor,
+# room for it made first (reserve): no bounds test per piece.
 
-    cdef int _put_flows(self, FILE* out, _Order* order, int32_t* pids, int32_t* tids,
-                        list retries) except -1:
-        """A flow arrow per edge whose both runs have an attempt, from the
-        upstream's last attempt to the downstream's first; one from each
-        failed attempt to the next."""
-        cdef Py_ssize_t e, lo, hi, flow = 0
-        cdef Py_ssize_t before, after
-        for e in range(self.n_edges):
-            lo = _first_of(order, self.n, self.edges[2 * e])
-            if lo < 0:
-                continue
-            hi = _first_of(order, self.n, self.edges[2 * e + 1])
-            if hi < 0:
-                continue
-            while lo + 1 < self.n and order[lo + 1].key == order[lo].key:
-                lo += 1
-            flow += 1
-            self._put_flow(out, b"dependency", flow, order[lo].index, order[hi].index, pids, tids)
-        for before, after in retries:
-            flow += 1
-            self._put_flow(out, b"retry", flow, before, after, pids, tids)
-        return 0
-
-    cdef void _put_flow(self, FILE* out, const char* cat, Py_ssize_t flow, Py_ssize_t src,
-                        Py_ssize_t dst, int32_t* pids, int32_t* tids) noexcept:
-        # Each end inside its slice (a nanosecond in, if it lasts more than
-        # two): a flow event binds to the slice that encloses it.
-        cdef long long start = llround((self.starts[src] - self.t0) * 1e9)
-        cdef long long end = llround((self.ends[src] - self.t0) * 1e9)
-        cdef long long at = end - 1 if end - start > 2 else start
-        fprintf(out, ',\n{"ph":"s","cat":"%s","name":"%s","id":%zd,"pid":%d,"tid":%d,"ts":%.3f}',
-                cat, cat, flow, pids[self.tracks[src]], tids[self.tracks[src]], at / 1000.0)
-        start = llround((self.starts[dst] - self.t0) * 1e9)
-        end = llround((self.ends[dst] - self.t0) * 1e9)
-        at = start + 1 if end - start > 2 else start
-        fprintf(out, ',\n{"ph":"f","bp":"e","cat":"%s","name":"%s","id":%zd,"pid":%d,"tid":%d,'
-                '"ts":%.3f}', cat, cat, flow, pids[self.tracks[dst]], tids[self.tracks[dst]],
-                at / 1000.0)
+ctypedef struct _Sink:
+    FILE* out
+    char* buf
+    size_t len
+    size_t cap
+    bint failed
 
 
-cdef Py_ssize_t _first_of(_Order* order, Py_ssize_t n, int64_t key) noexcept:
-    """The position of the first slice of `key` in `order`, or -1."""
-    cdef Py_ssize_t lo = 0, hi = n, mid
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if order[mid].key < key:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo if lo < n and order[lo].key == key else -1
+cdef int _sink_open(_Sink* sink, FILE* out) except -1:
+    sink.out = out
+    sink.len = 0
+    sink.cap = 1 << 16
+    sink.failed = False
+    sink.buf = <char*>malloc(sink.cap)
+    if sink.buf == NULL:
+        raise MemoryError()
+    return 0
+
+
+cdef void _flush(_Sink* sink) noexcept:
+    if sink.len and fwrite(sink.buf, 1, sink.len, sink.out) != sink.len:
+        sink.failed = True
+    sink.len = 0
+
+
+cdef char* _reserve(_Sink* sink, size_t n) noexcept:
+    """A cursor with room for `n` bytes (NULL: no memory)."""
+    cdef char* grown
+    if sink.len + n > sink.cap:
+        _flush(sink)
+        if n > sink.cap:
+            grown = <char*>realloc(sink.buf, n)
+            if grown == NULL:
+                sink.failed = True
+                return NULL
+            sink.buf, sink.cap = grown, n
+    return sink.buf + sink.len
+
+
+cdef inline void _done(_Sink* sink, char* cursor) noexcept:
+    sink.len = cursor - sink.buf
+
+
+cdef void _put(_Sink* sink, bytes data) noexcept:
+    cdef char* p = _reserve(sink, PyBytes_GET_SIZE(data))
+    if p != NULL:
+        memcpy(p, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+        _done(sink, p + PyBytes_GET_SIZE(data))
+
+
+cdef inline char* _lit(char* p, const char* text) noexcept:
+    while text[0]:
+        p[0] = text[0]
+        p += 1
+        text += 1
+    return p
+
+
+cdef inline char* _bytes(char* p, bytes data) noexcept:
+    memcpy(p, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data))
+    return p + PyBytes_GET_SIZE(data)
+
+
+cdef inline char* _int(char* p, long long value) noexcept:
+    cdef char digits[24]
+    cdef int k = 24
+    cdef unsigned long long v
+    if value < 0:
+        p[0] = c'-'
+        p += 1
+        v = <unsigned long long>(-value)
+    else:
+        v = <unsigned long long>value
+    while True:
+        k -= 1
+        digits[k] = c'0' + <char>(v % 10)
+        v //= 10
+        if v == 0:
+            break
+    memcpy(p, digits + k, 24 - k)
+    return p + 24 - k
+
+
+cdef inline char* _us(char* p, long long ns) noexcept:
+    """Nanoseconds as microseconds with three decimals."""
+    cdef long long rest
+    if ns < 0:
+        p[0] = c'-'
+        p += 1
+        ns = -ns
+    p = _int(p, ns // 1000)
+    rest = ns % 1000
+    p[0] = c'.'
+    p[1] = c'0' + <char>(rest // 100)
+    p[2] = c'0' + <char>(rest // 10 % 10)
+    p[3] = c'0' + <char>(rest % 10)
+    return p + 4
+
+
+cdef inline char* _run_id_at(char* p, Trace trace, int64_t key) noexcept:
+    cdef int k
+    if key >= FOREIGN:
+        return _bytes(p, <bytes>PyList_GET_ITEM(trace.foreign_text, key - FOREIGN))
+    p = _bytes(p, trace.prefix_text)
+    for k in range(11, -1, -1):
+        p[k] = b"0123456789abcdef"[key & 15]
+        key >>= 4
+    return p + 12
+
+
+# Room for an event's numbers and fixed text, beside its names.
+cdef enum:
+    _EVENT_ROOM = 512
+
+
+cdef int _put_slices(Trace trace, _Sink* sink, int32_t* attempts, int32_t* pids,
+                     int32_t* tids, list names, list states) except -1:
+    cdef Py_ssize_t i, longest = 0
+    cdef long long start, end
+    cdef bytes name
+    cdef char* p
+    for name in names:
+        longest = max(longest, PyBytes_GET_SIZE(name))
+    for text in trace.foreign_text:
+        longest = max(longest, PyBytes_GET_SIZE(text))
+    for i in range(trace.n):
+        start = trace._ns(trace.starts[i])
+        end = trace._ns(trace.ends[i])
+        if end < start:
+            end = start
+        name = <bytes>PyList_GET_ITEM(names, trace.names[i])
+        p = _reserve(sink, _EVENT_ROOM + 3 * longest)
+        if p == NULL:
+            return 0
+        p = _lit(p, ',\n{"ph":"X","name":')
+        p = _bytes(p, name)
+        p = _lit(p, ',"pid":')
+        p = _int(p, pids[trace.tracks[i]])
+        p = _lit(p, ',"tid":')
+        p = _int(p, tids[trace.tracks[i]])
+        p = _lit(p, ',"ts":')
+        p = _us(p, start)
+        p = _lit(p, ',"dur":')
+        p = _us(p, end - start)
+        p = _lit(p, ',"args":{"task":')
+        p = _bytes(p, name)
+        p = _lit(p, ',"run_id":"')
+        p = _run_id_at(p, trace, trace.keys[i])
+        p = _lit(p, '","state":')
+        p = _bytes(p, <bytes>PyList_GET_ITEM(states, trace.states[i]))
+        p = _lit(p, ',"attempt":')
+        p = _int(p, attempts[i])
+        p = _lit(p, "}}")
+        _done(sink, p)
+    return 0
+
+
+cdef int _put_flows(Trace trace, _Sink* sink, Py_ssize_t* first, Py_ssize_t* after,
+                    int32_t* pids, int32_t* tids, list retries) except -1:
+    """A flow arrow per edge whose both runs have an attempt, from the
+    upstream's last attempt to the downstream's first; one from each
+    attempt to the next."""
+    cdef Py_ssize_t e, src, dst, flow = 0
+    for e in range(trace.n_edges):
+        src = first[trace._slot(trace.edges[2 * e])]
+        dst = first[trace._slot(trace.edges[2 * e + 1])]
+        if src < 0 or dst < 0:
+            continue
+        while after[src] >= 0:
+            src = after[src]
+        flow += 1
+        _put_flow(trace, sink, "dependency", flow, src, dst, pids, tids)
+    for src, dst in retries:
+        flow += 1
+        _put_flow(trace, sink, "retry", flow, src, dst, pids, tids)
+    return 0
+
+
+cdef void _flow_end(_Sink* sink, const char* head, const char* cat, Py_ssize_t flow,
+                    int32_t pid, int32_t tid, long long at) noexcept:
+    cdef char* p = _reserve(sink, _EVENT_ROOM)
+    if p == NULL:
+        return
+    p = _lit(p, head)
+    p = _lit(p, cat)
+    p = _lit(p, '","name":"')
+    p = _lit(p, cat)
+    p = _lit(p, '","id":')
+    p = _int(p, flow)
+    p = _lit(p, ',"pid":')
+    p = _int(p, pid)
+    p = _lit(p, ',"tid":')
+    p = _int(p, tid)
+    p = _lit(p, ',"ts":')
+    p = _us(p, at)
+    p = _lit(p, "}")
+    _done(sink, p)
+
+
+cdef void _put_flow(Trace trace, _Sink* sink, const char* cat, Py_ssize_t flow,
+                    Py_ssize_t src, Py_ssize_t dst, int32_t* pids, int32_t* tids) noexcept:
+    # Each end inside its slice (a nanosecond in, if it lasts more than
+    # two): a flow event binds to the slice that encloses it.
+    cdef long long start = trace._ns(trace.starts[src])
+    cdef long long end = trace._ns(trace.ends[src])
+    cdef int32_t track = trace.tracks[src]
+    _flow_end(sink, ',\n{"ph":"s","cat":"', cat, flow, pids[track], tids[track],
+              end - 1 if end - start > 2 else start)
+    start = trace._ns(trace.starts[dst])
+    end = trace._ns(trace.ends[dst])
+    track = trace.tracks[dst]
+    _flow_end(sink, ',\n{"ph":"f","bp":"e","cat":"', cat, flow, pids[track], tids[track],
+              start + 1 if end - start > 2 else start)
 
 
 def _lanes(waits):
