@@ -698,3 +698,12 @@ def square_marking_pid(x, marks, seconds):
         touch(mark)
     time.sleep(seconds)
     return x * x
+
+
+def meet(x, folder, count):
+    """x, once ``count`` workers (threads or processes) have each run a
+    meet in ``folder``: so that that many workers surely run tasks."""
+    touch(os.path.join(folder, f"{os.getpid()}-{threading.get_ident()}"))
+    if not wait_until(lambda: len(os.listdir(folder)) >= count, timeout=GATE_TIMEOUT):
+        raise TimeoutError(f"only {len(os.listdir(folder))} of {count} workers met")
+    return x

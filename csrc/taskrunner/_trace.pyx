@@ -334,9 +334,18 @@ cdef class Trace:
         """The runs' keys, for attempts recorded later (add_keyed)."""
         return [self.key_of(runs.items[i]) for i in range(runs.n)]
 
+    def key(self, TaskFuture run):
+        """The key of the run of a future of this trace's engine."""
+        return self.key_of_future(run)
+
     def add_keyed(self, int64_t key, spec, int32_t track, double start, double end, state):
-        """One attempt of the run `key` (keys_of) of the task `spec`;
-        `state` one of STATE_OF's names or a state code."""
+        """One attempt of the run `key` (key, keys_of) of the task `spec`
+        on `track` (track); `state` one of STATE_OF's names or a state
+        code."""
+        if not (0 <= key < self.next_id or FOREIGN <= key < FOREIGN + len(self.foreign_text)):
+            raise ValueError(f"key {key} is not a run of this trace")
+        if not 0 <= track < len(self.track_list):
+            raise ValueError(f"track {track} is not a track of this trace")
         code = STATE_OF[state] if isinstance(state, str) else state
         self._slice(key, self._name_of(spec), track, start, end, code)
 
@@ -362,7 +371,7 @@ cdef class Trace:
         """Write the Chrome trace-event file to `path`, replacing it as a
         whole (a new file renamed over it), once: the records go with it,
         and records made after it are dropped."""
-        cdef Py_ssize_t n = self.n, i, slot
+        cdef Py_ssize_t n = self.n, i, slot, last
         cdef Py_ssize_t slots = self.next_id + len(self.foreign_text)
         cdef Py_ssize_t* first = NULL       # run slot -> its first attempt (a slice), or -1
         cdef Py_ssize_t* after = NULL       # slice -> the run's next attempt, or -1
@@ -401,9 +410,11 @@ cdef class Trace:
                 if after[i] < 0:
                     continue        # the common case: one attempt
                 chain = [i]
-                while after[chain[-1]] >= 0:
-                    chain.append(after[chain[-1]])
-                chain.sort(key=lambda k: self.starts[k])
+                last = i
+                while after[last] >= 0:
+                    last = after[last]
+                    chain.append(last)
+                chain.sort(key=lambda k: self.starts[<Py_ssize_t>k])
                 first[slot] = chain[0]
                 for k in range(len(chain)):
                     attempts[<Py_ssize_t>chain[k]] = k + 1
