@@ -8,10 +8,11 @@ import shutil
 import time
 
 import pytest
-from harness import running
-from runner_tasks import fail, inc, meet, noop, total
 
 from taskrunner import DaskTaskRunner, ProcessPoolTaskRunner, ThreadPoolTaskRunner, unmapped
+
+from harness import running
+from runner_tasks import fail, inc, meet, noop, total
 
 pytestmark = pytest.mark.timeout(180)
 

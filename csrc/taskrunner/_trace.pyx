@@ -36,7 +36,7 @@ from cpython.object cimport PyObject
 from libc.math cimport isnan, llround
 from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.stdio cimport FILE, fclose, fdopen, ferror, fwrite
-from libc.string cimport memcpy, strlen
+from libc.string cimport memcpy
 from libc.stdlib cimport free, malloc, realloc
 
 from taskrunner._futures cimport EngineBase, TaskFuture, is_item
