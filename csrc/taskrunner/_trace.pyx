@@ -53,7 +53,6 @@ from typing import NamedTuple
 
 from taskrunner._graph import STATES
 
-cdef int64_t _ID_BITS = 48
 cdef int64_t FOREIGN = (<int64_t>1) << 48
 cdef int64_t _LOW = FOREIGN - 1
 
