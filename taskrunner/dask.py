@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 from taskrunner._dask import distributed as _distributed
-from taskrunner.base import checked_trace
+from taskrunner.base import checked_limits, checked_trace
 from taskrunner.remote import RemoteTaskRunner
 
 __all__ = ["DaskTaskRunner", "ClusterClassNotFound"]
@@ -52,7 +52,8 @@ class DaskTaskRunner(RemoteTaskRunner):
     def __init__(self, address: Optional[str] = None,
                  cluster_class: Union[str, Callable[..., Any], None] = None,
                  cluster_kwargs: Optional[Mapping[str, Any]] = None,
-                 client_kwargs: Optional[Mapping[str, Any]] = None,
+                 client_kwargs: Optional[Mapping[str, Any]] = None, *,
+                 limits: Optional[Mapping[str, int]] = None,
                  trace: Union[str, "os.PathLike[str]", None] = None) -> None:
         if address is not None and not isinstance(address, str):
             raise TypeError(
@@ -75,6 +76,7 @@ class DaskTaskRunner(RemoteTaskRunner):
         self._cluster_class = _resolve_class(cluster_class)
         self._cluster_kwargs = cluster_kwargs
         self._client_kwargs = client_kwargs
+        self._limits = checked_limits(limits)
 
     # -- settings --------------------------------------------------------------
 
@@ -116,7 +118,7 @@ class DaskTaskRunner(RemoteTaskRunner):
     def duplicate(self):
         return type(self)(address=self._address, cluster_class=self._cluster_class,
                           cluster_kwargs=self.cluster_kwargs, client_kwargs=self.client_kwargs,
-                          trace=self._trace_path)
+                          limits=self._limits, trace=self._trace_path)
 
     def __eq__(self, other):
         if type(other) is not type(self):
@@ -128,7 +130,7 @@ class DaskTaskRunner(RemoteTaskRunner):
 
     def _settings(self):
         return (self._address, self._cluster_class, self._cluster_kwargs, self._client_kwargs,
-                self._trace_path)
+                self._limits, self._trace_path)
 
     def __repr__(self):
         if self._address is not None:

@@ -710,7 +710,7 @@ def test_signature_and_name():
     params = inspect.signature(ProcessPoolTaskRunner).parameters
     assert [(p.name, p.default) for p in params.values()] == [
         ("max_workers", None), ("initializer", None), ("initargs", ()), ("mp_context", None),
-        ("trace", None)]
+        ("limits", None), ("trace", None)]
     runner = ProcessPoolTaskRunner()
     assert isinstance(runner, TaskRunner)
     assert runner.name == "processpool"

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from taskrunner import DaskTaskRunner, ProcessPoolTaskRunner, ThreadPoolTaskRunner, unmapped
+from taskrunner import DaskTaskRunner, ProcessPoolTaskRunner, ThreadPoolTaskRunner, task, unmapped
 
 from harness import running
-from runner_tasks import fail, inc, meet, noop, total
+from runner_tasks import fail, fail_until, inc, meet, noop, total
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -143,6 +143,27 @@ def test_flow_arrows_along_dependencies(make, tmp_path):
     assert edges == expected
 
 
+def test_a_retried_run_has_a_slice_per_attempt_and_waits_between(make, tmp_path):
+    flaky = task(fail_until, retries=2, retry_delay_seconds=0.05)
+    path = tmp_path / "run.json"
+    with running(make(path)) as runner:
+        future = runner.submit(flaky, {"path": str(tmp_path / "attempts"), "succeed_on": 3,
+                                       "value": 7})
+        assert future.result() == 7
+    events = _events(path)
+    attempts = sorted((e for e in _slices(events)), key=lambda e: e["ts"])
+    assert [(e["args"]["attempt"], e["args"]["state"]) for e in attempts] == [
+        (1, "Failed"), (2, "Failed"), (3, "Completed")]
+    assert {e["args"]["run_id"] for e in attempts} == {str(future.task_run_id)}
+    waits = sorted((e for e in events if e.get("cat") == "wait"), key=lambda e: e["ts"])
+    assert [w["name"] for w in waits] == ["retry wait"] * 2
+    for wait, before, after in zip(waits, attempts, attempts[1:]):
+        assert wait["ts"] == pytest.approx(before["ts"] + before["dur"], abs=0.002)
+        assert wait["ts"] + wait["dur"] == pytest.approx(after["ts"], abs=0.002)
+        assert wait["dur"] >= 45_000        # the retry delay, 50 ms (in microseconds)
+    assert sorted(e["cat"] for e in events if e["ph"] == "s") == ["retry", "retry"]
+
+
 def test_written_on_an_exit_by_exception(make, tmp_path):
     path = tmp_path / "run.json"
     with pytest.raises(KeyError):
@@ -239,13 +260,6 @@ def test_a_failed_write_raises_at_a_normal_exit_and_is_logged_at_an_exit_by_exce
     assert "could not write the run trace" in caplog.text
 
 
-class _Spec:
-    """What the recorder reads of a call spec: the task's name."""
-
-    def __init__(self, name):
-        self.name = name
-
-
 def _recorded(tmp_path, task, **params):
     """A traced thread runner's trace, kept open after its one run, and
     that run's future."""
@@ -255,29 +269,6 @@ def _recorded(tmp_path, task, **params):
     future = runner.submit(task, params)
     future.wait()
     return runner, runner._trace, future, path
-
-
-def test_attempts_are_numbered_and_a_retry_waits_between(tmp_path):
-    # The recorder's side of retries: a run whose first attempt failed and
-    # which ran again later (recorded as its consumer would).
-    runner, trace, future, path = _recorded(tmp_path, fail, message="first attempt")
-    track = trace.thread_track()
-    again = time.monotonic() + 0.002
-    trace.add_keyed(trace.key(future), _Spec("fail"), track, again,
-                    again + 0.001, "completed")
-    runner.__exit__(None, None, None)
-    events = _events(path)
-    attempts = sorted((e["args"]["attempt"], e["args"]["state"]) for e in _slices(events))
-    assert attempts == [(1, "Failed"), (2, "Completed")]
-    first, second = sorted(_slices(events), key=lambda e: e["ts"])
-    [wait] = [e for e in events if e.get("cat") == "wait"]
-    assert wait["name"] == "retry wait"
-    assert wait["args"]["run_id"] == str(future.task_run_id)
-    assert wait["ts"] == pytest.approx(first["ts"] + first["dur"], abs=0.002)
-    assert wait["ts"] + wait["dur"] == pytest.approx(second["ts"], abs=0.002)
-    assert [e["cat"] for e in events if e["ph"] == "s"] == ["retry"]
-    wait_track = (wait["pid"], wait["tid"])
-    assert _track_names(events)[wait_track] == ("waits", "waits 1")
 
 
 def test_limit_wait_is_a_slice_in_the_waits_rows(tmp_path):
