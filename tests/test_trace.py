@@ -297,3 +297,18 @@ def test_records_after_the_write_are_dropped(tmp_path):
     assert trace.slices == 0
     # The future's id stays what the file says.
     assert _slice_of(_events(path), future)["args"]["run_id"] == str(future.task_run_id)
+
+
+def test_every_run_and_edge_of_a_large_graph_is_recorded(tmp_path):
+    # More slices and edges than the recorder's first arrays hold.
+    path = tmp_path / "run.json"
+    with ThreadPoolTaskRunner(max_workers=4, trace=path) as runner:
+        firsts = runner.map(inc, {"x": range(3000)})
+        seconds = runner.map(inc, {"x": firsts})
+        assert seconds.result()[-1] == 3001
+    events = _events(path)
+    slices = _slices(events)
+    assert len(slices) == 6000
+    assert {e["args"]["run_id"] for e in slices} == {
+        str(f.task_run_id) for f in list(firsts) + list(seconds)}
+    assert sum(e["ph"] == "s" for e in events) == sum(e["ph"] == "f" for e in events) == 3000

@@ -76,6 +76,14 @@ class Wait(NamedTuple):
     label: str
 
 
+cdef void* _realloc(void* p, size_t size) except NULL:
+    """realloc(), or MemoryError (p is left as it was: still freed later)."""
+    cdef void* grown = realloc(p, size)
+    if grown == NULL:
+        raise MemoryError()
+    return grown
+
+
 @cython.final
 cdef class Trace:
     """The records of one entered runner (see the module docstring)."""
@@ -170,31 +178,12 @@ cdef class Trace:
 
     cdef int _grow(self) except -1:
         cdef Py_ssize_t cap = 2 * self.cap
-        cdef void* p
-        p = realloc(self.starts, cap * sizeof(double))
-        if p == NULL:
-            raise MemoryError()
-        self.starts = <double*>p
-        p = realloc(self.ends, cap * sizeof(double))
-        if p == NULL:
-            raise MemoryError()
-        self.ends = <double*>p
-        p = realloc(self.keys, cap * sizeof(int64_t))
-        if p == NULL:
-            raise MemoryError()
-        self.keys = <int64_t*>p
-        p = realloc(self.tracks, cap * sizeof(int32_t))
-        if p == NULL:
-            raise MemoryError()
-        self.tracks = <int32_t*>p
-        p = realloc(self.names, cap * sizeof(int32_t))
-        if p == NULL:
-            raise MemoryError()
-        self.names = <int32_t*>p
-        p = realloc(self.states, cap)
-        if p == NULL:
-            raise MemoryError()
-        self.states = <uint8_t*>p
+        self.starts = <double*>_realloc(self.starts, cap * sizeof(double))
+        self.ends = <double*>_realloc(self.ends, cap * sizeof(double))
+        self.keys = <int64_t*>_realloc(self.keys, cap * sizeof(int64_t))
+        self.tracks = <int32_t*>_realloc(self.tracks, cap * sizeof(int32_t))
+        self.names = <int32_t*>_realloc(self.names, cap * sizeof(int32_t))
+        self.states = <uint8_t*>_realloc(self.states, cap)
         self.cap = cap
         return 0
 
@@ -229,14 +218,10 @@ cdef class Trace:
             self.dropped += 1
 
     cdef int add_edge(self, int64_t up, int64_t down) except -1:
-        cdef void* p
         if self.closed:
             return 0
         if self.n_edges == self.cap_edges:
-            p = realloc(self.edges, 4 * self.cap_edges * sizeof(int64_t))
-            if p == NULL:
-                raise MemoryError()
-            self.edges = <int64_t*>p
+            self.edges = <int64_t*>_realloc(self.edges, 4 * self.cap_edges * sizeof(int64_t))
             self.cap_edges *= 2
         self.edges[2 * self.n_edges] = up
         self.edges[2 * self.n_edges + 1] = down
