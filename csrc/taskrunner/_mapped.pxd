@@ -10,7 +10,7 @@
 
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
-from libc.stdint cimport int32_t, uint8_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 
 from taskrunner._calls cimport CallSpec
 from taskrunner._futures cimport ITEM_TAG, EngineBase, TaskFuture, is_item
@@ -44,6 +44,10 @@ cdef class MapBlock:
     # that ends puts on_end_base + its index there, as it ends.
     cdef object on_end
     cdef Py_ssize_t on_end_base
+    # Traced (see _trace.pyx): item i's key in the run trace is trace_key + i,
+    # and its future's too, once it has one.
+    cdef bint traced
+    cdef int64_t trace_key
 
     cdef object args_at(self, Py_ssize_t i)
     cdef object kwargs_at(self, Py_ssize_t i)
