@@ -312,3 +312,20 @@ def test_every_run_and_edge_of_a_large_graph_is_recorded(tmp_path):
     assert {e["args"]["run_id"] for e in slices} == {
         str(f.task_run_id) for f in list(firsts) + list(seconds)}
     assert sum(e["ph"] == "s" for e in events) == sum(e["ph"] == "f" for e in events) == 3000
+
+
+@pytest.mark.parametrize("cls", [ThreadPoolTaskRunner, ProcessPoolTaskRunner])
+def test_a_wait_for_a_limit_is_a_slice_in_the_waits_rows(cls, tmp_path):
+    import runner_tasks as rt
+
+    path = tmp_path / "run.json"
+    noted = str(tmp_path / "noted")
+    db_task = task(rt.note_running, tags=["db"])
+    with running(cls(max_workers=2, limits={"db": 1}, trace=str(path))) as runner:
+        futures = runner.map(db_task, {"path": noted, "x": range(4), "seconds": 0.05})
+        futures.result(timeout=60)
+    events = _events(path)
+    waits = [e for e in events if e.get("ph") == "X" and e["name"] == "waiting for limit db"]
+    # One slot for two workers: the runs after the first waited their turn.
+    assert len(waits) >= 2
+    assert all(w["dur"] > 0 for w in waits)

@@ -82,6 +82,8 @@ def work(Engine engine, loop):
                 deadline = _start_deadline(engine, consumer, spec, owner, taken, run, loop)
             if trace is not None:
                 started = tr_monotonic()
+                if spec.lim:
+                    _trace_limit_wait(engine, trace, taken, run, started)
             try:
                 value = _call(engine, call, loop)
                 state = COMPLETED
@@ -256,6 +258,18 @@ cdef int end_timed_out(Engine engine, void* payload, int32_t run, CallSpec spec)
             retry_taken(engine, payload, run, delay, exc)
             return 0
     _finish_one(engine, payload, run, FAILED, exc)
+    return 0
+
+
+cdef int _trace_limit_wait(Engine engine, Trace trace, void* taken, int32_t run,
+                           double now) except -1:
+    """Record in the trace how long a taken run waited for its limit."""
+    cdef double parked
+    engine.graph.lock()
+    parked = engine.graph.pop_parked_at_locked(run)
+    engine.graph.unlock()
+    if parked > 0.0:
+        trace.limit_wait_of(taken, parked, now, engine.limited_tags(spec_at(taken)))
     return 0
 
 

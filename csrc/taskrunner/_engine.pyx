@@ -141,6 +141,10 @@ cdef class Engine(EngineBase):
             spec.lim = self.graph.limit_set_of(mask)
         return spec
 
+    def limited_tags(self, CallSpec spec):
+        """The tags of `spec`'s task that the runner limits, joined by ","."""
+        return ",".join(sorted(tag for tag in spec.tags if tag in self._limit_index))
+
     def spec_of(self, task):
         """The call plan of `task`, cached for this engine: a runner keeps
         what it needs per task on it (CallSpec.wire)."""

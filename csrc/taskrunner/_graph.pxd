@@ -181,6 +181,7 @@ cdef class Graph:
     cdef uint64_t* lim_sets
     cdef int32_t n_lim_sets
     cdef int32_t* parked_next
+    cdef double* parked_at      # when a run was first parked (tr_monotonic), 0: not parked
     cdef readonly int32_t n_parked
     cdef bint spawns            # the owner starts consumers when asked (spawn_wanted)
     cdef readonly bint closed
@@ -253,6 +254,7 @@ cdef class Graph:
     cdef int limit_set_of(self, uint64_t mask) except -1
     cdef bint _limits_take(self, int32_t run) noexcept nogil
     cdef void _limits_give(self, int32_t run) noexcept nogil
+    cdef double pop_parked_at_locked(self, int32_t run) noexcept nogil
 
     # Internals.
     cdef int _grow_runs(self) noexcept nogil

@@ -82,6 +82,7 @@ cdef class Graph:
         free(self.edges)
         free(self.ring)
         free(self.parked_next)
+        free(self.parked_at)
         free(self.lim_cap)
         free(self.lim_sets)
 
@@ -95,6 +96,7 @@ cdef class Graph:
         cdef void** payloads
         cdef int32_t* ring
         cdef int32_t* parked_next
+        cdef double* parked_at
         if old >= MAX_RUNS:
             return -1
         if cap > MAX_RUNS:
@@ -128,6 +130,10 @@ cdef class Graph:
             if parked_next == NULL:
                 return -1
             self.parked_next = parked_next
+            parked_at = <double*>realloc(self.parked_at, <size_t>cap * sizeof(double))
+            if parked_at == NULL:
+                return -1
+            self.parked_at = parked_at
         for i in range(old, cap):
             runs[i].state = FREE_SLOT
             runs[i].flags = 0
@@ -188,6 +194,8 @@ cdef class Graph:
         self.runs[run].flags = flags
         self.runs[run].n_stale = 0
         self.runs[run].lim = lim
+        if lim:
+            self.parked_at[run] = 0.0
         self.payloads[run] = payload
         self.n_live += 1
         self.n_unfinished += 1
@@ -310,6 +318,8 @@ cdef class Graph:
             if (mask >> i) & 1 and self.lim_running[i] >= self.lim_cap[i]:
                 self.runs[run].flags |= F_PARKED | F_QUEUED
                 self.parked_next[run] = -1
+                if self.parked_at[run] == 0.0:
+                    self.parked_at[run] = tr_monotonic()
                 if self.lim_tail[i] < 0:
                     self.lim_head[i] = run
                 else:
@@ -349,6 +359,16 @@ cdef class Graph:
                 break
         if pushed:
             self._demand()
+
+    cdef double pop_parked_at_locked(self, int32_t run) noexcept nogil:
+        """When a taken run of limited tags was first parked (0.0: it never
+        waited for its limit), forgotten from now on: for the run trace."""
+        cdef double at
+        if not self.runs[run].lim or self.parked_at == NULL:
+            return 0.0
+        at = self.parked_at[run]
+        self.parked_at[run] = 0.0
+        return at
 
     # -- the ready ring and its consumers --------------------------------
 
@@ -826,7 +846,9 @@ cdef class Graph:
         free(self.edges)
         free(self.ring)
         free(self.parked_next)
+        free(self.parked_at)
         self.parked_next = NULL
+        self.parked_at = NULL
         self.runs = NULL
         self.payloads = NULL
         self.edges = NULL

@@ -99,6 +99,8 @@ cdef class Outbox:
         runs.n = n
         for i in range(n):
             hold_payload(runs.items[i])
+        if self.engine.trace is not None:
+            _trace_limit_waits(self.engine, runs)
         return runs
 
     def mark_sent(self, RunList runs):
@@ -278,6 +280,24 @@ cdef class Outbox:
     def ready_count(self):
         """Runs ready and not yet taken."""
         return self.graph.n_ready
+
+
+cdef int _trace_limit_waits(Engine engine, RunList runs) except -1:
+    """Record in the trace how long taken runs waited for their limits."""
+    cdef Graph graph = engine.graph
+    cdef Py_ssize_t i
+    cdef double now = tr_monotonic(), parked
+    cdef CallSpec spec
+    for i in range(runs.n):
+        spec = spec_at(runs.items[i])
+        if not spec.lim:
+            continue
+        graph.lock()
+        parked = graph.pop_parked_at_locked(run_of(runs.items[i]))
+        graph.unlock()
+        if parked > 0.0:
+            engine.trace.limit_wait_of(runs.items[i], parked, now, engine.limited_tags(spec))
+    return 0
 
 
 cdef bint _retry_failed(Engine engine, RunList runs, list values, uint8_t* codes) except -1:
