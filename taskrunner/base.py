@@ -7,9 +7,7 @@ import os
 import sys
 import threading
 import weakref
-from typing import (
-    TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar, Union,
-)
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar, Union
 
 from taskrunner.streaming import open_stream
 
