@@ -36,6 +36,28 @@ def checked_max_workers(max_workers, default):
     return max_workers
 
 
+def checked_limits(limits):
+    """`limits` (None, or a mapping of tag -> how many runs of tasks with
+    that tag may run at once) as a dict; TypeError for a tag that is not a
+    str, ValueError for a limit that is not a positive int."""
+    if limits is None:
+        return {}
+    if not isinstance(limits, Mapping):
+        raise TypeError(f"limits must be a dict of tag -> int (runs at once), not "
+                        f"{type(limits).__name__}")
+    checked = {}
+    for tag, limit in limits.items():
+        if not isinstance(tag, str):
+            raise TypeError(f"limits: a tag must be a str, not {type(tag).__name__} ({tag!r:.60})")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limits[{tag!r}] must be a positive int (runs at once), "
+                             f"got {limit!r:.60}")
+        checked[tag] = limit
+    if len(checked) > 64:
+        raise ValueError(f"limits: at most 64 limited tags, got {len(checked)}")
+    return checked
+
+
 def _shutdown_quietly(engine):
     try:
         engine.shutdown(True)
@@ -144,7 +166,13 @@ class EngineTaskRunner(TaskRunner):
     """A runner scheduled by the compiled engine.  Subclasses say how runs
     are executed: `_start()` returns the Engine, `_stop()` tears down."""
 
+    _limits: dict = {}          # tag -> runs at once (checked_limits)
     _engine = None
+
+    @property
+    def limits(self) -> dict:
+        """tag -> how many runs of tasks with that tag may run at once."""
+        return dict(self._limits)
     _abandoned = False      # a second Ctrl-C stopped the exit's wait (see _wait_for_runs)
     _exited = False         # it was entered and has exited (for the error of a late submit)
 

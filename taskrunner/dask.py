@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 from taskrunner._dask import distributed as _distributed
+from taskrunner.base import checked_limits
 from taskrunner.remote import RemoteTaskRunner
 
 __all__ = ["DaskTaskRunner", "ClusterClassNotFound"]
@@ -46,7 +47,8 @@ class DaskTaskRunner(RemoteTaskRunner):
     def __init__(self, address: Optional[str] = None,
                  cluster_class: Union[str, Callable[..., Any], None] = None,
                  cluster_kwargs: Optional[Mapping[str, Any]] = None,
-                 client_kwargs: Optional[Mapping[str, Any]] = None) -> None:
+                 client_kwargs: Optional[Mapping[str, Any]] = None, *,
+                 limits: Optional[Mapping[str, int]] = None) -> None:
         if address is not None and not isinstance(address, str):
             raise TypeError(
                 f"address must be a scheduler address string such as 'tcp://host:8786', "
@@ -67,6 +69,7 @@ class DaskTaskRunner(RemoteTaskRunner):
         self._cluster_class = _resolve_class(cluster_class)
         self._cluster_kwargs = cluster_kwargs
         self._client_kwargs = client_kwargs
+        self._limits = checked_limits(limits)
 
     # -- settings --------------------------------------------------------------
 
@@ -107,7 +110,8 @@ class DaskTaskRunner(RemoteTaskRunner):
 
     def duplicate(self):
         return type(self)(address=self._address, cluster_class=self._cluster_class,
-                          cluster_kwargs=self.cluster_kwargs, client_kwargs=self.client_kwargs)
+                          cluster_kwargs=self.cluster_kwargs, client_kwargs=self.client_kwargs,
+                          limits=self._limits)
 
     def __eq__(self, other):
         if type(other) is not type(self):
@@ -118,7 +122,8 @@ class DaskTaskRunner(RemoteTaskRunner):
         return hash((type(self), self._address, self._cluster_class))
 
     def _settings(self):
-        return (self._address, self._cluster_class, self._cluster_kwargs, self._client_kwargs)
+        return (self._address, self._cluster_class, self._cluster_kwargs, self._client_kwargs,
+                self._limits)
 
     def __repr__(self):
         if self._address is not None:

@@ -23,14 +23,14 @@ import multiprocessing
 import os
 import threading
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import dumps_checked
 from taskrunner._process.feeder import Feeder
 from taskrunner._process.receiver import Receiver
 from taskrunner._process.workers import WorkerSet
-from taskrunner.base import checked_max_workers
+from taskrunner.base import checked_limits, checked_max_workers
 from taskrunner.remote import Backend, RemoteTaskRunner
 
 __all__ = ["ProcessPoolTaskRunner"]
@@ -44,13 +44,16 @@ class ProcessPoolTaskRunner(RemoteTaskRunner):
     `mp_context` is a start method name or a multiprocessing context
     ("spawn" by default).  Tasks, their parameters and results travel with
     cloudpickle, so lambdas and closures work; each task function is
-    serialised once per runner.
+    serialised once per runner.  `limits={tag: n}` lets at most n runs of
+    tasks with that tag run at once.
     """
 
     def __init__(self, max_workers: Optional[int] = None,
                  initializer: Optional[Callable[..., object]] = None, initargs: Iterable[Any] = (),
-                 mp_context: Union[str, BaseContext, None] = None) -> None:
+                 mp_context: Union[str, BaseContext, None] = None, *,
+                 limits: Optional[Mapping[str, int]] = None) -> None:
         max_workers = checked_max_workers(max_workers, os.cpu_count() or 1)
+        self._limits = checked_limits(limits)
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
         try:
@@ -75,7 +78,8 @@ class ProcessPoolTaskRunner(RemoteTaskRunner):
 
     def duplicate(self):
         return type(self)(max_workers=self._max_workers, initializer=self._initializer,
-                          initargs=self._initargs, mp_context=self._mp_context)
+                          initargs=self._initargs, mp_context=self._mp_context,
+                          limits=self._limits)
 
     def _backend(self):
         return ProcessBackend(self._context, self._max_workers, self._setup)

@@ -54,6 +54,7 @@ cdef enum:
     STOP_FROM = 2               # it must not start runs STOP_FROM <= n < STOP_TO
     STOP_TO = 3
     LOADING = 4                 # 1 while it waits for, reads or unpickles a batch
+    STARTED_AT = 5              # when it started the run STARTED (tr_monotonic, in ns)
 
 
 cdef class ControlBlock:
@@ -80,6 +81,12 @@ cdef class ControlBlock:
         return tr_load64(&self.words[STARTED])
 
     @property
+    def started_at(self):
+        """When the run `started` started, in time.monotonic() seconds
+        (CLOCK_MONOTONIC: the same clock in every process of the machine)."""
+        return tr_load64(&self.words[STARTED_AT]) * 1e-9
+
+    @property
     def finished(self):
         return tr_load64(&self.words[FINISHED])
 
@@ -101,6 +108,10 @@ cdef class ControlBlock:
 
     cdef bint may_start(self, long long seq) noexcept:
         cdef long long first, end
+        # The time first: a parent reading `started` then `started_at` gets
+        # this run's start or a later one's, never an earlier (so it never
+        # finds a run older than it is).
+        tr_store64(&self.words[STARTED_AT], <long long>(tr_monotonic() * 1e9))
         tr_store64(&self.words[STARTED], seq)
         first = tr_load64(&self.words[STOP_FROM])
         end = tr_load64(&self.words[STOP_TO])

@@ -53,6 +53,7 @@ from taskrunner._dask.worker import (
     marks_key,
     run,
     run_pack,
+    sent_function,
 )
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import dumps, unsendable_call_error
@@ -223,12 +224,12 @@ class DaskBackend(Backend):
         dask_futures = []
         if alone:
             dask_futures += self.client.map(
-                run, [c.spec.fn for c in alone], [c.spec.is_async for c in alone],
+                run, [sent_function(c.spec) for c in alone], [c.spec.is_async for c in alone],
                 [c.sent.key for c in alone], [c.blob for c in alone], [c.deps for c in alone],
                 key=[c.sent.key for c in alone], pure=False)
         if packs:
             dask_futures += self.client.map(
-                run_pack, [p[0].spec.fn for p in packs], [p[0].spec.is_async for p in packs],
+                run_pack, [sent_function(p[0].spec) for p in packs], [p[0].spec.is_async for p in packs],
                 [p[0].sent.task_key for p in packs],
                 [tuple(c.sent.key for c in p) for p in packs],
                 [[c.blob for c in p] for p in packs],

@@ -32,6 +32,8 @@ when it ends: a run must not wait for another run of its own runner, which
 only workers in the client's process can (see DaskBackend.packing).
 """
 
+import asyncio
+import ctypes
 import pickle
 import threading
 import traceback
@@ -43,7 +45,8 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from taskrunner._calls import TaskLoop, call_task
 from taskrunner._futures import consumer_hooks
 from taskrunner._pickling import PLAIN_TYPES, with_remote_traceback
-from taskrunner.exceptions import TaskRunnerError
+from taskrunner._timer import Timer
+from taskrunner.exceptions import TaskRunnerError, run_timed_out
 
 __all__ = ["COMPLETED", "FAILED", "RECALLED", "MarksPlugin", "PackEnded", "Recalled",
            "TaskRaised", "dep", "dep_item", "forget_marks", "hold_back", "marks_key",
@@ -252,6 +255,93 @@ def _unsendable_result(value, key):
 
 def _out_of_band(buffer):
     return None     # leave the buffer out of the pickle: no copy
+
+
+# -- timeouts ----------------------------------------------------------------------
+#
+# A Dask worker's thread cannot be killed either, but Python code in it can
+# be interrupted: at a run's deadline the worker's timer raises _Overdue in
+# the thread running it (PyThreadState_SetAsyncExc), which the call turns
+# into the run's TimeoutError; the Dask task ends, and the thread goes on
+# with the next run of its pack.  A task inside a C call stops when it
+# returns to Python.  An async task is cancelled on its loop (wait_for).
+
+
+class _Overdue(BaseException):
+    """Raised into a worker thread whose run is past its deadline."""
+
+
+_deadlines = None           # this worker process's taskrunner._timer.Timer
+
+
+def _set_async_exc(ident, exc):
+    return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), exc)
+
+
+class _Watch:
+    """One timed call on one thread: fire() at the deadline and finish()
+    when the call returns decide under a lock which came first."""
+
+    def __init__(self):
+        self.ident = threading.get_ident()
+        self.lock = threading.Lock()
+        self.done = self.fired = False
+
+    def fire(self):
+        with self.lock:
+            if not self.done:
+                self.fired = True
+                _set_async_exc(self.ident, ctypes.py_object(_Overdue))
+
+    def finish(self):
+        """The call returned: no interruption from now on, and one sent but
+        not yet raised is withdrawn.  Whether the deadline came first."""
+        with self.lock:
+            self.done = True
+            if self.fired:
+                _set_async_exc(self.ident, None)
+            return self.fired
+
+
+class Deadlined:
+    """A task function with a deadline per call (timeout_seconds), as sent
+    to the workers in place of the function."""
+
+    def __init__(self, fn, limit, name, is_async):
+        self.fn, self.limit, self.name, self.is_async = fn, limit, name, is_async
+
+    def __call__(self, *args, **kwargs):
+        if self.is_async:
+            return self._call_async(*args, **kwargs)
+        global _deadlines
+        if _deadlines is None:
+            _deadlines = Timer("taskrunner-deadlines")
+        watch = _Watch()
+        entry = _deadlines.call_later(self.limit, watch.fire)
+        try:
+            try:
+                value = self.fn(*args, **kwargs)
+            finally:
+                entry.cancel()
+                overdue = watch.finish()
+        except _Overdue:
+            overdue = True
+        if overdue:
+            raise run_timed_out(self.name, self.limit)
+        return value
+
+    async def _call_async(self, *args, **kwargs):
+        try:
+            return await asyncio.wait_for(self.fn(*args, **kwargs), self.limit)
+        except asyncio.TimeoutError:
+            raise run_timed_out(self.name, self.limit) from None
+
+
+def sent_function(spec):
+    """What a worker calls for a run of `spec`'s task."""
+    if spec.timeout:
+        return Deadlined(spec.fn, spec.timeout, spec.name, spec.is_async)
+    return spec.fn
 
 
 def _portable(error):

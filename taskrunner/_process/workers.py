@@ -61,6 +61,7 @@ class Worker:
         self.cancel_if_skipped = set()      # given up if it skips them: cancelled
         self.ready = False                  # it ran the initializer
         self.by_value = False               # its batches go pickled by value
+        self.overdue = None                 # receiver.Overdue: killed for a timeout
         self.sender: Optional[threading.Thread] = None
 
     # -- flight ---------------------------------------------------------------
@@ -159,6 +160,20 @@ class Worker:
             elif is_target and targets is None:
                 self.cancel_if_skipped.add(number)
         return cancelled, requeued
+
+    def _run_numbered(self, number):
+        for _, one in self.runs_from(number, number + 1):
+            return one
+        return None
+
+    def timeout_of(self, number):
+        """The timeout_seconds of the task of run `number` in flight (0: none)."""
+        one = self._run_numbered(number)
+        return one.timeout_at(0) if one is not None else 0.0
+
+    def task_name_of(self, number):
+        one = self._run_numbered(number)
+        return one[0].task_name if one is not None else "?"
 
     def crashed_and_rest(self):
         """After it died: (the run it was running, if any, as a list of
