@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from taskrunner import FutureList, ThreadPoolTaskRunner, unmapped
+from taskrunner import FutureList, ThreadPoolTaskRunner, task, unmapped
 from taskrunner import progress as progress_module
 
 import runner_tasks as rt
@@ -187,6 +187,17 @@ def test_the_bar_is_redrawn_while_the_runs_go_on(runner_factory, drawing, make_g
         assert_final(log_file.last_line(), 20, 20, 0)
         assert log_file.text.count("\n") == 1       # one bar, one last line
         assert not progress_threads()
+
+
+def test_a_retried_attempt_is_neither_done_nor_failed(runner_factory, drawing, tmp_path):
+    """Items that fail once and are retried: the bar counts each once, as
+    it ends, and none as failed."""
+    flaky = task(rt.item_fails_until, retries=2)
+    with stderr_as(Terminal(tty=False)) as log_file:
+        with running(runner_factory(max_workers=2)) as r:
+            fl = r.map(flaky, {"x": range(20), "directory": str(tmp_path), "succeed_on": 2})
+            assert fl.result(timeout=60, progress="always") == [x * 10 for x in range(20)]
+        assert_final(log_file.last_line(), 20, 20, 0)
 
 
 def test_a_materialized_list_counts_its_futures(runner_factory, drawing):
