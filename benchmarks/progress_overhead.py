@@ -6,6 +6,9 @@ if installed, else the plain line: --plain forces it).  The three are
 interleaved ROUNDS times in one runner; the medians are printed, and each
 with a bar against the one without.
 
+Each is timed as wall and CPU time of map() then result() while the runs
+go on, and as result() of a map already finished ("done").
+
 With --baseline DIR (a checkout of another commit, built in place), the run
 without a bar is also measured there and here, in fresh interpreters
 alternated ROUNDS times: whether result() without a bar changed.
@@ -29,16 +32,23 @@ def inc(x):
 
 
 def one_run(runner, items, progress):
-    """(wall, cpu) seconds of map() then result(): cpu is this process's
-    time on every thread, steadier than the wall time on a busy machine."""
+    """(wall, cpu, finished) seconds: map() then result(), wall and cpu
+    (this process's time on every thread, steadier than the wall time on a
+    busy machine); and result() alone of a map already finished (one
+    thread reading the block's arrays: the steadiest of the three)."""
     start, cpu = time.perf_counter(), time.process_time()
-    if progress is None:
-        values = runner.map(inc, {"x": range(items)}).result()
-    else:
-        values = runner.map(inc, {"x": range(items)}).result(progress=progress)
+    values = result_of(runner.map(inc, {"x": range(items)}), progress)
     elapsed = (time.perf_counter() - start, time.process_time() - cpu)
     assert len(values) == items and values[-1] == items
-    return elapsed
+    futures = runner.map(inc, {"x": range(items)})
+    futures.wait()
+    start = time.perf_counter()
+    values = result_of(futures, progress)
+    return elapsed + (time.perf_counter() - start,)
+
+
+def result_of(futures, progress):
+    return futures.result() if progress is None else futures.result(progress=progress)
 
 
 def compare_bars(items, rounds):
@@ -67,12 +77,12 @@ def compare_bars(items, rounds):
 
 
 def report(times, base_name):
-    for kind, at in (("wall", 0), ("cpu", 1)):
+    for kind, at in (("wall", 0), ("cpu", 1), ("done", 2)):
         base = statistics.median(run[at] for run in times[base_name])
         for name, runs in times.items():
             values = [run[at] for run in runs]
             median = statistics.median(values)
-            print(f"{kind:4} {name:24} median {median * 1000:6.0f} ms  "
+            print(f"{kind:4} {name:24} median {median * 1000:7.1f} ms  "
                   f"(runs {min(values) * 1000:.0f}-{max(values) * 1000:.0f} ms)  "
                   f"{median / base:.3f}x {base_name}")
 
@@ -89,8 +99,10 @@ def child(items, rounds):
 def compare_trees(items, rounds, baseline):
     trees = {"baseline": os.path.abspath(baseline), "this tree": HERE}
     times = {name: [] for name in trees}
-    for _ in range(rounds):
-        for name, tree in trees.items():
+    names = list(trees)
+    for round_ in range(rounds):
+        for name in names[round_ % 2:] + names[:round_ % 2]:     # each first in turn
+            tree = trees[name]
             out = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), str(items), "3", "--child"],
                 capture_output=True, text=True, check=True, cwd=tree,
@@ -113,10 +125,11 @@ def main():
         child(args.items, args.rounds)
         return
     import taskrunner
+    from taskrunner.progress import _tqdm_class
 
     print(f"{args.items:,} items, {args.rounds} rounds, taskrunner from "
           f"{os.path.dirname(taskrunner.__file__)}, drawn with "
-          f"{'the plain line' if args.plain else 'tqdm (if installed)'}")
+          f"{'tqdm' if _tqdm_class() is not None else 'the plain line'}")
     compare_bars(args.items, args.rounds)
     if args.baseline:
         compare_trees(args.items, args.rounds, args.baseline)
