@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Callable, NamedTuple, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 __all__ = ["Counts", "ProgressBar", "bar_for_futures", "bar_for_results", "checked_progress"]
 
@@ -82,30 +82,48 @@ class ProgressBar:
     source is gone; `final` asks for exact counts (the last line), where a
     redraw may take cheaper, lagging ones.  It is called from the bar's
     thread, and from close() once that thread has stopped: never from two
-    threads at once."""
+    threads at once.
+
+    A bar nobody holds any more is closed (its last line drawn, its thread
+    stopped) when it is collected: a Ctrl-C may land while a bar is being
+    opened, before its opener has it to close."""
 
     def __init__(self, count: Callable[[bool], Optional[Counts]], total: Optional[int], *,
                  desc: Optional[str] = None, unit: str = "runs", file=None):
-        self._count = count
-        self._view = _make_view(file if file is not None else sys.stderr, total, desc, unit)
-        self._shown = Counts(0, 0)
+        # First what close() needs, whatever comes after raises.
+        self._closed = False
+        self._view: Any = None
+        self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()        # a redraw, or the last line
         self._stopping = threading.Event()
-        self._closed = False
-        self._thread = threading.Thread(target=self._redraw, name="taskrunner-progress",
-                                        daemon=True)
-        self._thread.start()
-
-    def _redraw(self):
+        self._count = count
+        self._shown = Counts(0, 0)
         try:
-            while not self._stopping.wait(TICK_SECONDS):
-                counts = self._count(False)
-                with self._lock:
-                    if counts is None or self._closed:
-                        return
-                    self._show(counts)
+            # Runs that ended before the bar opened count as done, but not
+            # in its rate: a wait that starts late would show a burst.
+            self._shown = count(False) or self._shown
+            self._view = _make_view(file if file is not None else sys.stderr, total, desc, unit,
+                                    self._shown)
+            # The thread holds the bar weakly (see above).
+            self._thread = threading.Thread(target=_redraw,
+                                            args=(weakref.ref(self), self._stopping),
+                                            name="taskrunner-progress", daemon=True)
+            self._thread.start()
+        except BaseException:   # a Ctrl-C, say: the bar ends at once, the error goes on
+            self.close()
+            raise
+
+    def _tick(self) -> bool:
+        """One redraw; False once there is nothing more to draw."""
+        try:
+            counts = self._count(False)
+            with self._lock:
+                if counts is None or self._closed:
+                    return False
+                self._show(counts)
+            return True
         except Exception:   # a broken stderr, say: the wait goes on without a bar
-            return
+            return False
 
     def _show(self, counts: Counts, final: bool = False):
         # Never backwards: a count a redraw read may lag one read earlier.
@@ -120,10 +138,12 @@ class ProgressBar:
         """Stop redrawing and draw the last line: `final`, or the counts
         read now.  Only the first call draws."""
         self._stopping.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
+        thread = self._thread
+        if thread is not None and thread.ident is not None and thread is not threading.current_thread():
+            thread.join()
         with self._lock:
-            if self._closed:
+            if self._closed or self._view is None:
+                self._closed = True
                 return
             self._closed = True
             if final is None:
@@ -142,6 +162,20 @@ class ProgressBar:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def __del__(self):
+        if "_lock" in self.__dict__:      # else __init__ was stopped before anything was drawn
+            self.close()
+
+
+def _redraw(ref, stopping: threading.Event):
+    """A bar's thread: redraw every TICK_SECONDS until the bar closes or
+    is collected."""
+    while not stopping.wait(TICK_SECONDS):
+        bar = ref()
+        if bar is None or not bar._tick():
+            return
+        del bar         # the only reference, maybe: the bar is then closed here
 
 
 # -- what is counted ----------------------------------------------------------
@@ -215,22 +249,22 @@ def _tqdm_class():
     return tqdm
 
 
-def _make_view(file, total, desc, unit):
+def _make_view(file, total, desc, unit, initial):
     tqdm = _tqdm_class()
     if tqdm is None:
-        return _LineView(file, total, desc, unit)
-    return _TqdmView(tqdm, file, total, desc, unit)
+        return _LineView(file, total, desc, unit, initial)
+    return _TqdmView(tqdm, file, total, desc, unit, initial)
 
 
 class _TqdmView:
     """A tqdm bar, driven by the counts rather than by tqdm's own timing."""
 
-    def __init__(self, tqdm, file, total, desc, unit):
+    def __init__(self, tqdm, file, total, desc, unit, initial):
         # Redrawn at every show(): the bar's thread already limits how often.
-        # It draws 0/total at once.
+        # It draws the initial counts at once.
         self.bar = tqdm(total=total, desc=desc, unit=" " + unit.rstrip("s"), file=file,
                         mininterval=0, miniters=1, dynamic_ncols=True, leave=True,
-                        postfix="0 failed")
+                        initial=initial.done, postfix=f"{initial.failed} failed")
 
     def show(self, counts: Counts):
         self.bar.set_postfix_str(f"{counts.failed} failed", refresh=False)
@@ -250,18 +284,19 @@ class _LineView:
     `name:  42% 420/1000 runs, 3 failed, 812.5/s, ETA 0:00:01`; the last
     line gives the time taken in place of the time left."""
 
-    def __init__(self, file, total, desc, unit):
+    def __init__(self, file, total, desc, unit, initial):
         self.file = file
         self.total = total
         self.desc = desc
         self.unit = unit
         self.started = time.monotonic()
-        self.width = 0              # of the line drawn last, to blank its tail
-        self.show(Counts(0, 0))
+        self.initial = initial.done     # the rate counts those that ended since
+        self.width = 0                  # of the line drawn last, to blank its tail
+        self.show(initial)
 
     def line(self, counts: Counts, final: bool) -> str:
         elapsed = time.monotonic() - self.started
-        rate = counts.done / elapsed if elapsed > 0 else 0.0
+        rate = (counts.done - self.initial) / elapsed if elapsed > 0 else 0.0
         head = f"{self.desc}: " if self.desc else ""
         if self.total is not None:
             percent = 100.0 * counts.done / self.total if self.total else 100.0

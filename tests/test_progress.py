@@ -271,9 +271,12 @@ def test_the_bar_ends_on_a_failure(runner_factory, drawing):
         assert not progress_threads()
 
 
-def test_the_bar_ends_on_ctrl_c(tmp_path):
-    """A real SIGINT while result() waits with a bar: KeyboardInterrupt
-    reaches the caller at once, after the bar's last line."""
+@pytest.mark.parametrize("when", ["opening", "waiting"])
+def test_the_bar_ends_on_ctrl_c(tmp_path, when):
+    """A real SIGINT while result() waits with a bar (the bar draws 19/20 a
+    second time: its thread redraws it) or while the bar opens (it draws
+    19/20 the first time): KeyboardInterrupt reaches the caller at once,
+    after the bar's last line."""
     source = """
         import os, re, signal, sys, threading
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -282,18 +285,20 @@ def test_the_bar_ends_on_ctrl_c(tmp_path):
         from taskrunner import ThreadPoolTaskRunner
 
         class Watched:
-            def __init__(self, out):
-                self.out, self.seen = out, threading.Event()
+            def __init__(self, out, times):
+                self.out, self.seen, self.times = out, threading.Event(), times
             def write(self, text):
                 self.out.write(text)
                 if re.search(r"\\b19/20\\b", text):
-                    self.seen.set()
+                    self.times -= 1
+                    if self.times == 0:
+                        self.seen.set()
             def flush(self):
                 self.out.flush()
             def isatty(self):
                 return False
 
-        sys.stderr = watched = Watched(sys.stderr)
+        sys.stderr = watched = Watched(sys.stderr, int(sys.argv[2]))
         gate = sys.argv[1]
         def interrupt():
             watched.seen.wait(60)
@@ -301,6 +306,7 @@ def test_the_bar_ends_on_ctrl_c(tmp_path):
         threading.Thread(target=interrupt, daemon=True).start()
         with ThreadPoolTaskRunner(max_workers=2) as r:
             fl = r.map(rt.gated_item, {"x": range(20), "block_on": 19, "gate": gate})
+            assert rt.wait_until(lambda: fl._block_ended() == (19, 0), timeout=60)
             try:
                 fl.result(progress="always")
             except KeyboardInterrupt:
@@ -308,7 +314,8 @@ def test_the_bar_ends_on_ctrl_c(tmp_path):
                 open(gate, "a").close()
                 raise
     """
-    proc = run_script(source, args=(str(tmp_path / "gate"),), timeout=120)
+    times = {"opening": 1, "waiting": 2}[when]
+    proc = run_script(source, args=(str(tmp_path / "gate"), str(times)), timeout=120)
     assert "interrupted" in proc.stdout, proc.stderr
     assert proc.returncode != 0
     # (Read as text, the pipe's \r are line ends.)
@@ -316,6 +323,19 @@ def test_the_bar_ends_on_ctrl_c(tmp_path):
     assert_final(drawn[-1], 19, 20, 0)
     assert re.search(r"in \d+:\d\d:\d\d", drawn[-1]), drawn     # the last line, not a redraw
     assert "KeyboardInterrupt" in proc.stderr.partition(drawn[-1])[2]
+
+
+def test_a_bar_nobody_holds_is_closed(drawing):
+    """A bar dropped unclosed (its opener interrupted before it had it)
+    draws its last line and stops its thread."""
+    term = Terminal()
+    bar = progress_module.ProgressBar(lambda final: progress_module.Counts(3, 1), 10,
+                                      file=term)
+    assert progress_threads()
+    del bar
+    gc.collect()
+    assert rt.wait_until(lambda: not progress_threads(), timeout=10)
+    assert_final(term.last_line(), 3, 10, 1)
 
 
 # ====================================================================== when drawn
