@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import abc
+import logging
 import os
 import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar, Union
 
+from taskrunner._trace import Trace
 from taskrunner.streaming import open_stream
 
 if TYPE_CHECKING:
@@ -20,6 +22,8 @@ _Engined = TypeVar("_Engined", bound="EngineTaskRunner")
 Parameters = Mapping[str, Any]
 
 __all__ = ["TaskRunner"]
+
+_log = logging.getLogger("taskrunner")
 
 _streams_lock = threading.Lock()
 
@@ -34,6 +38,24 @@ def checked_max_workers(max_workers, default):
     if max_workers < 1:
         raise ValueError(f"max_workers must be at least 1, got {max_workers}")
     return max_workers
+
+
+def checked_trace(trace):
+    """`trace` as an absolute path (str), or None; TypeError naming it if
+    it is not a str or os.PathLike, ValueError if it is empty or its
+    directory does not exist."""
+    if trace is None:
+        return None
+    if not isinstance(trace, (str, os.PathLike)):
+        raise TypeError(f"trace must be a file path (str or os.PathLike) or None, "
+                        f"not {type(trace).__name__}")
+    path = os.fsdecode(os.fspath(trace))
+    if not path:
+        raise ValueError("trace must be a file path, not ''")
+    path = os.path.abspath(path)
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ValueError(f"trace: the directory of {path!r} does not exist")
+    return path
 
 
 def checked_limits(limits):
@@ -175,6 +197,8 @@ class EngineTaskRunner(TaskRunner):
         return dict(self._limits)
     _abandoned = False      # a second Ctrl-C stopped the exit's wait (see _wait_for_runs)
     _exited = False         # it was entered and has exited (for the error of a late submit)
+    _trace_path: Optional[str] = None   # where the exit writes the run trace (trace=), or None
+    _trace: Any = None      # the entered runner's recorder (taskrunner._trace.Trace), or None
 
     def _start(self):
         raise NotImplementedError
@@ -197,7 +221,10 @@ class EngineTaskRunner(TaskRunner):
     def __enter__(self: _Engined) -> _Engined:
         if self._engine is not None:
             raise RuntimeError(f"{type(self).__name__} is already started")
+        # Made first: a backend's start() hands it to what records.
+        self._trace = Trace() if self._trace_path is not None else None
         self._engine = self._start()
+        self._engine.trace = self._trace
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -216,7 +243,20 @@ class EngineTaskRunner(TaskRunner):
             if not self._abandoned:
                 # The futures that outlive the runner keep their own states.
                 engine.free_graph()
+            trace, self._trace = self._trace, None
+            if trace is not None:
+                self._write_trace(trace, exc_type)
         return None
+
+    def _write_trace(self, trace, exc_type):
+        """Write the run trace; if that fails, raise, unless the exit is by
+        exception: then log it, and let that exception go on."""
+        try:
+            trace.write(self._trace_path)
+        except Exception:
+            if exc_type is None:
+                raise
+            _log.exception("could not write the run trace %r", self._trace_path)
 
     def _wait_for_runs(self, engine, exc_type):
         """The exit's wait: for every run, or (`cancel`: an exit by

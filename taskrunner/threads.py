@@ -8,12 +8,12 @@ future.
 
 import os
 import threading
-from typing import Mapping, Optional
+from typing import Mapping, Optional, Union
 
 from taskrunner._calls import TaskLoop
 from taskrunner._consume import work
 from taskrunner._engine import Engine
-from taskrunner.base import EngineTaskRunner, checked_limits, checked_max_workers
+from taskrunner.base import EngineTaskRunner, checked_limits, checked_max_workers, checked_trace
 
 __all__ = ["ThreadPoolTaskRunner"]
 
@@ -25,13 +25,18 @@ class ThreadPoolTaskRunner(EngineTaskRunner):
     Threads start as work arrives.  A run waiting for its upstreams holds
     no thread, and a task that blocks on another future gives its thread's
     place up until it resumes, so nested submits cannot deadlock the pool.
+
+    `trace` (a file path): when the runner exits, a Chrome trace-event file
+    of the runs is written there (see the README, "Run trace").
     """
 
     def __init__(self, max_workers: Optional[int] = None, *,
-                 limits: Optional[Mapping[str, int]] = None) -> None:
+                 limits: Optional[Mapping[str, int]] = None,
+                 trace: Union[str, "os.PathLike[str]", None] = None) -> None:
         max_workers = checked_max_workers(max_workers, min(32, (os.cpu_count() or 1) + 4))
         self._max_workers = max_workers
         self._limits = checked_limits(limits)
+        self._trace_path = checked_trace(trace)
         self._threads: list = []
         self._threads_lock = threading.Lock()
         self._left_behind: set = set()
@@ -45,7 +50,8 @@ class ThreadPoolTaskRunner(EngineTaskRunner):
         return self._max_workers
 
     def duplicate(self):
-        return type(self)(max_workers=self._max_workers, limits=self._limits)
+        return type(self)(max_workers=self._max_workers, limits=self._limits,
+                          trace=self._trace_path)
 
     def _start(self):
         engine = Engine(self._max_workers, self._start_worker, limits=self._limits)
@@ -86,4 +92,5 @@ class ThreadPoolTaskRunner(EngineTaskRunner):
                 thread.join()
 
     def __repr__(self):
-        return f"ThreadPoolTaskRunner(max_workers={self._max_workers})"
+        trace = f", trace={self._trace_path!r}" if self._trace_path is not None else ""
+        return f"ThreadPoolTaskRunner(max_workers={self._max_workers}{trace})"

@@ -795,3 +795,12 @@ def most_at_once(path):
         at_once += 1 if starts else -1
         most = max(most, at_once)
     return most
+
+
+def meet(x, folder, count):
+    """x, once ``count`` workers (threads or processes) have each run a
+    meet in ``folder``: so that that many workers surely run tasks."""
+    touch(os.path.join(folder, f"{os.getpid()}-{threading.get_ident()}"))
+    if not wait_until(lambda: len(os.listdir(folder)) >= count, timeout=GATE_TIMEOUT):
+        raise TimeoutError(f"only {len(os.listdir(folder))} of {count} workers met")
+    return x

@@ -56,23 +56,29 @@ def test_a_callback_added_late_that_blocks_never_overfills_the_pool(monkeypatch)
     counter = PeakCounter(0.5)
     first_gate, later_gate = threading.Event(), threading.Event()
     with ThreadPoolTaskRunner(3) as runner:
-        first = runner.submit(first_gate.wait)
-        later = runner.submit(later_gate.wait)
-        downstream = [runner.submit(counter.step, wait_for=[first]) for _ in range(6)]
-        armed[0] = True
-        first_gate.set()            # its completion readies 6 runs: a consumer is wanted
-        assert window.wait(10)
+        try:
+            first = runner.submit(first_gate.wait)
+            later = runner.submit(later_gate.wait)
+            downstream = [runner.submit(counter.step, wait_for=[first]) for _ in range(6)]
+            armed[0] = True
+            first_gate.set()            # its completion readies 6 runs: a consumer is wanted
+            assert window.wait(10)
 
-        def blocking_callback(f):
-            blocked.set()
-            later.result()
+            def blocking_callback(f):
+                blocked.set()
+                later.result()
 
-        first.add_done_callback(blocking_callback)
-        added.set()
-        assert blocked.wait(10)
-        with counter.lock:          # the place given up is filled
-            assert counter.started.wait_for(lambda: counter.running >= 2, 10)
-        later_gate.set()
-        for f in downstream:
-            f.result(timeout=30)
+            first.add_done_callback(blocking_callback)
+            added.set()
+            assert blocked.wait(10)
+            with counter.lock:          # the place given up is filled
+                assert counter.started.wait_for(lambda: counter.running >= 2, 10)
+            later_gate.set()
+            for f in downstream:
+                f.result(timeout=30)
+        finally:
+            # A failure above must not leave the exit waiting on the gates.
+            first_gate.set()
+            later_gate.set()
+            added.set()
     assert counter.peak <= 3, f"{counter.peak} tasks ran at once on 3 workers"

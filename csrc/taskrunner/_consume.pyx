@@ -22,12 +22,15 @@ from taskrunner._engine cimport Engine
 from taskrunner._futures cimport (
     HAS_OUTSIDE, NEEDS_RESOLVE, ONE_ARG, Consumer, TaskFuture, consumer_begin, consumer_end,
 )
-from taskrunner._graph cimport COMPLETED, FAILED, TAKE_NONE, Graph, RunVec, runvec_free
+from taskrunner._graph cimport (
+    COMPLETED, FAILED, TAKE_NONE, Graph, RunVec, runvec_free, tr_monotonic,
+)
 from taskrunner._mapped cimport (
     TakenCall, owner_of, record_end, retries_of, settle_end, settle_ended, spec_at,
 )
 from taskrunner._params cimport find_kept_elsewhere, prefetch_found, resolve, resolve_args
 from taskrunner._retry cimport retry_delay, retry_taken
+from taskrunner._trace cimport Trace
 
 import logging
 
@@ -52,6 +55,10 @@ def work(Engine engine, loop):
     cdef TakenCall call = TakenCall.__new__(TakenCall)
     cdef CallSpec spec
     cdef Consumer consumer = consumer_begin(engine)
+    cdef Trace trace = engine.trace
+    cdef int32_t track = trace.thread_track() if trace is not None else -1
+    cdef double started = 0.0
+    cdef bint left_behind
     graph.consumer_enter()
     try:
         while True:
@@ -73,13 +80,20 @@ def work(Engine engine, loop):
             deadline = None
             if spec.timeout > 0:
                 deadline = _start_deadline(engine, consumer, spec, owner, taken, run, loop)
+            if trace is not None:
+                started = tr_monotonic()
             try:
                 value = _call(engine, call, loop)
                 state = COMPLETED
             except BaseException as exc:
                 value = exc
                 state = FAILED
-            if deadline is not None and _was_left_behind(engine, consumer, deadline, run):
+            left_behind = deadline is not None and _was_left_behind(engine, consumer, deadline,
+                                                                    run)
+            if trace is not None:
+                # Each attempt a slice; one that outlived its deadline failed.
+                trace.add(taken, track, started, tr_monotonic(), FAILED if left_behind else state)
+            if left_behind:
                 # It timed out: the timer ended (or retried) the run meanwhile.
                 value = owner = None
                 run = TAKE_NONE

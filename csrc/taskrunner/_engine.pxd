@@ -12,6 +12,7 @@ from taskrunner._futures cimport EngineBase, TaskFuture
 from taskrunner._graph cimport RunVec
 from taskrunner._mapped cimport FutureList, MapBlock, RunList
 from taskrunner._params cimport Upstream, Upstreams
+from taskrunner._trace cimport Trace
 
 
 cdef class Engine(EngineBase):
@@ -26,6 +27,7 @@ cdef class Engine(EngineBase):
     # (_consume): the runner's exit does not wait for them.
     cdef readonly set left_behind
     cdef dict _limit_index      # tag -> its limit's number in the graph (the runner's limits)
+    cdef public Trace trace     # the run trace's recorder (_trace.pyx), or None: not tracing
 
     # For the consumer loop and the remote interface.
     cdef void unlock_and_settle(self, RunVec* out)

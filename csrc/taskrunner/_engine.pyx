@@ -229,6 +229,10 @@ cdef class Engine(EngineBase):
         cdef int32_t run, cause, spawn
         cdef TaskFuture fut
         cdef bint outside = False, any_outside = False, oom = False
+        if self.trace is not None:
+            # Before the runs exist: once one starts, its arguments, which
+            # hold the upstreams, may go.
+            self.trace.add_run_edges(self, futs, n, shared, own, first)
         self._lock_open()
         for i in range(n):
             fut = <TaskFuture>futs[i]
@@ -476,6 +480,8 @@ cdef class Engine(EngineBase):
         cdef int32_t run, cause
         cdef bint outside = False, oom = False
         cdef uint8_t lim = <uint8_t>block.spec.lim
+        if self.trace is not None:
+            self.trace.add_item_edges(self, block, lo, hi, shared)
         self._lock_open()
         for i in range(lo, hi):
             run = graph.add_run_locked(item_payload(block, i), 0, lim)

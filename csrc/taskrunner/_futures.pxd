@@ -66,7 +66,7 @@ cdef class TaskFuture:
     cdef object _args           # a tuple (or see ONE_ARG); None once the run started or ended
     cdef object _kwargs         # a dict, or None
     cdef object _value          # result; exception; for NOT_READY the cause
-    cdef object _uuid
+    cdef object _uuid           # its task_run_id once made; an int: its key in the run trace
     cdef _Extra _extra
     cdef int32_t _run           # its run in the graph; -1 before it is one, and once detached
     cdef int32_t _retried       # attempts that failed and were retried (attempt = _retried + 1)

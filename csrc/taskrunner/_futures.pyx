@@ -365,6 +365,13 @@ cdef class TaskFuture:
             run_id = uuid.uuid4()
             if self._uuid is None:
                 self._uuid = run_id
+        made = self._uuid
+        if type(made) is int:
+            # The run's key in its engine's run trace, which makes the id
+            # the trace file shows for it (see _trace.pyx).
+            run_id = self._engine.trace.run_uuid(made)
+            if self._uuid is made:
+                self._uuid = run_id
         return self._uuid
 
     @property

@@ -10,7 +10,7 @@
 
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
-from libc.stdint cimport int32_t, uint8_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 
 from taskrunner._calls cimport CallSpec
 from taskrunner._futures cimport ITEM_TAG, EngineBase, TaskFuture, is_item
@@ -49,6 +49,10 @@ cdef class MapBlock:
     # what a progress bar reads (taskrunner/progress.py), at no cost per run.
     cdef Py_ssize_t n_ended
     cdef Py_ssize_t n_failed
+    # Traced (see _trace.pyx): item i's key in the run trace is trace_key + i,
+    # and its future's too, once it has one.
+    cdef bint traced
+    cdef int64_t trace_key
 
     cdef object args_at(self, Py_ssize_t i)
     cdef object kwargs_at(self, Py_ssize_t i)

@@ -118,6 +118,8 @@ cdef class MapBlock:
             if i < self.registered and not self.ended[i]:
                 args = self.args_at(i)
                 kwargs = self.kwargs_at(i)
+            if self.traced:
+                fut._uuid = self.trace_key + i      # the item's key in the run trace
             # From here to the publication below: no allocation, and no
             # reference dropped to zero.
             if self.detached or graph.released:

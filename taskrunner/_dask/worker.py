@@ -34,8 +34,10 @@ only workers in the client's process can (see DaskBackend.packing).
 
 import asyncio
 import ctypes
+import os
 import pickle
 import threading
+import time
 import traceback
 
 import cloudpickle
@@ -49,8 +51,8 @@ from taskrunner._timer import Timer
 from taskrunner.exceptions import TaskRunnerError, run_timed_out
 
 __all__ = ["COMPLETED", "FAILED", "RECALLED", "MarksPlugin", "PackEnded", "Recalled",
-           "TaskRaised", "dep", "dep_item", "forget_marks", "hold_back", "marks_key",
-           "pickled_items", "run", "run_pack"]
+           "TaskRaised", "collect_times", "dep", "dep_item", "forget_marks", "hold_back",
+           "marks_key", "pickled_items", "run", "run_pack"]
 
 # Dask's worker states of a run that has not started.
 _NOT_STARTED = frozenset(("waiting", "ready", "constrained", "released"))
@@ -98,20 +100,56 @@ class PackEnded(Exception):
         return f"{failed} of the {len(self.outcomes)} runs of this pack failed"
 
 
-def run(fn, is_async, key, blob, deps):
+def run(fn, is_async, key, blob, deps, traced=False):
     """Run one task call on a worker; its arguments are `blob`, pickled
-    with the upstream results left out: those are `deps`."""
+    with the upstream results left out: those are `deps`.  `traced`: the
+    client keeps a run trace (see collect_times)."""
     with _marks_lock:
         if key in _held_back:
             _held_back.discard(key)
             raise Recalled(key)
-    return _call(fn, is_async, key, blob, deps, _Seceder())
+    return (_timed if traced else _call)(fn, is_async, key, blob, deps, _Seceder())
 
 
-def run_pack(fn, is_async, pack_key, keys, blobs):
+def run_pack(fn, is_async, pack_key, keys, blobs, traced=False):
     """Run a pack: the calls `blobs` of one task, runs `keys` (see the
     module docstring)."""
-    return _Pack(fn, is_async, pack_key, keys, blobs).run()
+    return _Pack(fn, is_async, pack_key, keys, blobs, traced).run()
+
+
+# -- the run trace's times -----------------------------------------------------------
+# A traced run's start and end stay on its worker, in this list, until the
+# client collects them when it exits (collect_times): they never travel
+# with the results, which may never leave the cluster.
+
+_times: list = []               # (run key, start, end, thread ident, COMPLETED or FAILED)
+_times_lock = threading.Lock()
+
+
+def _timed(fn, is_async, key, blob, deps, hooks):
+    """_call, its start and end (wall-clock seconds: the client may be on
+    another machine) kept in _times."""
+    state = FAILED
+    start = time.time()
+    try:
+        value = _call(fn, is_async, key, blob, deps, hooks)
+        state = COMPLETED
+        return value
+    finally:
+        end = time.time()
+        with _times_lock:
+            _times.append((key, start, end, threading.get_ident(), state))
+
+
+def collect_times(session, dask_worker=None):
+    """On a worker (Client.run): (this process's pid, the names of its
+    threads by ident, the times kept of the runs of one runner session),
+    which are dropped here."""
+    tag = f"-{session}-"
+    with _times_lock:
+        ours = [record for record in _times if tag in record[0]]
+        _times[:] = [record for record in _times if tag not in record[0]]
+    return os.getpid(), {thread.ident: thread.name for thread in threading.enumerate()}, ours
 
 
 def _call(fn, is_async, key, blob, deps, hooks):
@@ -147,8 +185,9 @@ def _call(fn, is_async, key, blob, deps, hooks):
 class _Pack:
     """The runs of one pack on a worker, claimed in order."""
 
-    def __init__(self, fn, is_async, key, keys, blobs):
+    def __init__(self, fn, is_async, key, keys, blobs, traced=False):
         self.fn, self.is_async, self.key = fn, is_async, key
+        self.call = _timed if traced else _call
         self.keys, self.blobs = keys, blobs
         self.outcomes = [None] * len(keys)
         self.next = 0                   # the next run to claim (under _marks_lock)
@@ -161,7 +200,8 @@ class _Pack:
                 if i is None:
                     break
                 try:
-                    value = _call(self.fn, self.is_async, self.keys[i], self.blobs[i], (), hooks)
+                    value = self.call(self.fn, self.is_async, self.keys[i], self.blobs[i], (),
+                                      hooks)
                 except TaskRaised as raised:
                     self.outcomes[i] = (FAILED, raised)
                 else:

@@ -165,6 +165,7 @@ class Receiver:
         pool = self.pool
         with pool.lock:
             runs = worker.take_answered(first, count)
+            answered = runs
             ran = count - len(skipped)
             if ran:
                 # The batch size follows what runs cost (Feeder.observe).
@@ -194,10 +195,19 @@ class Receiver:
                         states.append(COMPLETED)
                 runs, values = join_runs(ours), kept_values
             pool.room_changed.notify_all()
+        if pool.trace is not None and done.times is not None:
+            pool.trace.add_answers(answered, self.track_of(worker), done.times, first, errors)
         pool.give_back(cancel, back)
         if runs:
             pool.outbox.finish(runs, values, states)
         self.rebalance()
+
+    def track_of(self, worker):
+        """The run trace's track of a worker process (a new one for a
+        worker that replaces a dead one)."""
+        pid = worker.process.pid
+        return self.pool.trace.track(("worker", pid), f"worker process {worker.index} (pid {pid})",
+                                     "runs")
 
     def _lost(self, worker):
         """A worker died: the run it was running ends CRASHED, its other

@@ -218,10 +218,11 @@ class WorkerSet:
     in its place, and stopping them all.  `workers` changes under the
     backend's lock; spawn() may run under it."""
 
-    def __init__(self, context, size, setup):
+    def __init__(self, context, size, setup, traced=False):
         self.context = context
         self.size = size
         self.setup = setup          # pickled (initializer, initargs)
+        self.traced = traced        # workers send when each run started and ended
         self.shared = context.RawArray("q", size * BLOCK_WORDS)
         self.workers = []
         self.unstarted = list(range(1, size))   # started when there is work for them
@@ -232,7 +233,8 @@ class WorkerSet:
         task_read, task_write = self.context.Pipe(duplex=False)
         result_read, result_write = self.context.Pipe(duplex=False)
         process = self.context.Process(
-            target=serve, args=(task_read, result_write, self.shared, index, self.setup),
+            target=serve,
+            args=(task_read, result_write, self.shared, index, self.setup, self.traced),
             name=f"taskrunner-worker-{index}", daemon=True)
         process.start()
         task_read.close()
