@@ -36,6 +36,8 @@ def pipeline(numbers: List[int]) -> float:
             value: int = future.result()
             assert value > 0
         results: List[float] = scaled.result()
+        shown: List[int] = incremented.result(progress=True)     # a bar, on a terminal
+        assert len(shown) == len(numbers)
         maybe = first.result(raise_on_failure=False)
         if isinstance(maybe, BaseException):
             raise maybe

@@ -8,7 +8,7 @@ import os
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar, Union
 
 from taskrunner._trace import Trace
 from taskrunner.streaming import open_stream
@@ -124,7 +124,7 @@ class TaskRunner(abc.ABC):
 
     def imap(self, task: Callable[..., R], parameters: Parameters, *, ordered: bool = True,
              buffer: Optional[int] = None, wait_for: Optional[Iterable[Any]] = None,
-             raise_on_failure: bool = True) -> Iterator[Any]:
+             raise_on_failure: bool = True, progress: Union[bool, str] = False) -> Iterator[Any]:
         """Run `task` once per item of the iterable parameters, reading them
         lazily, and return an iterator of the results (not futures).
 
@@ -149,9 +149,14 @@ class TaskRunner(abc.ABC):
         the results before that point).  Leaving early (break, close(), an
         exception) reads no more and cancels the runs not started; the
         runner's exit and cancel_all() end the iterator (CancelledRun).
+
+        `progress=True` draws a progress bar on stderr, if it is a terminal
+        (`"always"`: whatever it is), of the results given out and the
+        failures among them, against the input's length if every iterable
+        has a len(); the bar ends when the iterator stops.
         """
         results = open_stream(self, task, parameters, ordered, buffer, wait_for,
-                              raise_on_failure)
+                              raise_on_failure, progress)
         with _streams_lock:
             self.__dict__.setdefault("_streams", weakref.WeakSet()).add(results)
         return results

@@ -53,6 +53,7 @@ from taskrunner._mapped import FutureList
 from taskrunner._stream import Results
 from taskrunner.annotations import unmapped
 from taskrunner.exceptions import MappingLengthMismatch
+from taskrunner.progress import bar_for_results, checked_progress
 
 if TYPE_CHECKING:
     from taskrunner.base import TaskRunner
@@ -82,11 +83,19 @@ def checked_buffer(buffer):
     return buffer
 
 
-def open_stream(runner, task, parameters, ordered, buffer, wait_for, raise_on_failure):
+def open_stream(runner, task, parameters, ordered, buffer, wait_for, raise_on_failure,
+                progress=False):
     """imap(): the checked call's iterator of results (see Results, in
-    csrc/taskrunner/_stream.pyx, for its lifecycle)."""
+    csrc/taskrunner/_stream.pyx, for its lifecycle), with its progress bar
+    if `progress` says to draw one."""
+    progress = checked_progress(progress)
     stream = Stream(runner, task, parameters, ordered, buffer, wait_for, raise_on_failure)
-    return Results(stream, bool(raise_on_failure), stream.task_name)
+    results = Results(stream, bool(raise_on_failure), stream.task_name)
+    if progress is not False:
+        bar = bar_for_results(results, stream.input_length(), stream.task_name, progress)
+        if bar is not None:
+            results._show_progress(bar)
+    return results
 
 
 class Sizer:
@@ -175,8 +184,20 @@ class Stream:
         """The mapped columns, (name, iterator, wrap), and the static
         parameters, each wrapped in unmapped(), by map()'s rules."""
         mapped, statics = split_mapped(parameters, "imap", self.task_name)
+        self.inputs = [value for _, value, _ in mapped]
         columns = [(name, iter(value), wrap) for name, value, wrap in mapped]
         return columns, {name: unmapped(value) for name, value in statics.items()}
+
+    def input_length(self):
+        """How many items the input has, if every iterable has a len()
+        (the shortest, as they are zipped); else None."""
+        lengths = []
+        for value in self.inputs:
+            try:
+                lengths.append(len(value))
+            except TypeError:
+                return None
+        return min(lengths)
 
     # -- reading and submitting ---------------------------------------------
 

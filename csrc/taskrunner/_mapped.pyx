@@ -171,6 +171,7 @@ cdef class MapBlock:
             self.values[i] = <PyObject*>value
         self.ended[i] = state
         self.pending -= 1
+        count_end(self, state)
         if self.on_end is not None:
             self.notify_end(i)
 
@@ -215,6 +216,12 @@ cdef class MapBlock:
 
     def __len__(self):
         return self.n
+
+
+cdef inline void count_end(MapBlock block, uint8_t state) noexcept:
+    """Item `block`'s item ended in `state`, as the block saw it."""
+    block.n_ended += 1
+    block.n_failed += state != COMPLETED
 
 
 @cython.final
@@ -323,6 +330,7 @@ cdef TaskFuture record_end(void* payload, uint8_t state, object value, bint kept
         fut = block.future_at(i)
         # It ends as its future, and the block counted it until now.
         block.pending -= 1
+        count_end(block, state)
         block.notify_end(i)
     else:
         fut = <TaskFuture>payload
@@ -434,6 +442,7 @@ cdef void settle_ended(RunVec* out):
             # Handed over since it was taken: it ends as its future, and
             # the block counted it until now.
             block.pending -= 1
+            count_end(block, CANCELLED if out.items[i].cause == -1 else NOT_READY)
             block.notify_end(k)
             out.items[i].run = -2
             Py_INCREF(block)
@@ -526,28 +535,110 @@ cdef class FutureList(list):
         self._block = None
         return 0
 
-    def wait(self, timeout=None):
-        """Block until every future is final or `timeout` seconds pass."""
+    def wait(self, timeout=None, progress=False):
+        """Block until every future is final or `timeout` seconds pass.
+        `progress`: draw a progress bar on stderr meanwhile (True: if it is
+        a terminal; "always": even if not)."""
         cdef double deadline = deadline_of(timeout)
+        if progress is False:
+            self._wait_all(deadline)
+            return
+        bar = _open_bar(self, progress)
+        try:
+            self._wait_all(deadline)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    cdef int _wait_all(self, double deadline) except -1:
         cdef MapBlock block = self._block
         cdef Py_ssize_t i
         if block is None:
             for fut in self:
                 fut.wait(remaining(deadline))
                 if deadline >= 0 and tr_monotonic() >= deadline:
-                    return
-            return
+                    return 0
+            return 0
         for i in range(block.n):
             if block.futures[i] != NULL:
                 (<TaskFuture>block.futures[i]).wait(remaining(deadline))
             elif not block.ended[i] and not wait_run(block.engine.graph, block.runs[i], deadline):
-                return
+                return 0
+        return 0
 
-    def result(self, timeout=None, raise_on_failure=True):
+    def result(self, timeout=None, raise_on_failure=True, progress=False):
         """The results, in input order.  Raises the first failure met (unless
-        raise_on_failure=False), or TimeoutError after `timeout` seconds."""
-        return self._collect(0, len(self), None, deadline_of(timeout), timeout,
-                             raise_on_failure, None, False, NULL)
+        raise_on_failure=False), or TimeoutError after `timeout` seconds.
+        `progress` as for wait()."""
+        cdef double deadline = deadline_of(timeout)
+        if progress is False:
+            return self._collect(0, len(self), None, deadline, timeout, raise_on_failure, None,
+                                 False, NULL)
+        bar = _open_bar(self, progress)
+        try:
+            return self._collect(0, len(self), None, deadline, timeout, raise_on_failure, None,
+                                 False, NULL)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    # For a progress bar (taskrunner/progress.py), from its drawing thread.
+
+    def _block_ended(self):
+        """(ended, failed) of the items, as the block counts them; None once
+        the list has its futures (then _scan_ended counts them)."""
+        cdef MapBlock block = self._block
+        if block is None:
+            return None
+        return block.n_ended, block.n_failed
+
+    def _scan_ended(self, bytearray seen, Py_ssize_t start, Py_ssize_t budget):
+        """Look at up to `budget` of the futures not marked in `seen` yet,
+        from index `start` on and round, and mark those now final.  Returns
+        (where to start next, how many of them ended, how many of those did
+        not complete).  Futures end in about input order, so a bar that
+        looks at a bounded number each time keeps up without a whole scan."""
+        cdef Py_ssize_t n, i, looked = 0, steps = 0, ended = 0, failed = 0
+        cdef unsigned char* marks = seen
+        cdef uint8_t state
+        cdef bint bad
+        if self._block is not None:
+            raise ValueError("the list has no futures yet: see _block_ended")
+        n = min(len(seen), list.__len__(self))
+        if n == 0:
+            return 0, 0, 0
+        i = start % n
+        while steps < n and looked < budget:
+            if not marks[i]:
+                looked += 1
+                fut = <object>PyList_GET_ITEM(self, i)
+                if type(fut) is TaskFuture:
+                    state = (<TaskFuture>fut)._state()
+                    if state >= COMPLETED:
+                        marks[i] = 1
+                        ended += 1
+                        failed += state != COMPLETED
+                elif fut.done():
+                    try:
+                        bad = fut.exception(0) is not None
+                    except Exception:   # a cancelled concurrent.futures.Future, say
+                        bad = True
+                    marks[i] = 1
+                    ended += 1
+                    failed += bad
+            steps += 1
+            i += 1
+            if i == n:
+                i = 0
+        return i, ended, failed
+
+    def _task_name(self):
+        """The name of the mapped task, without making futures; or None."""
+        if self._block is not None:
+            return self._block.spec.name
+        if list.__len__(self):
+            return getattr(<object>PyList_GET_ITEM(self, 0), "task_name", None)
+        return None
 
     # For a consumer that streams the results (taskrunner.streaming), which
     # alone holds this list: the values it takes are let go here.
@@ -797,6 +888,14 @@ cdef class FutureList(list):
     def clear(self):
         self._block = None
         list.clear(self)
+
+
+cdef object _open_bar(FutureList futures, object progress):
+    """The progress bar of a wait on `futures`, drawing already; None if
+    `progress` says not to draw (ValueError or TypeError if it is no valid
+    value)."""
+    from taskrunner.progress import bar_for_futures     # only when asked: its imports cost
+    return bar_for_futures(futures, progress)
 
 
 cdef object _compare(FutureList self, object other, int op):

@@ -14,7 +14,12 @@ Lifecycle:
 - a failed item raises its exception (raise_on_failure) or is the value;
 - stopping, however it comes (done, an error, close(), the iterator
   garbage-collected), calls stream.cancel_rest() once: no more input is
-  read and the runs not started are cancelled.
+  read and the runs not started are cancelled; and closes the progress
+  bar, if there is one.
+
+A progress bar (imap(progress=...)) reads _taken() from a thread of its
+own: the results given out, counted a batch at a time plus the position in
+the batch at hand, so a step costs no more with a bar than without.
 """
 
 cimport cython
@@ -32,6 +37,9 @@ cdef class Results:
     cdef bint fetching          # a step is in stream.next_batch()
     cdef object ended           # a CancelledRun once end() was called
     cdef str task_name
+    cdef object progress        # its ProgressBar, or None
+    cdef Py_ssize_t given_before    # results given out of the batches before this one
+    cdef Py_ssize_t failed_before   # of those, the failed ones
     cdef object __weakref__     # the runner keeps its iterators in a WeakSet
 
     def __cinit__(self, stream, bint raise_on_failure, str task_name):
@@ -72,6 +80,9 @@ cdef class Results:
             if batch is None:
                 self._stop()
                 raise StopIteration
+            # The batch before was used up.
+            self.given_before += self.pos
+            self.failed_before += len(self.failed) if self.failed is not None else 0
             self.values, failed = batch
             self.pos = 0
             self.failed = set(failed) if failed else None
@@ -83,11 +94,33 @@ cdef class Results:
         return error
 
     cdef int _stop(self) except -1:
+        given, failed = self._taken()
+        self.given_before, self.failed_before = given, failed
+        self.pos = 0
+        self.failed = None
         stream, self.stream = self.stream, None
         self.values = []
-        if stream is not None:
-            stream.cancel_rest()
+        try:
+            if stream is not None:
+                stream.cancel_rest()
+        finally:
+            bar, self.progress = self.progress, None
+            if bar is not None:
+                bar.close((given, failed))
         return 0
+
+    def _taken(self):
+        """(given, failed): how many results this iterator gave out, and
+        how many of those were failures (raised or given)."""
+        cdef Py_ssize_t failed = self.failed_before
+        if self.failed is not None:
+            for at in self.failed:
+                failed += <Py_ssize_t>at < self.pos
+        return self.given_before + self.pos, failed
+
+    def _show_progress(self, bar):
+        """Close `bar` (a ProgressBar reading _taken()) when this stops."""
+        self.progress = bar
 
     def end(self, str reason):
         """Make the next step raise CancelledRun, saying `reason`."""
