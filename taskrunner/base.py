@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import abc
 import os
-import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar
 
+from taskrunner import _logging as _logs
 from taskrunner.streaming import open_stream
 
 if TYPE_CHECKING:
@@ -165,6 +165,7 @@ class EngineTaskRunner(TaskRunner):
         if self._engine is not None:
             raise RuntimeError(f"{type(self).__name__} is already started")
         self._engine = self._start()
+        _logs.runner_entered(self)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -183,6 +184,7 @@ class EngineTaskRunner(TaskRunner):
             if not self._abandoned:
                 # The futures that outlive the runner keep their own states.
                 engine.free_graph()
+            _logs.runner_exited(self, engine, exc_type)
         return None
 
     def _wait_for_runs(self, engine, exc_type):
@@ -191,7 +193,8 @@ class EngineTaskRunner(TaskRunner):
         cancelled.  A Ctrl-C during a normal exit cancels as an exception
         would, and is raised once the running runs end.  While it waits
         for running runs after a Ctrl-C or an exception, the exit says so
-        once on stderr; a further Ctrl-C stops the wait: `_abandon()`
+        once, at WARNING on "taskrunner.runner" (on stderr when logging is
+        not set up); a further Ctrl-C stops the wait: `_abandon()`
         ends what it can, and the exit raises that KeyboardInterrupt."""
         interrupted = None
         if exc_type is None:
@@ -212,9 +215,12 @@ class EngineTaskRunner(TaskRunner):
             closer.start()
             running = engine.unfinished
             if running and (interrupted is not None or issubclass(exc_type, KeyboardInterrupt)):
-                print(f"taskrunner: {self.name} runner exiting: waiting for {running} task "
-                      f"run{'s' if running != 1 else ''} still running; press Ctrl-C again "
-                      f"to stop waiting", file=sys.stderr, flush=True)
+                # With no logging set up, Python's last-resort handler
+                # writes this to stderr.
+                _logs.runner_log.warning(
+                    "taskrunner: %s runner exiting: waiting for %d task run%s still running; "
+                    "press Ctrl-C again to stop waiting", self.name, running,
+                    "s" if running != 1 else "")
             engine._wait_quiet()
         except KeyboardInterrupt:
             self._abandoned = True

@@ -43,6 +43,8 @@ cdef class MapBlock:
     # that ends puts on_end_base + its index there, as it ends.
     cdef object on_end
     cdef Py_ssize_t on_end_base
+    # The int its items' run ids derive from (item_run_id), once one was needed.
+    cdef object id_base
 
     cdef object args_at(self, Py_ssize_t i)
     cdef object kwargs_at(self, Py_ssize_t i)
@@ -153,5 +155,7 @@ cdef void settle_end(void* payload, TaskFuture fut, bint last_of_stretch)
 cdef void settle_ended(RunVec* out)
 cdef void detach(void* payload, uint8_t state) noexcept
 cdef RunList runlist_of(TaskFuture fut)
+cdef object item_run_id(MapBlock block, Py_ssize_t i)
+cdef tuple run_facts(void* payload)
 cdef MapBlock plain_stretch(void** payloads, Py_ssize_t n, Py_ssize_t* first,
                             Py_ssize_t* length)

@@ -61,7 +61,7 @@ from taskrunner.remote import COMPLETED, CRASHED, FAILED, Backend
 
 __all__ = ["DaskBackend"]
 
-_log = logging.getLogger("taskrunner")
+_log = logging.getLogger("taskrunner.dask")
 
 # How many runs are handed to the cluster at once.  Measured on a 4-thread
 # LocalCluster: throughput is the same from 16 to 2,000 runs per thread (the

@@ -32,7 +32,7 @@ from taskrunner.remote import COMPLETED, CRASHED, FAILED
 
 __all__ = ["Receiver", "REBALANCE_POLL"]
 
-_log = logging.getLogger("taskrunner")
+_log = logging.getLogger("taskrunner.worker")
 
 REBALANCE_POLL = 0.02       # seconds between looks while a rebalance waits for a load
 EARLY_DEATHS = 3            # workers in a row dying before ready: the pool is broken
