@@ -36,13 +36,13 @@ import logging
 import pickle
 import threading
 import time
-from typing import Any, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 __all__ = [
     "WARN_LIMIT", "WINDOW", "run_failed", "run_crashed", "run_retrying", "run_timed_out",
     "run_never_ran", "runner_entered", "runner_exited", "worker_started", "worker_ready",
     "worker_died", "worker_replaced", "cluster_connected", "cluster_closed", "level_config",
-    "apply_level_config", "shipped", "reemit",
+    "apply_level_config", "shipped", "Forwarder", "install_forwarder", "reemit",
 ]
 
 log = logging.getLogger("taskrunner")
@@ -280,10 +280,52 @@ def shipped(record: logging.LogRecord) -> bytes:
     return pickle.dumps(fields, pickle.HIGHEST_PROTOCOL)
 
 
+class Forwarder(logging.Handler):
+    """The one handler of a worker process: ships each record to the
+    parent with `send(run, task_name, shipped record)`, `current()` saying
+    which run (its number on the worker, -1 for none) and task run now."""
+
+    def __init__(self, send: Callable[[int, Optional[str], bytes], None],
+                 current: Callable[[], Tuple[int, Optional[str]]]) -> None:
+        super().__init__()
+        self._send = send
+        self._current = current
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            run, task_name = self._current()
+            self._send(run, task_name, shipped(record))
+        except Exception:
+            self.handleError(record)
+
+
+def install_forwarder(handler: logging.Handler, config: Optional[LevelConfig]) -> None:
+    """In a worker process, before its initializer: `handler` becomes the
+    only one, on the root logger, and the parent's levels apply.  The
+    handlers a forked worker inherited (or that imports set up) go: the
+    parent's own handle what the worker ships, once."""
+    root = logging.getLogger()
+    loggers = [lg for lg in list(logging.Logger.manager.loggerDict.values())
+               if isinstance(lg, logging.Logger)]
+    for logger in [root, *loggers]:
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+    for logger in loggers:
+        logger.propagate = True     # to the forwarder; the parent's loggers decide again
+    root.addHandler(handler)
+    if config is not None:
+        apply_level_config(config)
+
+
 def reemit(data: bytes, run_id: Any, task_name: Optional[str], attempt: Optional[int]) -> None:
     """Hand a shipped record to this process's handlers, as its logger here
-    would, with the run it came from (attributes a record set itself stay)."""
-    record = logging.makeLogRecord(pickle.loads(data))
+    would (if its level here lets it through), with the run it came from
+    (attributes a record set itself stay)."""
+    try:
+        record = logging.makeLogRecord(pickle.loads(data))
+    except Exception:
+        log.exception("a record from a worker process could not be loaded")
+        return
     fields = record.__dict__
     if run_id is not None:
         fields.setdefault("run_id", run_id)
@@ -291,4 +333,5 @@ def reemit(data: bytes, run_id: Any, task_name: Optional[str], attempt: Optional
     if task_name is not None:
         fields.setdefault("task_name", task_name)
     logger = logging.getLogger(record.name) if record.name != "root" else logging.getLogger()
-    logger.handle(record)
+    if logger.isEnabledFor(record.levelno):
+        logger.handle(record)

@@ -20,6 +20,7 @@ loading: a batch slow to arrive or to unpickle would be as slow on another
 worker, and taking it back would only move the wait).
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
@@ -41,8 +42,9 @@ import threading
 import time
 import traceback
 
+from taskrunner._logging import Forwarder, install_forwarder
 from taskrunner._pickling import dumps
-from taskrunner._process.wire import SKIP, Answers, BadBatch, Done, InitFailed, Ready
+from taskrunner._process.wire import SKIP, Answers, BadBatch, Done, InitFailed, Logged, Ready
 
 cdef Py_ssize_t _BLOCK_WORDS = 8    # a 64-byte cache line per worker: no false sharing
 BLOCK_WORDS = _BLOCK_WORDS
@@ -347,14 +349,17 @@ cdef void _make_round_trippable(long long first, list values, dict errors, list 
                 f"cannot be pickled (and unpickled) to go back: {err!r}"), text)
 
 
-def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup):
+def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup, log_config=None):
     """The main loop of worker `index`: run the initializer, then the
-    batches that come through `task_conn`, until None or EOF."""
+    batches that come through `task_conn`, until None or EOF.  What is
+    logged here goes to the parent (see _logging.install_forwarder), with
+    the levels of `log_config`."""
     cdef ControlBlock block = ControlBlock(shared, index)
     cdef _Results results = _Results(result_conn)
     cdef TaskLoop loop = TaskLoop()
     cdef dict functions = {}
     flusher = threading.Thread(target=results.flush_late, name="taskrunner-flusher", daemon=True)
+    install_forwarder(Forwarder(_RecordSender(results), _RunNow(block, results)), log_config)
     try:
         initializer, initargs = pickle.loads(setup)
         if initializer is not None:
@@ -398,6 +403,40 @@ def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup):
         results.flush()
     results.stopped = True
     loop.close()
+
+
+@cython.final
+cdef class _RecordSender:
+    """Sends a record up the result pipe at once: before the answer to the
+    run that logged it, which the parent needs to name the run."""
+    cdef _Results results
+
+    def __cinit__(self, _Results results):
+        self.results = results
+
+    def __call__(self, long long run, task_name, bytes record):
+        data = pickle.dumps(Logged(run, task_name, record), pickle.HIGHEST_PROTOCOL)
+        with self.results.send_lock:
+            self.results.conn.send_bytes(data)
+
+
+@cython.final
+cdef class _RunNow:
+    """(number, task name) of the run this worker is running, or (-1,
+    None): read off the control block, so that a run costs nothing more
+    for the records it might log."""
+    cdef ControlBlock block
+    cdef _Results results
+
+    def __cinit__(self, ControlBlock block, _Results results):
+        self.block = block
+        self.results = results
+
+    def __call__(self):
+        cdef long long started = tr_load64(&self.block.words[STARTED])
+        if started > tr_load64(&self.block.words[FINISHED]):
+            return started, _name_of(self.results.spans, started)
+        return -1, None
 
 
 cdef _skip_group(long long first, Py_ssize_t n, ControlBlock block, _Results results):

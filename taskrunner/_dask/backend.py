@@ -54,6 +54,7 @@ from taskrunner._dask.worker import (
     run,
     run_pack,
 )
+from taskrunner import _logging as _logs
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import dumps, unsendable_call_error
 from taskrunner.exceptions import CrashedRun, TaskRunnerError
@@ -576,12 +577,15 @@ class DaskBackend(Backend):
 
 
 def close_quietly(client, cluster):
+    address = getattr(getattr(client, "scheduler", None), "address", None)
     for closable in (client, cluster):
         if closable is not None:
             try:
                 closable.close()
             except Exception:
                 _log.exception("could not close %r", closable)
+    if client is not None:
+        _logs.cluster_closed(address, cluster is not None)
 
 
 def _error_of(dask_future):

@@ -23,9 +23,10 @@ import pickle
 import signal
 from multiprocessing import connection
 
+from taskrunner import _logging as _logs
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import with_remote_traceback
-from taskrunner._process.wire import BadBatch, Done, InitFailed, Ready
+from taskrunner._process.wire import BadBatch, Done, InitFailed, Logged, Ready
 from taskrunner._worker import unpacked
 from taskrunner.exceptions import CrashedRun, TaskRunnerError
 from taskrunner.remote import COMPLETED, CRASHED, FAILED
@@ -109,16 +110,29 @@ class Receiver:
         message = pickle.loads(data)
         if type(message) is Done:
             self._done(worker, message)
+        elif type(message) is Logged:
+            self._logged(worker, message)
         elif type(message) is Ready:
             with self.pool.lock:
                 worker.ready = True
                 self.pool.room_changed.notify_all()
+            _logs.worker_ready(worker.index, message.pid)
             self.rebalance()
         elif type(message) is InitFailed:
             self.pool.break_down(CrashedRun(f"the worker initializer failed:\n{message.text}"))
         elif type(message) is BadBatch:
             self.pool.feeder.resend_by_value(worker, message.text)
         return True
+
+    def _logged(self, worker, message):
+        """A record a worker logged: to this process's handlers, naming the
+        run it came from (it is still in flight: its answer comes after)."""
+        facts = None
+        if message.run >= 0:
+            with self.pool.lock:
+                facts = worker.facts_of(message.run)
+        task_name, run_id, attempt = facts or (message.task_name, None, None)
+        _logs.reemit(message.record, run_id, task_name, attempt)
 
     def _drain(self, worker):
         """Read what a worker sent before it exited."""
@@ -195,6 +209,7 @@ class Receiver:
             self.early_deaths = 0
         with pool.lock:
             crashed, rerun = worker.crashed_and_rest()
+            _logs.worker_died(worker.index, worker.process.pid, how_it_ended(code), bool(crashed))
             if not pool.closing and pool.broken is None:
                 pool.workers.replace(worker)
             else:
