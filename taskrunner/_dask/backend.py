@@ -41,6 +41,7 @@ from typing import NamedTuple
 
 from distributed import CancelledError, KilledWorker, as_completed
 
+from taskrunner import _logging as _logs
 from taskrunner._dask import worker
 from taskrunner._dask.calls import CallDumper, SharedValues
 from taskrunner._dask.results import Handle, PackValues, fetch, gather_each, items_alone, within
@@ -54,7 +55,6 @@ from taskrunner._dask.worker import (
     run,
     run_pack,
 )
-from taskrunner import _logging as _logs
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import dumps, unsendable_call_error
 from taskrunner.exceptions import CrashedRun, TaskRunnerError
