@@ -32,6 +32,7 @@ forwarding does it (taskrunner.dask).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import pickle
 import threading
@@ -39,7 +40,7 @@ import time
 from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
 
 __all__ = [
-    "WARN_LIMIT", "WINDOW", "run_failed", "run_crashed", "run_retrying", "run_timed_out",
+    "WARN_LIMIT", "WINDOW", "Verdict", "charge", "run_failed", "run_crashed", "run_retrying", "run_timed_out",
     "run_never_ran", "runner_entered", "runner_exited", "worker_started", "worker_ready",
     "worker_died", "worker_replaced", "cluster_connected", "cluster_closed", "level_config",
     "apply_level_config", "shipped", "Forwarder", "install_forwarder", "reemit",
@@ -61,97 +62,125 @@ _MAX_SCOPES = 64        # runners whose counts are kept; an exit drops its own
 
 
 class _Tally:
-    """The WARNING budget of one task in one runner."""
+    """The WARNING budget of one task in one runner.  Its bad ends are
+    numbered from 1 by `ends`: next() on it is atomic under the GIL, so
+    counting needs no lock (with many threads failing at once, a lock here
+    made each failure cost ten times more, queued on it)."""
 
-    __slots__ = ("window_start", "warned", "quiet")
+    __slots__ = ("ends", "window_start", "window_first", "last_loud")
 
     def __init__(self, now):
+        self.ends = itertools.count(1)
         self.window_start = now
-        self.warned = 0         # logged at WARNING in the current window
-        self.quiet = 0          # logged at DEBUG since the last WARNING
+        self.window_first = 1       # the number of the window's first bad end
+        self.last_loud = 0          # the number of the last one logged at WARNING
 
 
 _tallies: Dict[Any, Dict[str, _Tally]] = {}     # scope (an engine) -> task name -> tally
-_tallies_lock = threading.Lock()
+_scopes_lock = threading.Lock()                 # for adding and dropping scopes; counting needs none
 
 
-def _loud(scope, task_name) -> Tuple[bool, int, bool]:
-    """Whether the next bad end of `task_name` in `scope` goes at WARNING;
-    how many went to DEBUG since the last that did; whether this one uses
-    up the window's budget."""
+def _tally(scope, task_name) -> _Tally:
+    by_task = _tallies.get(scope)
+    if by_task is None:
+        with _scopes_lock:
+            by_task = _tallies.get(scope)
+            if by_task is None:
+                while len(_tallies) >= _MAX_SCOPES:
+                    _tallies.pop(next(iter(_tallies)), None)
+                by_task = _tallies[scope] = {}
+    tally = by_task.get(task_name)
+    if tally is None:
+        tally = by_task.setdefault(task_name, _Tally(time.monotonic()))
+    return tally
+
+
+class Verdict(NamedTuple):
+    """How one bad end is logged (see charge)."""
+    loud: bool          # at WARNING, else at DEBUG
+    quiet: int          # bad ends of the task logged at DEBUG since its last WARNING
+    last: bool          # this WARNING spends the window's budget
+
+
+def charge(scope: Any, task_name: str) -> Optional[Verdict]:
+    """Count one bad end of `task_name` in `scope` (its runner's engine)
+    against the budget: how to log it, or None if it would not be (past
+    the budget, with DEBUG off): then nothing about the run need be made.
+    Two threads racing at a window's turn may both start it: one WARNING
+    more, at most once a window."""
+    tally = _tally(scope, task_name)
+    n = next(tally.ends)
     now = time.monotonic()
-    with _tallies_lock:
-        by_task = _tallies.get(scope)
-        if by_task is None:
-            while len(_tallies) >= _MAX_SCOPES:
-                del _tallies[next(iter(_tallies))]
-            by_task = _tallies[scope] = {}
-        tally = by_task.get(task_name)
-        if tally is None:
-            tally = by_task[task_name] = _Tally(now)
-        elif now - tally.window_start >= WINDOW:
-            tally.window_start, tally.warned = now, 0
-        if tally.warned >= WARN_LIMIT:
-            tally.quiet += 1
-            return False, 0, False
-        tally.warned += 1
-        quiet, tally.quiet = tally.quiet, 0
-        return True, quiet, tally.warned == WARN_LIMIT
+    if now - tally.window_start >= WINDOW:
+        tally.window_start, tally.window_first = now, n
+    if n - tally.window_first >= WARN_LIMIT:
+        return _QUIET if runs_log.isEnabledFor(logging.DEBUG) else None
+    quiet = max(0, n - tally.last_loud - 1)
+    tally.last_loud = max(tally.last_loud, n)
+    return Verdict(True, quiet, n - tally.window_first == WARN_LIMIT - 1)
 
 
-def _report(scope, task_name, run_id, attempt, text, args, exc_info=None) -> None:
+_QUIET = Verdict(False, 0, False)
+
+
+def _report(verdict, task_name, run_id, attempt, text, args, exc=None) -> None:
     """One bad end at WARNING, or at DEBUG once the budget is spent."""
-    loud, quiet, last = _loud(scope, task_name)
-    extra = {"run_id": run_id, "task_name": task_name, "attempt": attempt}
-    if not loud:
-        if runs_log.isEnabledFor(logging.DEBUG):
-            runs_log.debug(text, *args, exc_info=exc_info, extra=extra)
+    if verdict is None:
         return
-    if quiet:
+    extra = {"run_id": run_id, "task_name": task_name, "attempt": attempt}
+    args = (task_name, run_id, attempt, *args)
+    exc_info = None
+    if exc is not None:
+        text += ": %s"
+        args = (*args, _describe(exc))
+        if isinstance(exc, BaseException):
+            exc_info = (type(exc), exc, exc.__traceback__)
+    if not verdict.loud:
+        runs_log.debug(text, *args, exc_info=exc_info, extra=extra)
+        return
+    if verdict.quiet:
         text += " (%d more bad ends of this task were logged at DEBUG since the last warning)"
-        args = (*args, quiet)
-    if last:
+        args = (*args, verdict.quiet)
+    if verdict.last:
         text += (" (the next ones of this task in this runner go to DEBUG for the rest of "
                  "%g s, counted)")
         args = (*args, WINDOW)
     runs_log.warning(text, *args, exc_info=exc_info, extra=extra)
 
 
-def _exc_info(exc):
-    if isinstance(exc, BaseException):
-        return (type(exc), exc, exc.__traceback__)
-    return None
+# The functions below log one bad end of a run.  `scope` is what the
+# budget is kept per (the run's engine: one per runner entered);
+# `verdict`, if given, is charge()'s for it (the caller charged first, to
+# skip making the run's id when nothing is logged).
 
 
 def run_failed(task_name: str, run_id: Any, attempt: int, exc: BaseException,
-               scope: Any = None) -> None:
-    """A run ended FAILED: its task raised `exc` (its last attempt).
-    `scope` is what the WARNING budget counts per (its runner's engine)."""
-    _report(scope, task_name, run_id, attempt, "task run %r (%s) failed on attempt %d: %s",
-            (task_name, run_id, attempt, _describe(exc)), _exc_info(exc))
+               scope: Any = None, verdict: Optional[Verdict] = None) -> None:
+    """A run ended FAILED: its task raised `exc` on its last attempt."""
+    _report(verdict or charge(scope, task_name), task_name, run_id, attempt,
+            "task run %r (%s) failed on attempt %d", (), exc)
 
 
 def run_crashed(task_name: str, run_id: Any, attempt: int, exc: BaseException,
-                scope: Any = None) -> None:
-    """A run ended CRASHED: what ran it died (`exc` says how)."""
-    _report(scope, task_name, run_id, attempt, "task run %r (%s) crashed on attempt %d: %s",
-            (task_name, run_id, attempt, _describe(exc)))
+                scope: Any = None, verdict: Optional[Verdict] = None) -> None:
+    """A run ended CRASHED: what ran it died (`exc`, a CrashedRun, says how)."""
+    _report(verdict or charge(scope, task_name), task_name, run_id, attempt,
+            "task run %r (%s) crashed on attempt %d", (), exc)
 
 
 def run_retrying(task_name: str, run_id: Any, attempt: int, exc: BaseException, delay: float,
-                 scope: Any = None) -> None:
+                 scope: Any = None, verdict: Optional[Verdict] = None) -> None:
     """Attempt `attempt` of a run failed with `exc`; the next starts in
     `delay` seconds."""
-    _report(scope, task_name, run_id, attempt,
-            "task run %r (%s) failed on attempt %d, retrying in %g s: %s",
-            (task_name, run_id, attempt, delay, _describe(exc)), _exc_info(exc))
+    _report(verdict or charge(scope, task_name), task_name, run_id, attempt,
+            "task run %r (%s) failed on attempt %d, retrying in %g s", (delay,), exc)
 
 
 def run_timed_out(task_name: str, run_id: Any, attempt: int, limit: float,
-                  scope: Any = None) -> None:
+                  scope: Any = None, verdict: Optional[Verdict] = None) -> None:
     """Attempt `attempt` of a run outlasted its time limit of `limit` s."""
-    _report(scope, task_name, run_id, attempt, "task run %r (%s) timed out on attempt %d after %g s",
-            (task_name, run_id, attempt, limit))
+    _report(verdict or charge(scope, task_name), task_name, run_id, attempt,
+            "task run %r (%s) timed out on attempt %d after %g s", (limit,))
 
 
 def run_never_ran(task_name: str, run_id: Any, why: str) -> None:
@@ -169,15 +198,6 @@ def _describe(exc) -> str:
         return f"{type(exc).__name__} (its text could not be made)"
 
 
-def ended_badly_quietly(report, *args) -> None:
-    """Call report(*args) (run_failed, run_crashed), never raising: it runs
-    where a run ends, and a broken handler must not lose the run."""
-    try:
-        report(*args)
-    except Exception:
-        pass
-
-
 # -- runners -------------------------------------------------------------------------
 
 
@@ -189,13 +209,14 @@ def runner_exited(runner, scope: Any, by: Optional[type]) -> None:
     """The runner exited (`by` the exception type that made it, or None):
     the bad ends its budget sent to DEBUG are counted once more at WARNING,
     and the runner's counts dropped."""
-    with _tallies_lock:
+    with _scopes_lock:
         by_task = _tallies.pop(scope, None)
-    for task_name, tally in (by_task or {}).items():
-        if tally.quiet:
+    for task_name, tally in list((by_task or {}).items()):
+        quiet = next(tally.ends) - 1 - tally.last_loud
+        if quiet > 0:
             runs_log.warning(
                 "task %r: %d more runs failed, crashed, timed out or retried after the last "
-                "one logged at WARNING; each was logged at DEBUG on %r", task_name, tally.quiet,
+                "one logged at WARNING; each was logged at DEBUG on %r", task_name, quiet,
                 runs_log.name, extra={"task_name": task_name})
     runner_log.debug("%s runner exited%s", runner.name,
                      "" if by is None else f" by {by.__name__}")

@@ -492,20 +492,26 @@ cdef tuple run_facts(void* payload):
 
 cdef void _log_end(void* payload, uint8_t state, object value) noexcept:
     """A taken run ended FAILED or CRASHED: say so (taskrunner._logging),
-    counted against its runner's budget.  A handler that raises loses the
-    record, never the run."""
+    counted against its runner's budget first: past it, with DEBUG off,
+    nothing more is made.  A handler that raises loses the record, never
+    the run."""
     cdef MapBlock block
+    cdef TaskFuture fut
     try:
-        name, run_id, attempt = run_facts(payload)
         if is_item(payload):
             block = block_of(payload)
-            engine = block.engine
+            engine, name = block.engine, block.spec.name
         else:
-            engine = (<TaskFuture>payload)._engine
+            fut = <TaskFuture>payload
+            engine, name = fut._engine, fut._spec.name
+        verdict = _logs.charge(engine, name)
+        if verdict is None:
+            return
+        name, run_id, attempt = run_facts(payload)
         if state == FAILED:
-            _logs.run_failed(name, run_id, attempt, value, engine)
+            _logs.run_failed(name, run_id, attempt, value, engine, verdict)
         else:
-            _logs.run_crashed(name, run_id, attempt, value, engine)
+            _logs.run_crashed(name, run_id, attempt, value, engine, verdict)
     except Exception:
         pass
 
