@@ -26,24 +26,26 @@ WINDOW seconds; the others go to DEBUG, each with its run's fields, and
 the next WARNING (or the runner's exit) says how many were.
 
 Records a task logs in a worker process reach this process's handlers
-(see Forwarder and reemit); on a Dask cluster, `distributed`'s own
-forwarding does it (taskrunner.dask).
+(install_forwarder there, reemit here).  On a Dask cluster they stay in
+the worker's log (`runner.client.forward_logging()` forwards them).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import pickle
 import threading
 import time
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, TypeVar, cast
 
 __all__ = [
-    "WARN_LIMIT", "WINDOW", "Verdict", "charge", "run_failed", "run_crashed", "run_retrying", "run_timed_out",
-    "run_never_ran", "runner_entered", "runner_exited", "worker_started", "worker_ready",
-    "worker_died", "worker_replaced", "cluster_connected", "cluster_closed", "level_config",
-    "apply_level_config", "shipped", "Forwarder", "install_forwarder", "reemit",
+    "WARN_LIMIT", "WINDOW", "Verdict", "charge", "run_failed", "run_crashed", "run_retrying",
+    "run_timed_out", "run_never_ran", "runner_entered", "runner_exited", "exit_waits",
+    "worker_started", "worker_ready", "worker_died", "worker_replaced", "cluster_connected",
+    "cluster_closed", "level_config", "apply_level_config", "shipped", "Forwarder",
+    "install_forwarder", "reemit",
 ]
 
 log = logging.getLogger("taskrunner")
@@ -51,7 +53,7 @@ runs_log = logging.getLogger("taskrunner.runs")
 runner_log = logging.getLogger("taskrunner.runner")
 worker_log = logging.getLogger("taskrunner.worker")
 dask_log = logging.getLogger("taskrunner.dask")
-engine_log = logging.getLogger("taskrunner.engine")
+# ("taskrunner.engine" is _engine's and _futures' own.)
 
 WARN_LIMIT = 10         # bad ends of one task logged at WARNING per window, per runner
 WINDOW = 60.0           # seconds
@@ -133,7 +135,9 @@ def _report(verdict, task_name, run_id, attempt, text, args, exc=None) -> None:
     if exc is not None:
         text += ": %s"
         args = (*args, _describe(exc))
-        if isinstance(exc, BaseException):
+        # With no traceback here nor a cause (a remote one), the text says all.
+        if isinstance(exc, BaseException) and (exc.__traceback__ is not None
+                                               or exc.__cause__ is not None):
             exc_info = (type(exc), exc, exc.__traceback__)
     if not verdict.loud:
         runs_log.debug(text, *args, exc_info=exc_info, extra=extra)
@@ -142,8 +146,8 @@ def _report(verdict, task_name, run_id, attempt, text, args, exc=None) -> None:
         text += " (%d more bad ends of this task were logged at DEBUG since the last warning)"
         args = (*args, verdict.quiet)
     if verdict.last:
-        text += (" (the next ones of this task in this runner go to DEBUG for the rest of "
-                 "%g s, counted)")
+        text += (" (the next ones of this task in this runner go to DEBUG, counted, until "
+                 "its %g s window turns)")
         args = (*args, WINDOW)
     runs_log.warning(text, *args, exc_info=exc_info, extra=extra)
 
@@ -199,12 +203,30 @@ def _describe(exc) -> str:
 
 
 # -- runners -------------------------------------------------------------------------
+#
+# These run inside the runner's own steps (its entry and exit, the receiver
+# handling a dead worker under the pool's lock): a filter or handler that
+# raises loses its record, never the step.
+
+_F = TypeVar("_F", bound=Callable[..., None])
 
 
+def _never_raises(fn: _F) -> _F:
+    @functools.wraps(fn)
+    def logged(*args, **kwargs):
+        try:
+            fn(*args, **kwargs)
+        except Exception:
+            pass
+    return cast(_F, logged)
+
+
+@_never_raises
 def runner_entered(runner) -> None:
     runner_log.debug("%s runner entered: %r", runner.name, runner)
 
 
+@_never_raises
 def runner_exited(runner, scope: Any, by: Optional[type]) -> None:
     """The runner exited (`by` the exception type that made it, or None):
     the bad ends its budget sent to DEBUG are counted once more at WARNING,
@@ -222,31 +244,48 @@ def runner_exited(runner, scope: Any, by: Optional[type]) -> None:
                      "" if by is None else f" by {by.__name__}")
 
 
+@_never_raises
+def exit_waits(runner, running: int) -> None:
+    """After a Ctrl-C (or an exception), the exit waits for `running` runs
+    still running.  At WARNING: with logging not set up, Python's
+    last-resort handler writes it to stderr, where the user pressing
+    Ctrl-C looks."""
+    runner_log.warning(
+        "taskrunner: %s runner exiting: waiting for %d task run%s still running; "
+        "press Ctrl-C again to stop waiting", runner.name, running, "s" if running != 1 else "")
+
+
 # -- worker processes and clusters ------------------------------------------------------
 
 
+@_never_raises
 def worker_started(index: int, pid: Optional[int]) -> None:
     worker_log.debug("worker process %d started (pid %s)", index, pid)
 
 
+@_never_raises
 def worker_ready(index: int, pid: int) -> None:
     worker_log.debug("worker process %d ready (pid %s)", index, pid)
 
 
+@_never_raises
 def worker_died(index: int, pid: Optional[int], how: str, running: bool) -> None:
     worker_log.debug("worker process %d (pid %s) %s%s", index, pid, how,
                      " while running a task" if running else "")
 
 
+@_never_raises
 def worker_replaced(index: int, old_pid: Optional[int], new_pid: Optional[int]) -> None:
     worker_log.debug("worker process %d (pid %s) replaced by pid %s", index, old_pid, new_pid)
 
 
+@_never_raises
 def cluster_connected(address: Optional[str], started: bool) -> None:
     dask_log.debug("Dask client connected to %s%s", address,
                    " (a cluster started for this runner)" if started else "")
 
 
+@_never_raises
 def cluster_closed(address: Optional[str], started: bool) -> None:
     dask_log.debug("Dask client closed%s (%s)", " with its cluster" if started else "", address)
 

@@ -215,12 +215,7 @@ class EngineTaskRunner(TaskRunner):
             closer.start()
             running = engine.unfinished
             if running and (interrupted is not None or issubclass(exc_type, KeyboardInterrupt)):
-                # With no logging set up, Python's last-resort handler
-                # writes this to stderr.
-                _logs.runner_log.warning(
-                    "taskrunner: %s runner exiting: waiting for %d task run%s still running; "
-                    "press Ctrl-C again to stop waiting", self.name, running,
-                    "s" if running != 1 else "")
+                _logs.exit_waits(self, running)
             engine._wait_quiet()
         except KeyboardInterrupt:
             self._abandoned = True

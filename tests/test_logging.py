@@ -105,6 +105,7 @@ def test_a_crash_logs_a_warning_and_the_workers_death_at_debug(how, caplog):
     assert (record.task_name, record.run_id, record.attempt) == ("die", fut.task_run_id, 1)
     assert "crashed on attempt 1" in record.getMessage()
     assert "CrashedRun" in record.getMessage()
+    assert record.exc_info is None      # no traceback to show: the message says it all
     workers = [r.getMessage() for r in caplog.records if r.name == "taskrunner.worker"]
     assert all(r.levelno == logging.DEBUG for r in caplog.records if r.name == "taskrunner.worker")
     ending = "exited with code 3" if how == "exit" else "killed by signal 9"
@@ -130,6 +131,28 @@ def test_a_handler_that_raises_loses_the_record_not_the_run(caplog, monkeypatch)
     finally:
         runs_logger.removeFilter(refuse)
     assert unraisable == []
+
+
+def test_filters_that_raise_lose_their_records_not_the_runners_steps(caplog):
+    # Entering, a worker's death and its replacement, the exit: each logs
+    # at DEBUG, and a filter that raises must not stop it midway.
+    caplog.set_level(logging.DEBUG, logger="taskrunner")
+
+    def refuse(record):
+        raise RuntimeError("a broken filter")
+
+    loggers = [logging.getLogger(f"taskrunner.{name}") for name in ("runner", "worker", "runs")]
+    for logger in loggers:
+        logger.addFilter(refuse)
+    try:
+        with running(ProcessPoolTaskRunner(max_workers=1), exit_timeout=30) as r:
+            fut = r.submit(rt.die, {"how": "exit"})
+            fut.wait(timeout=60)
+            assert fut.state.is_crashed()
+            assert r.submit(rt.inc, {"x": 1}).result(timeout=60) == 2
+    finally:
+        for logger in loggers:
+            logger.removeFilter(refuse)
 
 
 # -- nothing at INFO on success; lifecycle at DEBUG -----------------------------------
