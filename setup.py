@@ -14,8 +14,8 @@ import os
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-CORE = ["_graph", "_calls", "_futures", "_mapped", "_params", "_engine", "_consume", "_remote",
-        "_worker", "_stream"]
+CORE = ["_graph", "_calls", "_futures", "_mapped", "_params", "_trace", "_engine", "_consume",
+        "_remote", "_retry", "_worker", "_stream"]
 
 SANITIZERS = {
     # UBSan's checks stop the process at the first report (-fno-sanitize-recover),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import abc
+import logging
 import os
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar
 
 from taskrunner import _logging as _logs
+from taskrunner._trace import Trace
 from taskrunner.streaming import open_stream
 
 if TYPE_CHECKING:
@@ -20,6 +22,8 @@ _Engined = TypeVar("_Engined", bound="EngineTaskRunner")
 Parameters = Mapping[str, Any]
 
 __all__ = ["TaskRunner"]
+
+_log = logging.getLogger("taskrunner.runner")
 
 _streams_lock = threading.Lock()
 
@@ -34,6 +38,46 @@ def checked_max_workers(max_workers, default):
     if max_workers < 1:
         raise ValueError(f"max_workers must be at least 1, got {max_workers}")
     return max_workers
+
+
+def checked_trace(trace):
+    """`trace` as an absolute path (str), or None; TypeError naming it if
+    it is not a str or os.PathLike, ValueError if it is empty or its
+    directory does not exist."""
+    if trace is None:
+        return None
+    if not isinstance(trace, (str, os.PathLike)):
+        raise TypeError(f"trace must be a file path (str or os.PathLike) or None, "
+                        f"not {type(trace).__name__}")
+    path = os.fsdecode(os.fspath(trace))
+    if not path:
+        raise ValueError("trace must be a file path, not ''")
+    path = os.path.abspath(path)
+    if not os.path.isdir(os.path.dirname(path)):
+        raise ValueError(f"trace: the directory of {path!r} does not exist")
+    return path
+
+
+def checked_limits(limits):
+    """`limits` (None, or a mapping of tag -> how many runs of tasks with
+    that tag may run at once) as a dict; TypeError for a tag that is not a
+    str, ValueError for a limit that is not a positive int."""
+    if limits is None:
+        return {}
+    if not isinstance(limits, Mapping):
+        raise TypeError(f"limits must be a dict of tag -> int (runs at once), not "
+                        f"{type(limits).__name__}")
+    checked = {}
+    for tag, limit in limits.items():
+        if not isinstance(tag, str):
+            raise TypeError(f"limits: a tag must be a str, not {type(tag).__name__} ({tag!r:.60})")
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limits[{tag!r}] must be a positive int (runs at once), "
+                             f"got {limit!r:.60}")
+        checked[tag] = limit
+    if len(checked) > 64:
+        raise ValueError(f"limits: at most 64 limited tags, got {len(checked)}")
+    return checked
 
 
 def _shutdown_quietly(engine):
@@ -139,9 +183,17 @@ class EngineTaskRunner(TaskRunner):
     """A runner scheduled by the compiled engine.  Subclasses say how runs
     are executed: `_start()` returns the Engine, `_stop()` tears down."""
 
+    _limits: dict = {}          # tag -> runs at once (checked_limits)
     _engine = None
+
+    @property
+    def limits(self) -> dict:
+        """tag -> how many runs of tasks with that tag may run at once."""
+        return dict(self._limits)
     _abandoned = False      # a second Ctrl-C stopped the exit's wait (see _wait_for_runs)
     _exited = False         # it was entered and has exited (for the error of a late submit)
+    _trace_path: Optional[str] = None   # where the exit writes the run trace (trace=), or None
+    _trace: Any = None      # the entered runner's recorder (taskrunner._trace.Trace), or None
 
     def _start(self):
         raise NotImplementedError
@@ -164,7 +216,10 @@ class EngineTaskRunner(TaskRunner):
     def __enter__(self: _Engined) -> _Engined:
         if self._engine is not None:
             raise RuntimeError(f"{type(self).__name__} is already started")
+        # Made first: a backend's start() hands it to what records.
+        self._trace = Trace() if self._trace_path is not None else None
         self._engine = self._start()
+        self._engine.trace = self._trace
         _logs.runner_entered(self)
         return self
 
@@ -185,7 +240,20 @@ class EngineTaskRunner(TaskRunner):
                 # The futures that outlive the runner keep their own states.
                 engine.free_graph()
             _logs.runner_exited(self, engine, exc_type)
+            trace, self._trace = self._trace, None
+            if trace is not None:
+                self._write_trace(trace, exc_type)
         return None
+
+    def _write_trace(self, trace, exc_type):
+        """Write the run trace; if that fails, raise, unless the exit is by
+        exception: then log it, and let that exception go on."""
+        try:
+            trace.write(self._trace_path)
+        except Exception:
+            if exc_type is None:
+                raise
+            _log.exception("could not write the run trace %r", self._trace_path)
 
     def _wait_for_runs(self, engine, exc_type):
         """The exit's wait: for every run, or (`cancel`: an exit by

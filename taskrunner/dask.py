@@ -19,12 +19,14 @@ imported only when a runner is made.
 """
 
 import importlib
+import os
 import time
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
 from taskrunner import _logging as _logs
 from taskrunner._dask import distributed as _distributed
+from taskrunner.base import checked_limits, checked_trace
 from taskrunner.remote import RemoteTaskRunner
 
 __all__ = ["DaskTaskRunner", "ClusterClassNotFound"]
@@ -42,12 +44,18 @@ class DaskTaskRunner(RemoteTaskRunner):
     Task functions and their arguments travel with pickle (cloudpickle for
     lambdas, closures and `__main__`); the workers must be able to import
     `taskrunner` and the modules the tasks come from.
+
+    `trace` (a file path): when the runner exits, a Chrome trace-event file
+    of the runs is written there, a track per thread of each Dask worker
+    (see the README, "Run trace").
     """
 
     def __init__(self, address: Optional[str] = None,
                  cluster_class: Union[str, Callable[..., Any], None] = None,
                  cluster_kwargs: Optional[Mapping[str, Any]] = None,
-                 client_kwargs: Optional[Mapping[str, Any]] = None) -> None:
+                 client_kwargs: Optional[Mapping[str, Any]] = None, *,
+                 limits: Optional[Mapping[str, int]] = None,
+                 trace: Union[str, "os.PathLike[str]", None] = None) -> None:
         if address is not None and not isinstance(address, str):
             raise TypeError(
                 f"address must be a scheduler address string such as 'tcp://host:8786', "
@@ -61,6 +69,7 @@ class DaskTaskRunner(RemoteTaskRunner):
         if client_kwargs.get("asynchronous"):
             raise ValueError("client_kwargs: asynchronous=True is not supported; "
                              "the runner drives a synchronous client")
+        self._trace_path = checked_trace(trace)
         _distributed()
         if address is not None:
             _check_address(address)
@@ -68,6 +77,7 @@ class DaskTaskRunner(RemoteTaskRunner):
         self._cluster_class = _resolve_class(cluster_class)
         self._cluster_kwargs = cluster_kwargs
         self._client_kwargs = client_kwargs
+        self._limits = checked_limits(limits)
 
     # -- settings --------------------------------------------------------------
 
@@ -108,7 +118,8 @@ class DaskTaskRunner(RemoteTaskRunner):
 
     def duplicate(self):
         return type(self)(address=self._address, cluster_class=self._cluster_class,
-                          cluster_kwargs=self.cluster_kwargs, client_kwargs=self.client_kwargs)
+                          cluster_kwargs=self.cluster_kwargs, client_kwargs=self.client_kwargs,
+                          limits=self._limits, trace=self._trace_path)
 
     def __eq__(self, other):
         if type(other) is not type(self):
@@ -119,7 +130,8 @@ class DaskTaskRunner(RemoteTaskRunner):
         return hash((type(self), self._address, self._cluster_class))
 
     def _settings(self):
-        return (self._address, self._cluster_class, self._cluster_kwargs, self._client_kwargs)
+        return (self._address, self._cluster_class, self._cluster_kwargs, self._client_kwargs,
+                self._limits, self._trace_path)
 
     def __repr__(self):
         if self._address is not None:
@@ -143,7 +155,7 @@ class DaskTaskRunner(RemoteTaskRunner):
             else:
                 client = distributed.Client(self._address, **client_kwargs)
             _logs.cluster_connected(_address_of(client), cluster is not None)
-            return DaskBackend(client, cluster)
+            return DaskBackend(client, cluster, traced=self._trace_path is not None)
         except BaseException:
             close_quietly(client, cluster)
             raise

@@ -43,3 +43,23 @@ class CancelledRun(TaskRunnerError):
 
 class CrashedRun(TaskRunnerError):
     """Whatever was running the run died before it finished."""
+
+
+# A run that ran past its task's timeout_seconds ends FAILED with a built-in
+# TimeoutError (what users catch), marked by this attribute so its state can
+# be named "TimedOut": the mark survives pickling, a subclass would not be
+# the built-in type.
+_TIMEOUT_MARK = "taskrunner_timeout_seconds"
+
+
+def run_timed_out(task_name: str, limit: float) -> TimeoutError:
+    """The error of a run of `task_name` that ran past `limit` seconds."""
+    exc = TimeoutError(f"task run {task_name!r} timed out after {limit:g} s "
+                       f"(timeout_seconds={limit:g})")
+    setattr(exc, _TIMEOUT_MARK, limit)
+    return exc
+
+
+def is_timeout(exc) -> bool:
+    """Whether `exc` is the error of a run that timed out."""
+    return isinstance(exc, TimeoutError) and getattr(exc, _TIMEOUT_MARK, None) is not None

@@ -23,14 +23,14 @@ import multiprocessing
 import os
 import threading
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import dumps_checked
 from taskrunner._process.feeder import Feeder
 from taskrunner._process.receiver import Receiver
 from taskrunner._process.workers import WorkerSet
-from taskrunner.base import checked_max_workers
+from taskrunner.base import checked_limits, checked_max_workers, checked_trace
 from taskrunner.remote import Backend, RemoteTaskRunner
 
 __all__ = ["ProcessPoolTaskRunner"]
@@ -44,13 +44,22 @@ class ProcessPoolTaskRunner(RemoteTaskRunner):
     `mp_context` is a start method name or a multiprocessing context
     ("spawn" by default).  Tasks, their parameters and results travel with
     cloudpickle, so lambdas and closures work; each task function is
-    serialised once per runner.
+    serialised once per runner.  `limits={tag: n}` lets at most n runs of
+    tasks with that tag run at once.
+
+    `trace` (a file path): when the runner exits, a Chrome trace-event file
+    of the runs is written there, a track per worker process (see the
+    README, "Run trace").
     """
 
     def __init__(self, max_workers: Optional[int] = None,
                  initializer: Optional[Callable[..., object]] = None, initargs: Iterable[Any] = (),
-                 mp_context: Union[str, BaseContext, None] = None) -> None:
+                 mp_context: Union[str, BaseContext, None] = None, *,
+                 limits: Optional[Mapping[str, int]] = None,
+                 trace: Union[str, "os.PathLike[str]", None] = None) -> None:
         max_workers = checked_max_workers(max_workers, os.cpu_count() or 1)
+        self._limits = checked_limits(limits)
+        self._trace_path = checked_trace(trace)
         if initializer is not None and not callable(initializer):
             raise TypeError(f"initializer must be callable, not {type(initializer).__name__}")
         try:
@@ -75,13 +84,16 @@ class ProcessPoolTaskRunner(RemoteTaskRunner):
 
     def duplicate(self):
         return type(self)(max_workers=self._max_workers, initializer=self._initializer,
-                          initargs=self._initargs, mp_context=self._mp_context)
+                          initargs=self._initargs, mp_context=self._mp_context,
+                          limits=self._limits, trace=self._trace_path)
 
     def _backend(self):
-        return ProcessBackend(self._context, self._max_workers, self._setup)
+        return ProcessBackend(self._context, self._max_workers, self._setup,
+                              traced=self._trace_path is not None)
 
     def __repr__(self):
-        return f"ProcessPoolTaskRunner(max_workers={self._max_workers})"
+        trace = f", trace={self._trace_path!r}" if self._trace_path is not None else ""
+        return f"ProcessPoolTaskRunner(max_workers={self._max_workers}{trace})"
 
 
 class ProcessBackend(Backend):
@@ -90,10 +102,11 @@ class ProcessBackend(Backend):
 
     singles = True
 
-    def __init__(self, context, size, setup):
+    def __init__(self, context, size, setup, traced=False):
         self.lock = threading.Lock()
         self.room_changed = threading.Condition(self.lock)     # a worker has room, or closing
-        self.workers = WorkerSet(context, size, setup)
+        self.workers = WorkerSet(context, size, setup, traced)
+        self.trace = None                   # the runner's run trace, once started, if traced
         self.feeder = Feeder(self)
         self.receiver = Receiver(self)
         self.closing = False
@@ -106,6 +119,7 @@ class ProcessBackend(Backend):
         """Start one worker now, the others with the second run submitted:
         a lone first task need not wait while every worker starts."""
         self.runner, self.outbox = runner, runner.outbox
+        self.trace = runner._trace
         with self.lock:
             self.workers.start_first()
         thread = threading.Thread(target=self.receiver.run, name="taskrunner-receiver",

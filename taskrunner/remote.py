@@ -185,7 +185,8 @@ class RemoteTaskRunner(EngineTaskRunner):
         backend = self._backend()
         self._wire_ids = itertools.count()
         engine = Engine(self._max_out(backend), None, self._recall, backend.fetch,
-                        backend.fetch_many, backend.prefetch, callbacks_apart=True)
+                        backend.fetch_many, backend.prefetch, callbacks_apart=True,
+                        limits=self._limits)
         self._engine = engine       # for start(): a backend may ask for wires
         self.outbox = Outbox(engine)
         self._active = backend

@@ -721,3 +721,109 @@ def log_awkward(x, name):
     except KeyError:
         logger.exception("caught item %s", x)
     return x
+
+
+# -- task options (retries, timeouts) -----------------------------------------
+
+
+def attempts_made(path):
+    """How many attempts a task recorded in `path` (one line each)."""
+    return len(read_lines(path)) if os.path.exists(path) else 0
+
+
+def fail_until(path, succeed_on, value, exc_type=TaskError):
+    """Record an attempt (its start time) in `path`; raise `exc_type` until
+    attempt `succeed_on`, which returns `value`."""
+    append_line(path, repr(time.monotonic()))
+    made = attempts_made(path)
+    if made < succeed_on:
+        raise exc_type(f"attempt {made} of {path}")
+    return value
+
+
+def item_fails_until(x, directory, succeed_on):
+    """fail_until() for mapped item `x`, with a file per item in `directory`."""
+    return fail_until(os.path.join(directory, f"item-{x}"), succeed_on, x * 10)
+
+
+def crash_until(path, succeed_on, value):
+    """Record an attempt in `path`; kill this worker process until attempt
+    `succeed_on`, which returns `value`."""
+    append_line(path, repr(time.monotonic()))
+    if attempts_made(path) < succeed_on:
+        os._exit(17)
+    return value
+
+
+def raise_by_attempt(path, kinds):
+    """Record an attempt; raise the exception class kinds[attempt - 1]."""
+    append_line(path, repr(time.monotonic()))
+    raise kinds[attempts_made(path) - 1]("attempt %d" % attempts_made(path))
+
+
+def is_value_error(exc):
+    return isinstance(exc, ValueError)
+
+
+def hang_until(path, succeed_on, value, gate):
+    """Record an attempt in `path`; until attempt `succeed_on`, block until
+    `gate` opens (past any timeout); that attempt returns `value`."""
+    append_line(path, repr(time.monotonic()))
+    if attempts_made(path) < succeed_on:
+        wait_path(gate)
+    return value
+
+
+def hang_noting_the_end(gate, note):
+    """Block until `gate` opens; note in `note` how the call ended."""
+    try:
+        wait_path(gate)
+    except BaseException as exc:
+        append_line(note, f"interrupted {type(exc).__name__}")
+        raise
+    append_line(note, "returned")
+
+
+async def async_hang_noting_cancel(note):
+    try:
+        await asyncio.sleep(60)
+    except asyncio.CancelledError:
+        append_line(note, "cancelled")
+        raise
+
+
+def hang_if(x, bad, gate, pidfile):
+    """Item `bad` writes its worker's pid to `pidfile` and blocks on `gate`."""
+    if x == bad:
+        write_pid(pidfile)
+        wait_path(gate)
+    return x * 2
+
+
+def note_running(path, x, seconds=0.05):
+    """Append "<monotonic> start|end <x>" lines around a short sleep: the
+    intervals in which runs ran, comparable across processes."""
+    append_line(path, f"{time.monotonic()!r} start {x}")
+    time.sleep(seconds)
+    append_line(path, f"{time.monotonic()!r} end {x}")
+    return x
+
+
+def most_at_once(path):
+    """The largest number of note_running() intervals in `path` that overlap."""
+    events = sorted((float(t), kind == "start") for t, kind, _ in
+                    (line.split() for line in read_lines(path)))
+    at_once = most = 0
+    for _, starts in events:
+        at_once += 1 if starts else -1
+        most = max(most, at_once)
+    return most
+
+
+def meet(x, folder, count):
+    """x, once ``count`` workers (threads or processes) have each run a
+    meet in ``folder``: so that that many workers surely run tasks."""
+    touch(os.path.join(folder, f"{os.getpid()}-{threading.get_ident()}"))
+    if not wait_until(lambda: len(os.listdir(folder)) >= count, timeout=GATE_TIMEOUT):
+        raise TimeoutError(f"only {len(os.listdir(folder))} of {count} workers met")
+    return x

@@ -22,6 +22,15 @@ import pytest
 from taskrunner import ThreadPoolTaskRunner
 
 
+def _until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
+
+
 class PeakCounter:
     def __init__(self, seconds):
         self.seconds, self.running, self.peak = seconds, 0, 0
@@ -56,23 +65,36 @@ def test_a_callback_added_late_that_blocks_never_overfills_the_pool(monkeypatch)
     counter = PeakCounter(0.5)
     first_gate, later_gate = threading.Event(), threading.Event()
     with ThreadPoolTaskRunner(3) as runner:
-        first = runner.submit(first_gate.wait)
-        later = runner.submit(later_gate.wait)
-        downstream = [runner.submit(counter.step, wait_for=[first]) for _ in range(6)]
-        armed[0] = True
-        first_gate.set()            # its completion readies 6 runs: a consumer is wanted
-        assert window.wait(10)
+        try:
+            # One at a time, each running before the next is submitted: so
+            # exactly one consumer is started for each (two ready runs at
+            # once may ask for two consumers at once, and an idle third one
+            # would take the released runs without the spawn held open here).
+            first = runner.submit(first_gate.wait)
+            assert _until(lambda: first.state.is_running())
+            later = runner.submit(later_gate.wait)
+            assert _until(lambda: later.state.is_running())
+            assert runner._engine.graph.n_idle == 0
+            downstream = [runner.submit(counter.step, wait_for=[first]) for _ in range(6)]
+            armed[0] = True
+            first_gate.set()            # its completion readies 6 runs: a consumer is wanted
+            assert window.wait(10)
 
-        def blocking_callback(f):
-            blocked.set()
-            later.result()
+            def blocking_callback(f):
+                blocked.set()
+                later.result()
 
-        first.add_done_callback(blocking_callback)
-        added.set()
-        assert blocked.wait(10)
-        with counter.lock:          # the place given up is filled
-            assert counter.started.wait_for(lambda: counter.running >= 2, 10)
-        later_gate.set()
-        for f in downstream:
-            f.result(timeout=30)
+            first.add_done_callback(blocking_callback)
+            added.set()
+            assert blocked.wait(10)
+            with counter.lock:          # the place given up is filled
+                assert counter.started.wait_for(lambda: counter.running >= 2, 10)
+            later_gate.set()
+            for f in downstream:
+                f.result(timeout=30)
+        finally:
+            # A failure above must not leave the exit waiting on the gates.
+            first_gate.set()
+            later_gate.set()
+            added.set()
     assert counter.peak <= 3, f"{counter.peak} tasks ran at once on 3 workers"

@@ -18,7 +18,7 @@ import uuid
 
 import pytest
 
-from taskrunner import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from taskrunner import ProcessPoolTaskRunner, ThreadPoolTaskRunner, task
 from taskrunner import _logging as logs
 
 import runner_tasks as rt
@@ -58,6 +58,23 @@ def test_a_failed_run_logs_one_warning_naming_its_task_run_and_attempt(runner_fa
     assert len(bad_ends(caplog)) == 1       # the exit added none
 
 
+@pytest.mark.parametrize("kind", ["threadpool", "processpool"])
+def test_a_run_that_fails_after_retries_is_warned_of_with_its_last_attempt(
+        kind, runner_specs, caplog):
+    flaky = task(rt.fail, retries=2)
+    with running(runner_specs[kind]()) as r:
+        fut = r.submit(flaky, {"message": "every time"})
+        items = r.map(task(rt.fail_if, retries=1), {"x": range(3), "bad": 1})
+        assert isinstance(fut.exception(timeout=60), ValueError)
+        items.result(timeout=60, raise_on_failure=False)
+        ends = {rec.run_id: rec for rec in bad_ends(caplog) if "failed on attempt" in rec.getMessage()
+                and "retrying" not in rec.getMessage()}
+        item_id = items[1].task_run_id
+    assert ends[fut.task_run_id].attempt == 3
+    assert "failed on attempt 3" in ends[fut.task_run_id].getMessage()
+    assert ends[item_id].attempt == 2 and ends[item_id].task_name == "fail_if"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_failed_mapped_item_is_named_by_the_id_its_future_shows(kind, runner_specs, caplog):
     with running(runner_specs[kind]()) as r:
@@ -70,6 +87,16 @@ def test_a_failed_mapped_item_is_named_by_the_id_its_future_shows(kind, runner_s
     assert record.run_id == ids[3]
     assert str(ids[3]) in record.getMessage()
     assert len(set(ids)) == 10 and all(i.version == 4 for i in ids)
+
+
+def test_a_failed_mapped_item_of_a_traced_runner_is_named_by_its_traces_id(caplog, tmp_path):
+    # The run trace gives an item's future its id from the item's trace key.
+    with running(ThreadPoolTaskRunner(max_workers=2, trace=str(tmp_path / "trace.json"))) as r:
+        items = r.map(rt.fail_if, {"x": range(6), "bad": 4})
+        items.result(timeout=60, raise_on_failure=False)
+        (record,) = bad_ends(caplog)
+        ids = [f.task_run_id for f in items]
+    assert record.run_id == ids[4] and len(set(ids)) == 6
 
 
 def test_a_never_ran_run_is_not_a_warning_and_is_logged_at_debug(caplog, make_gate):

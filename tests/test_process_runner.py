@@ -709,7 +709,8 @@ def test_many_small_runs_travel_together_ahead_of_execution(tmp_path, make_path)
 def test_signature_and_name():
     params = inspect.signature(ProcessPoolTaskRunner).parameters
     assert [(p.name, p.default) for p in params.values()] == [
-        ("max_workers", None), ("initializer", None), ("initargs", ()), ("mp_context", None)]
+        ("max_workers", None), ("initializer", None), ("initargs", ()), ("mp_context", None),
+        ("limits", None), ("trace", None)]
     runner = ProcessPoolTaskRunner()
     assert isinstance(runner, TaskRunner)
     assert runner.name == "processpool"

@@ -187,9 +187,10 @@ def test_every_batch_of_main_guard_classes_is_resent_by_value():
 # -- the Dask runner ---------------------------------------------------------------
 
 def dask_specs():
-    from conftest import RUNNERS
+    from conftest import DASK_LOCAL_PROCESSES, RUNNERS
 
-    return [spec for spec in RUNNERS if spec.name == "dask"]
+    # With a worker process: these tests are about what cannot leave one.
+    return [DASK_LOCAL_PROCESSES] + [spec for spec in RUNNERS if spec.id == "dask-cluster"]
 
 
 @pytest.fixture(params=dask_specs(), ids=lambda spec: spec.id)

@@ -44,6 +44,14 @@ cdef class CallSpec:
     # pickled function, see taskrunner.remote): specs are cached per engine,
     # so this is once per runner.
     cdef public object wire
+    # The task's options (taskrunner.tasks): read per failure, never per run.
+    cdef readonly int retries
+    cdef readonly tuple retry_delays    # one per retry, the last repeats
+    cdef readonly double retry_jitter   # 0: none
+    cdef readonly object retry_condition
+    cdef readonly double timeout        # seconds; 0: none
+    cdef readonly frozenset tags
+    cdef readonly int lim           # its tags' limit set in the engine's graph (0: none)
 
     cdef tuple bind(self, dict params, PyObject** kwargs)
 
@@ -55,3 +63,4 @@ cdef object awaited(object value, bint is_async, object loop)
 
 cdef class TaskLoop:
     cdef object loop
+    cdef object current     # the asyncio Task of the coroutine running now, if any

@@ -36,9 +36,17 @@ cdef CallSpec spec_of(object task):
     """The plan for `task`, a Task or any callable; TypeError for anything else."""
     cdef CallSpec spec = CallSpec.__new__(CallSpec)
     spec.task = task
+    spec.retry_delays = (0.0,)
+    spec.tags = frozenset()
     if isinstance(task, Task):
         spec.fn = task.fn
         spec.name = task.name
+        spec.retries = task.retries
+        spec.retry_delays = task.retry_delay_seconds
+        spec.retry_jitter = task.retry_jitter_factor or 0.0
+        spec.retry_condition = task.retry_condition_fn
+        spec.timeout = task.timeout_seconds or 0.0
+        spec.tags = task.tags
     elif callable(task):
         spec.fn = task
         spec.name = _callable_name(task)
@@ -101,7 +109,13 @@ cdef class TaskLoop:
     def run_coroutine(self, coro):
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
-        return self.loop.run_until_complete(coro)
+        # As a Task of its own, so that another thread can cancel it (a
+        # run's timeout: cancel_task).
+        self.current = asyncio.ensure_future(coro, loop=self.loop)
+        try:
+            return self.loop.run_until_complete(self.current)
+        finally:
+            self.current = None
 
     def close(self):
         if self.loop is not None:
@@ -110,6 +124,14 @@ cdef class TaskLoop:
             finally:
                 self.loop.close()
                 self.loop = None
+
+
+def cancel_task(task):
+    """Cancel an asyncio Task from any thread."""
+    try:
+        task.get_loop().call_soon_threadsafe(task.cancel)
+    except RuntimeError:
+        pass        # its loop has closed: it is over
 
 
 def call_task(fn, bint is_async, args, kwargs, loop):

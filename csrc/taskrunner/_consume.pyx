@@ -4,7 +4,8 @@
     work(engine, loop):
         take a ready run (sleeping without the GIL while there is none)
         read its call (TakenCall), resolve its upstreams, call the task
-        record how it ended (record_end), then in one critical section
+        failed and to be retried: put it back (_retry), take the next
+        else record how it ended (record_end), then in one critical section
             complete it and take the next ready run (complete_and_take)
         settle what ended: done callbacks, the engine's references
 
@@ -14,16 +15,29 @@ callbacks may block too: while they run the consumer holds no run, and if
 one blocks it steps aside, so the graph starts another consumer.
 """
 
-from libc.stdint cimport int32_t, uint8_t
+from libc.stdint cimport int32_t, uint8_t, uintptr_t
 
-from taskrunner._calls cimport CallSpec, awaited
+from taskrunner._calls cimport CallSpec, TaskLoop, awaited
 from taskrunner._engine cimport Engine
 from taskrunner._futures cimport (
     HAS_OUTSIDE, NEEDS_RESOLVE, ONE_ARG, Consumer, TaskFuture, consumer_begin, consumer_end,
 )
-from taskrunner._graph cimport COMPLETED, FAILED, TAKE_NONE, Graph, RunVec, runvec_free
-from taskrunner._mapped cimport TakenCall, owner_of, record_end, settle_end, settle_ended
+from taskrunner._graph cimport (
+    COMPLETED, FAILED, TAKE_NONE, Graph, RunVec, runvec_free, tr_monotonic,
+)
+from taskrunner._mapped cimport (
+    TakenCall, owner_of, record_end, retries_of, settle_end, settle_ended, spec_at,
+)
 from taskrunner._params cimport find_kept_elsewhere, prefetch_found, resolve, resolve_args
+from taskrunner._retry cimport retry_delay, retry_taken
+from taskrunner._trace cimport Trace
+
+import logging
+
+from taskrunner._calls import cancel_task
+from taskrunner.exceptions import run_timed_out
+
+_log = logging.getLogger("taskrunner.runs")
 
 
 def work(Engine engine, loop):
@@ -39,7 +53,12 @@ def work(Engine engine, loop):
     cdef TaskFuture fut
     cdef object owner = None
     cdef TakenCall call = TakenCall.__new__(TakenCall)
+    cdef CallSpec spec
     cdef Consumer consumer = consumer_begin(engine)
+    cdef Trace trace = engine.trace
+    cdef int32_t track = trace.thread_track() if trace is not None else -1
+    cdef double started = 0.0
+    cdef bint left_behind
     graph.consumer_enter()
     try:
         while True:
@@ -57,12 +76,38 @@ def work(Engine engine, loop):
             # drops the list) while this thread still settles it.
             owner = <object>owner_of(taken)
             call.read(taken, True)
+            spec = call.spec
+            deadline = None
+            if spec.timeout > 0:
+                deadline = _start_deadline(engine, consumer, spec, owner, taken, run, loop)
+            if trace is not None:
+                started = tr_monotonic()
+                if spec.lim:
+                    _trace_limit_wait(engine, trace, taken, run, started)
             try:
                 value = _call(engine, call, loop)
                 state = COMPLETED
             except BaseException as exc:
                 value = exc
                 state = FAILED
+            left_behind = deadline is not None and _was_left_behind(engine, consumer, deadline,
+                                                                    run)
+            if trace is not None:
+                # Each attempt a slice; one that outlived its deadline failed.
+                trace.add(taken, track, started, tr_monotonic(), FAILED if left_behind else state)
+            if left_behind:
+                # It timed out: the timer ended (or retried) the run meanwhile.
+                value = owner = None
+                run = TAKE_NONE
+                continue
+            if state == FAILED and spec.retries:
+                delay = retry_delay(spec, taken, value)
+                if delay is not None:
+                    retry_taken(engine, taken, run, delay, value)
+                    value = owner = None
+                    run = TAKE_NONE
+                    consumer.holding = False
+                    continue
             fut = record_end(taken, state, value, False)
             value = None
             settling = fut is not None and fut._extra is not None and bool(fut._extra.callbacks)
@@ -104,6 +149,128 @@ def work(Engine engine, loop):
         consumer_end()
         runvec_free(&out)
         graph.consumer_exit()
+
+
+# -- timeouts ------------------------------------------------------------------
+#
+# A run of a task with timeout_seconds gets a deadline on the engine's timer
+# when its attempt starts.  Whoever comes first decides, under the graph's
+# lock: the consumer returning from the call moves on to its next attempt
+# number (the timer then finds another attempt and does nothing), or the
+# timer leaves the consumer behind (Graph.leave_behind_locked: its place
+# goes to other runs) and ends the run itself, TimedOut, or retries it.  A
+# consumer left behind drops its late result when the call returns.  An
+# async task is cancelled on its loop; a Python thread cannot be stopped.
+
+
+cdef object _start_deadline(Engine engine, Consumer consumer, CallSpec spec, object owner,
+                            void* taken, int32_t run, object loop):
+    consumer.attempt += 1
+    return engine.call_later(spec.timeout, _time_out, (
+        engine, consumer, consumer.attempt, owner, <uintptr_t>taken, run, loop))
+
+
+cdef bint _was_left_behind(Engine engine, Consumer consumer, object deadline,
+                           int32_t run) except -1:
+    """After a timed call returned: whether the timer left this consumer
+    behind (then it has let go of the run); else the timer cannot any more."""
+    cdef Graph graph = engine.graph
+    cdef bint stale
+    cdef int32_t spawn
+    deadline.cancel()
+    graph.lock()
+    stale = consumer.stale
+    if stale:
+        graph.back_from_behind_locked(run, consumer.holding)
+        consumer.stale = False
+        consumer.holding = False
+    else:
+        consumer.attempt += 1
+    spawn = graph.pop_spawn_wanted_locked()
+    graph.unlock()
+    if stale:
+        engine.left_behind.discard(consumer.thread_ident)
+    if spawn:
+        engine._spawn(spawn)
+    return stale
+
+
+def _time_out(Engine engine, Consumer consumer, int32_t attempt, owner, uintptr_t taken,
+              int32_t run, loop):
+    """The timer's side (see above): the attempt `attempt` of `consumer`
+    is past its task's timeout."""
+    cdef Graph graph = engine.graph
+    cdef void* payload = <void*>taken
+    cdef CallSpec spec
+    task = None
+    graph.lock()
+    if graph.released or consumer.attempt != attempt or consumer.stale:
+        graph.unlock()
+        return
+    graph.leave_behind_locked(run, consumer.holding)
+    consumer.holding = False
+    consumer.stale = True
+    if isinstance(loop, TaskLoop):
+        task = (<TaskLoop>loop).current
+    graph.unlock()
+    engine.left_behind.add(consumer.thread_ident)
+    if task is not None:
+        cancel_task(task)
+    spec = spec_at(payload)
+    end_timed_out(engine, payload, run, spec)
+
+
+cdef int _finish_one(Engine engine, void* payload, int32_t run, uint8_t state,
+                     object value) except -1:
+    """End one taken run from outside its consumer's loop (the timer)."""
+    cdef Graph graph = engine.graph
+    cdef RunVec out = RunVec(NULL, 0, 0)
+    cdef TaskFuture fut = record_end(payload, state, value, False)
+    cdef bint settling
+    cdef int32_t spawn
+    try:
+        graph.lock()
+        graph.complete_taken_many_locked(&run, &state, 1, &out)
+        spawn = graph.pop_spawn_wanted_locked()
+        settling = out.len > 0 or (fut is not None and fut._extra is not None
+                                   and bool(fut._extra.callbacks))
+        if settling:
+            graph.settling_begin_locked()
+        graph.unlock()
+        engine.settle(&out, spawn)
+        settle_end(payload, fut, True)
+        if settling:
+            graph.settling_end()
+    finally:
+        runvec_free(&out)
+    return 0
+
+
+cdef int end_timed_out(Engine engine, void* payload, int32_t run, CallSpec spec) except -1:
+    """A taken run's attempt timed out: retry it if its task says so,
+    else end it FAILED with a TimeoutError (state "TimedOut")."""
+    exc = run_timed_out(spec.name, spec.timeout)
+    _log.warning("task %r: attempt %d timed out after %g s", spec.name,
+                 retries_of(payload) + 1, spec.timeout)
+    if spec.retries:
+        delay = retry_delay(spec, payload, exc)
+        if delay is not None:
+            retry_taken(engine, payload, run, delay, exc)
+            return 0
+    _finish_one(engine, payload, run, FAILED, exc)
+    return 0
+
+
+cdef int _trace_limit_wait(Engine engine, Trace trace, void* taken, int32_t run,
+                           double now) except -1:
+    """Record in the trace how long a taken run waited for its limit."""
+    cdef double parked
+    engine.graph.lock()
+    parked = engine.graph.pop_parked_at_locked(run)
+    engine.graph.unlock()
+    if parked > 0.0:
+        trace.limit_wait_of(taken, parked, now, engine.limited_tags(spec_at(taken)))
+    return 0
 
 
 cdef int32_t _give_back(Graph graph, int32_t run, RunVec* out) noexcept:

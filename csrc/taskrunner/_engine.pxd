@@ -12,6 +12,7 @@ from taskrunner._futures cimport EngineBase, TaskFuture
 from taskrunner._graph cimport RunVec
 from taskrunner._mapped cimport FutureList, MapBlock, RunList
 from taskrunner._params cimport Upstream, Upstreams
+from taskrunner._trace cimport Trace
 
 
 cdef class Engine(EngineBase):
@@ -21,14 +22,22 @@ cdef class Engine(EngineBase):
     cdef object _recall         # runner hook: take back runs sent on (see the class docstring)
     cdef bint _cancel_new       # exiting by exception: new runs end CANCELLED at once
     cdef object _callback_pool  # runs done callbacks apart (see taskrunner._callbacks), or None
+    cdef object _timer          # retry delays and run deadlines (taskrunner._timer), made on first use
+    # The thread idents of consumers left behind on a timed-out attempt
+    # (_consume): the runner's exit does not wait for them.
+    cdef readonly set left_behind
+    cdef dict _limit_index      # tag -> its limit's number in the graph (the runner's limits)
+    cdef public Trace trace     # the run trace's recorder (_trace.pyx), or None: not tracing
 
     # For the consumer loop and the remote interface.
     cdef void unlock_and_settle(self, RunVec* out)
     cdef void settle(self, RunVec* out, int32_t spawn)
     cdef int unstart(self, RunList runs, bint cancel) except -1
+    cdef object call_later(self, double delay, object fn, tuple args)
 
     cdef CallSpec _spec_for(self, object task)
     cdef CallSpec _find_spec(self, object task)
+    cdef CallSpec _limited(self, CallSpec spec)
     cdef int _lock_open(self) except -1
     cdef void _release_new_locked(self, int32_t run, bint cancel, RunVec* out) noexcept
     cdef int _register(self, PyObject** futs, Py_ssize_t n, Upstreams* shared,

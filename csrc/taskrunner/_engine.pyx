@@ -26,7 +26,7 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 from cpython.sequence cimport PySequence_Fast_ITEMS
 from cpython.tuple cimport PyTuple_GET_SIZE
-from libc.stdint cimport int32_t, uint8_t
+from libc.stdint cimport int32_t, uint8_t, uint64_t
 from libc.stdlib cimport calloc, free
 
 from taskrunner._calls cimport CallSpec, as_params, spec_of
@@ -51,6 +51,7 @@ import io
 import logging
 
 from taskrunner._callbacks import CallbackPool
+from taskrunner._timer import Timer
 from taskrunner.annotations import allow_failure, quote, unmapped
 from taskrunner.exceptions import (
     MappingLengthMismatch, MappingMissingIterable, UpstreamTaskError,
@@ -91,12 +92,17 @@ cdef class Engine(EngineBase):
     """
 
     def __cinit__(self, int max_running, spawn_consumer=None, recall=None, fetch=None,
-                  fetch_many=None, prefetch=None, bint callbacks_apart=False):
+                  fetch_many=None, prefetch=None, bint callbacks_apart=False, limits=None):
         self.graph = Graph(max_running, spawn_consumer is not None)
+        self._limit_index = {}
+        if limits:
+            self._limit_index = {tag: i for i, tag in enumerate(limits)}
+            self.graph.set_limits(list(limits.values()))
         if callbacks_apart:
             self._callback_pool = CallbackPool(self._call_callbacks, self._callbacks_done,
                                                "taskrunner-callbacks")
         self._specs = {}
+        self.left_behind = set()
         self._spawn_consumer = spawn_consumer
         self._recall = recall
         self.fetch = fetch
@@ -116,14 +122,28 @@ cdef class Engine(EngineBase):
         try:
             found = self._specs.get(task)
         except TypeError:       # an unhashable callable: no caching
-            return spec_of(task)
+            return self._limited(spec_of(task))
         if found is not None:
             return <CallSpec>found
-        spec = spec_of(task)
+        spec = self._limited(spec_of(task))
         if len(self._specs) >= _MAX_SPECS:
             self._specs.clear()
         self._specs[task] = spec
         return spec
+
+    cdef CallSpec _limited(self, CallSpec spec):
+        """`spec`, with the limit set of its tags that the runner limits."""
+        cdef uint64_t mask = 0
+        if self._limit_index and spec.tags:
+            for tag in spec.tags:
+                if tag in self._limit_index:
+                    mask |= (<uint64_t>1) << <int>self._limit_index[tag]
+            spec.lim = self.graph.limit_set_of(mask)
+        return spec
+
+    def limited_tags(self, CallSpec spec):
+        """The tags of `spec`'s task that the runner limits, joined by ","."""
+        return ",".join(sorted(tag for tag in spec.tags if tag in self._limit_index))
 
     def spec_of(self, task):
         """The call plan of `task`, cached for this engine: a runner keeps
@@ -213,10 +233,14 @@ cdef class Engine(EngineBase):
         cdef int32_t run, cause, spawn
         cdef TaskFuture fut
         cdef bint outside = False, any_outside = False, oom = False
+        if self.trace is not None:
+            # Before the runs exist: once one starts, its arguments, which
+            # hold the upstreams, may go.
+            self.trace.add_run_edges(self, futs, n, shared, own, first)
         self._lock_open()
         for i in range(n):
             fut = <TaskFuture>futs[i]
-            run = graph.add_run_locked(<void*>fut, 0)
+            run = graph.add_run_locked(<void*>fut, 0, <uint8_t>fut._spec.lim)
             if run < 0:
                 oom = True
                 break
@@ -459,9 +483,12 @@ cdef class Engine(EngineBase):
         cdef Py_ssize_t i
         cdef int32_t run, cause
         cdef bint outside = False, oom = False
+        cdef uint8_t lim = <uint8_t>block.spec.lim
+        if self.trace is not None:
+            self.trace.add_item_edges(self, block, lo, hi, shared)
         self._lock_open()
         for i in range(lo, hi):
-            run = graph.add_run_locked(item_payload(block, i), 0)
+            run = graph.add_run_locked(item_payload(block, i), 0, lim)
             if run < 0:
                 oom = True
                 break
@@ -648,11 +675,33 @@ cdef class Engine(EngineBase):
                 graph.wait_quiet(until)
             PyErr_CheckSignals()
 
+    cdef object call_later(self, double delay, object fn, tuple args):
+        """fn(*args) on the engine's timer thread after `delay` seconds;
+        returns the entry (entry.cancel())."""
+        if self._timer is None:
+            self._timer = Timer("taskrunner-timer")
+        return self._timer.call_later(delay, fn, *args)
+
+    def _end_retry_wait(self, owner, int32_t run):
+        """A run's retry delay has passed: it is ready again (if it was
+        cancelled meanwhile, its slot is let go).  `owner` kept its payload
+        alive until now."""
+        cdef Graph graph = self.graph
+        cdef RunVec out = RunVec(NULL, 0, 0)
+        graph.lock()
+        if graph.released:
+            graph.unlock()
+            return
+        graph.release_locked(run, -1, &out)
+        self.unlock_and_settle(&out)
+
     def close(self):
         """Stop the consumers now, whatever is unfinished, and let go of the
         callables and the runner: ended futures keep the engine alive, and
         must not keep those alive through it."""
         self.graph.close()
+        if self._timer is not None:
+            self._timer.stop()
         if self._callback_pool is not None:
             self._callback_pool.stop()
         self._specs.clear()

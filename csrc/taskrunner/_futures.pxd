@@ -66,9 +66,10 @@ cdef class TaskFuture:
     cdef object _args           # a tuple (or see ONE_ARG); None once the run started or ended
     cdef object _kwargs         # a dict, or None
     cdef object _value          # result; exception; for NOT_READY the cause
-    cdef object _uuid
+    cdef object _uuid           # its task_run_id once made; an int: its key in the run trace
     cdef _Extra _extra
     cdef int32_t _run           # its run in the graph; -1 before it is one, and once detached
+    cdef int32_t _retried       # attempts that failed and were retried (attempt = _retried + 1)
     cdef uint8_t _flags
     cdef uint8_t _final         # its final state, once detached from the graph (see Engine.release)
 
@@ -92,6 +93,13 @@ cdef class Consumer:
     cdef bint holding
     cdef bint in_callbacks
     cdef object hooks           # hooks.blocking() before it blocks, hooks.resumed() after
+    # A timed attempt (timeout_seconds): its number, which the engine's timer
+    # checks before it leaves this consumer behind (`stale`), both under the
+    # graph's lock; `holding` changes only with that lock or in a step that
+    # runs no Python code (see _secede), so the timer reads it consistently.
+    cdef int32_t attempt
+    cdef bint stale
+    cdef unsigned long thread_ident
 
 
 cdef Consumer consumer_begin(EngineBase engine)

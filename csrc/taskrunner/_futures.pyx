@@ -22,7 +22,7 @@ import logging
 import threading
 import uuid
 
-from taskrunner.exceptions import CancelledRun, UpstreamTaskError
+from taskrunner.exceptions import CancelledRun, UpstreamTaskError, is_timeout
 from taskrunner.states import State, StateType
 
 _log = logging.getLogger("taskrunner.engine")
@@ -119,6 +119,7 @@ cdef Consumer consumer_begin(EngineBase engine):
     """Mark this thread as a consumer of `engine` (see _secede)."""
     cdef Consumer consumer = Consumer.__new__(Consumer)
     consumer.engine = engine
+    consumer.thread_ident = PyThread_get_thread_ident()
     _current.consumer = consumer
     return consumer
 
@@ -145,16 +146,18 @@ cdef int _secede(Consumer consumer) except -1:
     engine's consumers, or tell its hooks.  Returns what it did, for
     _rejoin to undo."""
     cdef int32_t wanted
+    cdef bint holding
     if consumer is None:
         return _STAYED
-    if consumer.holding or consumer.in_callbacks:
-        wanted = consumer.engine.graph.secede(consumer.holding)
+    holding = consumer.holding
+    if holding or consumer.in_callbacks:
+        # Cleared with no Python code before the graph's update: a timer
+        # leaving this consumer behind (_consume) sees both or neither.
+        consumer.holding = False
+        wanted = consumer.engine.graph.secede(holding)
         if wanted:
             consumer.engine._spawn(wanted)
-        if consumer.holding:
-            consumer.holding = False
-            return _GAVE_PLACE
-        return _STEPPED_ASIDE
+        return _GAVE_PLACE if holding else _STEPPED_ASIDE
     if consumer.hooks is not None:
         consumer.hooks.blocking()
         return _TOLD_HOOKS
@@ -362,6 +365,13 @@ cdef class TaskFuture:
             run_id = uuid.uuid4()
             if self._uuid is None:
                 self._uuid = run_id
+        made = self._uuid
+        if type(made) is int:
+            # The run's key in its engine's run trace, which makes the id
+            # the trace file shows for it (see _trace.pyx).
+            run_id = self._engine.trace.run_uuid(made)
+            if self._uuid is made:
+                self._uuid = run_id
         return self._uuid
 
     @property
@@ -376,12 +386,22 @@ cdef class TaskFuture:
         if state == COMPLETED:
             return State(kind)
         if state == FAILED:
+            if is_timeout(self._value):
+                return State(kind, "TimedOut", str(self._value))
             return State(kind, message=repr(self._value))
+        if state < COMPLETED and self._retried:
+            return State(kind, "Retrying")
         if state == NOT_READY:
             return State(kind, "NotReady", str(self._error(state)))
         if state >= COMPLETED:
             return State(kind, message=str(self._error(state)))
         return State(kind)
+
+    @property
+    def attempt(self):
+        """Which attempt at the run this is (or was, once it ended),
+        counting from 1: each retry of a failed attempt counts one more."""
+        return self._retried + 1
 
     @property
     def dependencies(self):

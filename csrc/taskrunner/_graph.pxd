@@ -28,13 +28,20 @@
 #               to recall runs sent on: it takes back those that surely
 #               never started, and the engine cancels them.
 #   cancel      end a run CANCELLED before it started, here or by a recall.
+#   left behind a consumer whose attempt timed out (a thread cannot be
+#               killed): the run ends or is retried without it, its place
+#               goes to other runs, and its late result is dropped.
+#   retry       a consumer's taken run failed and will run again: it goes
+#               back to PENDING, held, until its retry delay has passed
+#               (retry_locked, then release_locked); an attempt is one run
+#               of its task, and a run has one more after each retry.
 #   settle      what an owner does after runs end, outside the lock: wake
 #               waiters, run done callbacks, let runs go (n_settling).
 #   consumer    whatever takes ready runs: a thread of the thread runner,
 #               or the dispatcher of a remote runner (taskrunner/remote.py).
 
 cimport cython
-from libc.stdint cimport int32_t, int64_t, uint8_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 
 cdef extern from "sync.h" nogil:
     ctypedef struct tr_mutex_t:
@@ -72,6 +79,7 @@ cdef enum:
     # The ledger of runs taken by a consumer elsewhere (see take_out):
     F_OUT = 8        # in its hands, RUNNING, not started: cancellable here
     F_SENT = 16      # sent on (mark_sent): it may start; only its consumer can take it back
+    F_PARKED = 32    # READY, but waits in a limit's queue for a slot (see limits below)
 
 # The cause of a run made NOT_READY by an upstream outside this graph.
 cdef enum:
@@ -95,6 +103,8 @@ ctypedef struct Run:
     int32_t cause       # NOT_READY: the upstream that did not complete
     uint8_t state
     uint8_t flags
+    uint8_t n_stale     # consumers left behind on a timed-out attempt, not yet back
+    uint8_t lim         # its limit set (Graph.lim_sets), 0: none
 
 ctypedef struct Edge:
     int32_t target      # (downstream << 1) | allow_failure
@@ -156,6 +166,23 @@ cdef class Graph:
     cdef int32_t wake_tokens
     cdef int32_t spawn_wanted
     cdef int32_t quiet_waiters
+    # Concurrency limits (a runner's limits={tag: n}): limit i lets at most
+    # lim_cap[i] runs of its limit sets run at once.  A run's `lim` names a
+    # set of limits (lim_sets[k], a bit per limit); a ready run whose set
+    # has a full limit is parked in that limit's FIFO queue (linked through
+    # parked_next) when it reaches the head of the ready ring, and goes back
+    # to the ring when a run of that limit stops running.  Parked runs are
+    # not counted in n_ready: consumers go past them.
+    cdef int32_t n_limits
+    cdef int32_t* lim_cap
+    cdef int32_t* lim_running
+    cdef int32_t* lim_head
+    cdef int32_t* lim_tail
+    cdef uint64_t* lim_sets
+    cdef int32_t n_lim_sets
+    cdef int32_t* parked_next
+    cdef double* parked_at      # when a run was first parked (tr_monotonic), 0: not parked
+    cdef readonly int32_t n_parked
     cdef bint spawns            # the owner starts consumers when asked (spawn_wanted)
     cdef readonly bint closed
     cdef readonly bint released    # its arrays are freed (see release_quiet)
@@ -167,7 +194,7 @@ cdef class Graph:
         tr_mutex_unlock(&self.mutex)
 
     # Building runs: add (held), add its edges, then release.
-    cdef int32_t add_run_locked(self, void* payload, uint8_t flags) noexcept nogil
+    cdef int32_t add_run_locked(self, void* payload, uint8_t flags, uint8_t lim) noexcept nogil
     cdef int add_edge_locked(self, int32_t up, int32_t down, bint allow) noexcept nogil
     cdef void release_locked(self, int32_t run, int32_t cause, RunVec* out) noexcept nogil
     cdef void release_added_locked(self, int32_t* runs, Py_ssize_t n, bint cancel,
@@ -189,6 +216,9 @@ cdef class Graph:
                                   bint if_running) noexcept nogil
     cdef int32_t _take_waiting_locked(self, void** payload, double deadline) noexcept nogil
     cdef void unstart_locked(self, int32_t run, bint cancel, RunVec* out) noexcept nogil
+    cdef void retry_locked(self, int32_t run) noexcept nogil
+    cdef void leave_behind_locked(self, int32_t run, bint holding) noexcept nogil
+    cdef void back_from_behind_locked(self, int32_t run, bint holding) noexcept nogil
     cdef void complete_locked(self, int32_t run, uint8_t state, RunVec* out) noexcept nogil
     cdef void complete_taken_many_locked(self, int32_t* runs, uint8_t* states, Py_ssize_t n,
                                          RunVec* out) noexcept nogil
@@ -218,6 +248,13 @@ cdef class Graph:
     cdef void* cause_payload_locked(self, int32_t run) noexcept nogil
     cdef bint wait_final(self, int32_t run, double deadline) noexcept nogil
     cdef bint wait_quiet(self, double deadline) noexcept nogil
+
+    # Limits.
+    cdef int set_limits(self, list caps) except -1
+    cdef int limit_set_of(self, uint64_t mask) except -1
+    cdef bint _limits_take(self, int32_t run) noexcept nogil
+    cdef void _limits_give(self, int32_t run) noexcept nogil
+    cdef double pop_parked_at_locked(self, int32_t run) noexcept nogil
 
     # Internals.
     cdef int _grow_runs(self) noexcept nogil

@@ -14,8 +14,8 @@ paths with no payloads, so a reference model can be checked against them.
 """
 
 cimport cython
-from libc.stdint cimport int32_t, uint8_t
-from libc.stdlib cimport abort, free, malloc, realloc
+from libc.stdint cimport int32_t, uint8_t, uint64_t
+from libc.stdlib cimport abort, calloc, free, malloc, realloc
 from libc.stdio cimport fprintf, stderr
 
 cdef int32_t MAX_RUNS = 1 << 30      # targets are stored shifted left by one
@@ -81,6 +81,10 @@ cdef class Graph:
         free(self.payloads)
         free(self.edges)
         free(self.ring)
+        free(self.parked_next)
+        free(self.parked_at)
+        free(self.lim_cap)
+        free(self.lim_sets)
 
     # -- storage ---------------------------------------------------------
 
@@ -91,6 +95,8 @@ cdef class Graph:
         cdef Run* runs
         cdef void** payloads
         cdef int32_t* ring
+        cdef int32_t* parked_next
+        cdef double* parked_at
         if old >= MAX_RUNS:
             return -1
         if cap > MAX_RUNS:
@@ -119,6 +125,15 @@ cdef class Graph:
             self.ring = ring
             self.ring_head = 0
             self.ring_mask = ring_cap - 1
+        if self.n_limits:
+            parked_next = <int32_t*>realloc(self.parked_next, <size_t>cap * sizeof(int32_t))
+            if parked_next == NULL:
+                return -1
+            self.parked_next = parked_next
+            parked_at = <double*>realloc(self.parked_at, <size_t>cap * sizeof(double))
+            if parked_at == NULL:
+                return -1
+            self.parked_at = parked_at
         for i in range(old, cap):
             runs[i].state = FREE_SLOT
             runs[i].flags = 0
@@ -156,7 +171,7 @@ cdef class Graph:
     cdef void _maybe_free(self, int32_t run) noexcept nogil:
         cdef Run* r = &self.runs[run]
         if (r.state >= COMPLETED and r.state != FREE_SLOT and r.npending == 0
-                and (r.flags & (F_DROPPED | F_QUEUED)) == F_DROPPED):
+                and (r.flags & (F_DROPPED | F_QUEUED)) == F_DROPPED and r.n_stale == 0):
             r.state = FREE_SLOT
             r.flags = 0
             r.succ = self.free_run
@@ -166,7 +181,7 @@ cdef class Graph:
 
     # -- building runs ---------------------------------------------------
 
-    cdef int32_t add_run_locked(self, void* payload, uint8_t flags) noexcept nogil:
+    cdef int32_t add_run_locked(self, void* payload, uint8_t flags, uint8_t lim) noexcept nogil:
         cdef int32_t run
         if self.free_run < 0 and self._grow_runs() < 0:
             return -1
@@ -177,6 +192,10 @@ cdef class Graph:
         self.runs[run].cause = -1
         self.runs[run].state = PENDING
         self.runs[run].flags = flags
+        self.runs[run].n_stale = 0
+        self.runs[run].lim = lim
+        if lim:
+            self.parked_at[run] = 0.0
         self.payloads[run] = payload
         self.n_live += 1
         self.n_unfinished += 1
@@ -243,6 +262,114 @@ cdef class Graph:
             return True
         return False
 
+    # -- concurrency limits ----------------------------------------------
+
+    cdef int set_limits(self, list caps) except -1:
+        """Limits 0 .. len(caps)-1, limit i letting caps[i] runs run at
+        once; before any run is added."""
+        cdef Py_ssize_t i, n = len(caps)
+        if self.run_cap or self.n_limits:
+            raise RuntimeError("limits are set once, before the first run")
+        if n > 64:
+            raise ValueError(f"at most 64 limits, not {n}")
+        if n == 0:
+            return 0
+        # One block: cap, running, head, tail per limit.
+        self.lim_cap = <int32_t*>calloc(4 * n, sizeof(int32_t))
+        self.lim_sets = <uint64_t*>calloc(256, sizeof(uint64_t))
+        if self.lim_cap == NULL or self.lim_sets == NULL:
+            raise MemoryError()
+        self.lim_running = self.lim_cap + n
+        self.lim_head = self.lim_cap + 2 * n
+        self.lim_tail = self.lim_cap + 3 * n
+        for i in range(n):
+            self.lim_cap[i] = caps[i]
+            self.lim_head[i] = self.lim_tail[i] = -1
+        self.n_lim_sets = 1          # set 0: no limit
+        self.n_limits = <int32_t>n
+        return 0
+
+    cdef int limit_set_of(self, uint64_t mask) except -1:
+        """The id of the limit set with these limits (a bit each), made on
+        first use; 0 for none."""
+        cdef int32_t k
+        if mask == 0:
+            return 0
+        self.lock()
+        for k in range(1, self.n_lim_sets):
+            if self.lim_sets[k] == mask:
+                self.unlock()
+                return k
+        if self.n_lim_sets == 256:
+            self.unlock()
+            raise ValueError("more than 255 different combinations of limited tags")
+        k = self.n_lim_sets
+        self.lim_sets[k] = mask
+        self.n_lim_sets += 1
+        self.unlock()
+        return k
+
+    cdef bint _limits_take(self, int32_t run) noexcept nogil:
+        # A ready run popped from the ring: take a slot of each of its
+        # limits (True), or park it in the queue of the first full one.
+        cdef uint64_t mask = self.lim_sets[self.runs[run].lim]
+        cdef int32_t i
+        for i in range(self.n_limits):
+            if (mask >> i) & 1 and self.lim_running[i] >= self.lim_cap[i]:
+                self.runs[run].flags |= F_PARKED | F_QUEUED
+                self.parked_next[run] = -1
+                if self.parked_at[run] == 0.0:
+                    self.parked_at[run] = tr_monotonic()
+                if self.lim_tail[i] < 0:
+                    self.lim_head[i] = run
+                else:
+                    self.parked_next[self.lim_tail[i]] = run
+                self.lim_tail[i] = run
+                self.n_ready -= 1
+                self.n_parked += 1
+                return False
+        for i in range(self.n_limits):
+            if (mask >> i) & 1:
+                self.lim_running[i] += 1
+        return True
+
+    cdef void _limits_give(self, int32_t run) noexcept nogil:
+        # A run of limited tags stopped running: its slots are free, and
+        # the first parked run of each such limit goes back to the ring.
+        cdef uint64_t mask = self.lim_sets[self.runs[run].lim]
+        cdef int32_t i, r
+        cdef bint pushed = False
+        for i in range(self.n_limits):
+            if not (mask >> i) & 1:
+                continue
+            self.lim_running[i] -= 1
+            while self.lim_head[i] >= 0:
+                r = self.lim_head[i]
+                self.lim_head[i] = self.parked_next[r]
+                if self.lim_head[i] < 0:
+                    self.lim_tail[i] = -1
+                self.n_parked -= 1
+                self.runs[r].flags &= ~F_QUEUED
+                if not (self.runs[r].flags & F_PARKED) or self.runs[r].state != READY:
+                    self._maybe_free(r)     # cancelled while parked
+                    continue
+                self.runs[r].flags &= ~F_PARKED
+                self._push_ready(r)
+                pushed = True
+                break
+        if pushed:
+            self._demand()
+
+    cdef double pop_parked_at_locked(self, int32_t run) noexcept nogil:
+        """When a taken run of limited tags was first parked (0.0: it never
+        waited for its limit), forgotten from now on: for the run trace."""
+        cdef double at
+        if not self.runs[run].lim or self.parked_at == NULL:
+            return 0.0
+        at = self.parked_at[run]
+        self.parked_at[run] = 0.0
+        return at
+
     # -- the ready ring and its consumers --------------------------------
 
     cdef int _push_ready(self, int32_t run) noexcept nogil:
@@ -298,6 +425,8 @@ cdef class Graph:
             if self.runs[run].state != READY:
                 self._maybe_free(run)       # cancelled while queued
                 continue
+            if self.runs[run].lim and not self._limits_take(run):
+                continue                    # parked until its limit has room
             self.runs[run].state = RUNNING
             self.n_ready -= 1
             self.n_running += 1
@@ -485,6 +614,8 @@ cdef class Graph:
         for i in range(n):
             run = runs[i]
             self.n_running -= 1
+            if self.runs[run].lim:
+                self._limits_give(run)
             self.runs[run].flags &= ~(F_OUT | F_SENT)
             self._complete(run, states[i], out)
         self._demand()
@@ -499,6 +630,8 @@ cdef class Graph:
         cdef int32_t nxt
         self.lock()
         self.n_running -= 1
+        if self.runs[run].lim:
+            self._limits_give(run)
         self._finish(run, state)
         self._fire_edges(run, state == COMPLETED, out)
         self._fail_downstream(start, out)
@@ -575,9 +708,14 @@ cdef class Graph:
         cdef uint8_t state = self.runs[run].state
         if state == RUNNING and (self.runs[run].flags & (F_OUT | F_SENT)) == F_OUT:
             self.n_running -= 1
+            if self.runs[run].lim:
+                self._limits_give(run)
             self.runs[run].flags &= ~F_OUT
         elif state == READY:
-            self.n_ready -= 1
+            if self.runs[run].flags & F_PARKED:
+                self.runs[run].flags &= ~F_PARKED   # its queue entry is skipped
+            else:
+                self.n_ready -= 1
         elif state != PENDING:
             return False
         self._cancel(run, out)
@@ -596,12 +734,55 @@ cdef class Graph:
         """A consumer gives back a run it took but never started: to the
         ready ring again, or cancelled."""
         self.n_running -= 1
+        if self.runs[run].lim:
+            self._limits_give(run)
         self.runs[run].flags &= ~(F_OUT | F_SENT)
         if cancel:
             self._cancel(run, out)
         else:
             self._push_ready(run)
             self._demand()
+
+    cdef void retry_locked(self, int32_t run) noexcept nogil:
+        """A consumer's taken run failed and is to run again: PENDING, held
+        (as a run being built is) until release_locked() makes it ready, at
+        once or when its retry delay has passed.  Meanwhile it holds no
+        running place, and cancel() and cancel_all() end it; its slot stays
+        until that release (the hold), so the run id stays its own."""
+        self.n_running -= 1
+        if self.runs[run].lim:
+            self._limits_give(run)
+        self.runs[run].flags &= ~(F_OUT | F_SENT)
+        self.runs[run].state = PENDING
+        self.runs[run].npending += 1
+        self._demand()
+
+    cdef void leave_behind_locked(self, int32_t run, bint holding) noexcept nogil:
+        """The attempt a thread consumer runs timed out: the run is ended
+        (or retried) without it, as if it still held its running place, and
+        the consumer counts as seceded until it is back (so a new consumer
+        may take the place).  A consumer in a nested wait (not `holding`)
+        gave its place up already: the run takes one back to end with.  The
+        slot outlives the run's end until back_from_behind_locked()."""
+        if holding:
+            self.n_seceded += 1
+        else:
+            self.n_running += 1
+        self.runs[run].n_stale += 1
+
+    cdef void back_from_behind_locked(self, int32_t run, bint holding) noexcept nogil:
+        """A consumer left behind (leave_behind_locked) returned from the
+        task: it gives up the place it holds (it rejoined from a nested
+        wait) or stops counting as seceded, and lets the run's slot go."""
+        if self.released:
+            return
+        if holding:
+            self.n_running -= 1
+        else:
+            self.n_seceded -= 1
+        self.runs[run].n_stale -= 1
+        self._maybe_free(run)
+        self._demand()
 
     cdef void cancel_all_locked(self, RunVec* out) noexcept nogil:
         # Mark every unstarted run first (out but not sent on included),
@@ -615,11 +796,16 @@ cdef class Graph:
             state = self.runs[run].state
             if state == RUNNING and (self.runs[run].flags & (F_OUT | F_SENT)) == F_OUT:
                 self.n_running -= 1
+                if self.runs[run].lim:
+                    self._limits_give(run)
                 self.runs[run].flags &= ~F_OUT
                 state = PENDING
             if state == PENDING or state == READY:
                 if state == READY:
-                    self.n_ready -= 1
+                    if self.runs[run].flags & F_PARKED:
+                        self.runs[run].flags &= ~F_PARKED
+                    else:
+                        self.n_ready -= 1
                 self._finish(run, CANCELLED)
                 runvec_push(out, run, -1, self.payloads[run], NULL)
         for i in range(start, out.len):
@@ -659,6 +845,10 @@ cdef class Graph:
         free(self.payloads)
         free(self.edges)
         free(self.ring)
+        free(self.parked_next)
+        free(self.parked_at)
+        self.parked_next = NULL
+        self.parked_at = NULL
         self.runs = NULL
         self.payloads = NULL
         self.edges = NULL
@@ -747,7 +937,7 @@ cdef class Graph:
         for u in ups:
             self._check(u)
         self.lock()
-        run = self.add_run_locked(NULL, 0)
+        run = self.add_run_locked(NULL, 0, 0)
         if run < 0:
             self.unlock()
             raise MemoryError()
@@ -778,6 +968,8 @@ cdef class Graph:
             raise ValueError(f"bad final state {state}")
         self.lock()
         self.n_running -= 1
+        if self.runs[run].lim:
+            self._limits_give(run)
         self.complete_locked(run, <uint8_t>state, &out)
         self.unlock()
         return _drain(&out)

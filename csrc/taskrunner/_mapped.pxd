@@ -10,7 +10,7 @@
 
 from cpython.object cimport PyObject
 from cpython.ref cimport Py_DECREF, Py_INCREF
-from libc.stdint cimport int32_t, uint8_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uintptr_t
 
 from taskrunner._calls cimport CallSpec
 from taskrunner._futures cimport ITEM_TAG, EngineBase, TaskFuture, is_item
@@ -30,6 +30,7 @@ cdef class MapBlock:
     cdef PyObject** values      # item i's result, exception, or NOT_READY cause (owned)
     cdef PyObject** futures     # item i's future once handed over (owned)
     cdef void** tags            # tags[i] is this block: item i's payload points here
+    cdef int32_t* retried       # item i's retries so far (as TaskFuture._retried); NULL: none yet
     # The calls: the template's bound arguments with mapped positions taken
     # from the columns (see Engine.map).
     cdef list columns
@@ -45,6 +46,10 @@ cdef class MapBlock:
     cdef Py_ssize_t on_end_base
     # The int its items' run ids derive from (item_run_id), once one was needed.
     cdef object id_base
+    # Traced (see _trace.pyx): item i's key in the run trace is trace_key + i,
+    # and its future's too, once it has one.
+    cdef bint traced
+    cdef int64_t trace_key
 
     cdef object args_at(self, Py_ssize_t i)
     cdef object kwargs_at(self, Py_ssize_t i)
@@ -149,6 +154,9 @@ cdef class TakenCall:
 
 
 cdef TaskFuture record_end(void* payload, uint8_t state, object value, bint kept_elsewhere)
+cdef CallSpec spec_at(void* payload)
+cdef int32_t retries_of(void* payload) noexcept
+cdef int count_retry(void* payload) except -1
 cdef Py_ssize_t end_items(void** payloads, Py_ssize_t n, uint8_t* states, list values,
                           Py_ssize_t offset, int32_t* runs) noexcept
 cdef void settle_end(void* payload, TaskFuture fut, bint last_of_stretch)

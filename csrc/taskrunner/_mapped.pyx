@@ -65,6 +65,7 @@ cdef class MapBlock:
         free(self.values)
         free(self.futures)
         free(self.tags)
+        free(self.retried)
 
     cdef object args_at(self, Py_ssize_t i):
         """Item i's positional arguments: a tuple, or with ONE_ARG the one."""
@@ -122,7 +123,9 @@ cdef class MapBlock:
             if i < self.registered and not self.ended[i]:
                 args = self.args_at(i)
                 kwargs = self.kwargs_at(i)
-            if self.id_base is not None:
+            if self.traced:
+                fut._uuid = self.trace_key + i      # the item's key in the run trace
+            elif self.id_base is not None:
                 # A record named the item by its id already: the future
                 # shows the same.  Tested last, so that no other thread can
                 # make the base between the test and the publication.
@@ -134,6 +137,8 @@ cdef class MapBlock:
                 fut._final = self.ended[i]
             else:
                 fut._run = self.runs[i] if i < self.registered else -1
+            if self.retried != NULL:
+                fut._retried = self.retried[i]
             if self.ended[i]:
                 if self.values[i] != NULL:
                     fut._value = <object>self.values[i]
@@ -303,7 +308,8 @@ cdef class TakenCall:
         self.kwargs = fut._kwargs
         if self.args is None and not (self.flags & ONE_ARG):
             self.args = ()          # ended meanwhile (cancelled): it will not run
-        if starting:
+        if starting and not self.spec.retries:
+            # (A run that may be retried keeps its call for the next attempt.)
             forget_call(fut)
         return 0
 
@@ -337,6 +343,47 @@ cdef TaskFuture record_end(void* payload, uint8_t state, object value, bint kept
     if kept_elsewhere and state == COMPLETED:
         fut._flags |= REMOTE_VALUE
     return fut
+
+
+cdef CallSpec spec_at(void* payload):
+    """The call plan of the run a payload stands for."""
+    if is_item(payload):
+        return block_of(payload).spec
+    return (<TaskFuture>payload)._spec
+
+
+cdef int32_t retries_of(void* payload) noexcept:
+    """How many times the run a taken payload stands for was retried."""
+    cdef MapBlock block
+    cdef Py_ssize_t i
+    if not is_item(payload):
+        return (<TaskFuture>payload)._retried
+    block = block_of(payload)
+    i = index_of(payload, block)
+    if block.futures[i] != NULL:
+        return (<TaskFuture>block.futures[i])._retried
+    return block.retried[i] if block.retried != NULL else 0
+
+
+cdef int count_retry(void* payload) except -1:
+    """Count one more retry of the run a taken payload stands for, before
+    it is pending again: a future made for it from then on says so."""
+    cdef MapBlock block
+    cdef Py_ssize_t i
+    if not is_item(payload):
+        (<TaskFuture>payload)._retried += 1
+        return 0
+    block = block_of(payload)
+    i = index_of(payload, block)
+    if block.futures[i] != NULL:
+        (<TaskFuture>block.futures[i])._retried += 1
+        return 0
+    if block.retried == NULL:
+        block.retried = <int32_t*>calloc(block.n, sizeof(int32_t))
+        if block.retried == NULL:
+            raise MemoryError()
+    block.retried[i] += 1
+    return 0
 
 
 cdef Py_ssize_t end_items(void** payloads, Py_ssize_t n, uint8_t* states, list values,
@@ -460,7 +507,10 @@ cdef object item_run_id(MapBlock block, Py_ssize_t i):
     """The run id of item i, the uuid.UUID its future shows once made
     (hand_over), with no future made for it: the block's random version-4
     uuid with the index xor-ed into its last 48 bits (random ones, so the
-    version and variant stay, and the ids of one block differ)."""
+    version and variant stay, and the ids of one block differ); in a traced
+    block, the id the run trace makes of the item's key."""
+    if block.traced:
+        return block.engine.trace.run_uuid(block.trace_key + i)
     if block.id_base is None:
         base = uuid.uuid4().int
         if block.id_base is None:       # the uuid call may let another thread make one
@@ -469,8 +519,8 @@ cdef object item_run_id(MapBlock block, Py_ssize_t i):
 
 
 cdef inline int _attempt_of(void* payload) noexcept:
-    """The attempt a taken run is on (retries count from 1)."""
-    return 1
+    """The attempt a taken run is on, counting from 1."""
+    return retries_of(payload) + 1
 
 
 cdef tuple run_facts(void* payload):
@@ -948,6 +998,12 @@ cdef class RunList:
         if not 0 <= i < self.n:
             raise IndexError("RunList index out of range")
         return run_facts(self.items[i])
+
+    def timeout_at(self, Py_ssize_t i):
+        """The timeout_seconds of run i's task (0.0: none)."""
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return spec_at(self.items[i]).timeout
 
     def position_of(self, int32_t run):
         """The index of run `run` (an id, see run_ids) here, or -1."""

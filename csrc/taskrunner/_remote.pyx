@@ -39,8 +39,9 @@ from taskrunner._graph cimport (
 )
 from taskrunner._mapped cimport (
     MapBlock, RunList, TakenCall, end_items, future_of, hold_payload, new_runlist, owner_of,
-    plain_stretch, record_end, run_of, settle_end,
+    plain_stretch, record_end, run_of, settle_end, spec_at,
 )
+from taskrunner._retry cimport retry_delay, retry_taken
 from taskrunner._params cimport find_kept_elsewhere, prefetch_found, resolve, resolve_args
 
 import collections
@@ -98,6 +99,8 @@ cdef class Outbox:
         runs.n = n
         for i in range(n):
             hold_payload(runs.items[i])
+        if self.engine.trace is not None:
+            _trace_limit_waits(self.engine, runs)
         return runs
 
     def mark_sent(self, RunList runs):
@@ -223,6 +226,13 @@ cdef class Outbox:
         memset(on_future, 0, n)
         try:
             _end_states(states, n, codes)
+            if _retry_failed(engine, runs, values, codes):
+                # Some failed attempts run again: finish the others.
+                kept = _without_retried(runs, values, codes)
+                free(codes)
+                free(run_ids)
+                codes = run_ids = NULL
+                return self.finish(kept[0], kept[1], kept[2])
             i = 0
             while i < n:
                 if not kept_elsewhere:
@@ -270,6 +280,66 @@ cdef class Outbox:
     def ready_count(self):
         """Runs ready and not yet taken."""
         return self.graph.n_ready
+
+
+cdef int _trace_limit_waits(Engine engine, RunList runs) except -1:
+    """Record in the trace how long taken runs waited for their limits."""
+    cdef Graph graph = engine.graph
+    cdef Py_ssize_t i
+    cdef double now = tr_monotonic(), parked
+    cdef CallSpec spec
+    for i in range(runs.n):
+        spec = spec_at(runs.items[i])
+        if not spec.lim:
+            continue
+        graph.lock()
+        parked = graph.pop_parked_at_locked(run_of(runs.items[i]))
+        graph.unlock()
+        if parked > 0.0:
+            engine.trace.limit_wait_of(runs.items[i], parked, now, engine.limited_tags(spec))
+    return 0
+
+
+cdef bint _retry_failed(Engine engine, RunList runs, list values, uint8_t* codes) except -1:
+    """Retry the failed and crashed runs whose task says so (_retry), each
+    marked with code 0 here.  Whether any was."""
+    cdef Py_ssize_t i
+    cdef CallSpec spec
+    cdef void* payload
+    cdef bint any_retried = False
+    for i in range(runs.n):
+        if codes[i] == COMPLETED:
+            continue
+        payload = runs.items[i]
+        spec = spec_at(payload)
+        if not spec.retries:
+            continue
+        exc = <object>PyList_GET_ITEM(values, i)
+        delay = retry_delay(spec, payload, exc)
+        if delay is not None:
+            retry_taken(engine, payload, run_of(payload), delay, exc)
+            codes[i] = 0
+            any_retried = True
+    return any_retried
+
+
+cdef tuple _without_retried(RunList runs, list values, uint8_t* codes):
+    """(runs, values, states) of the runs not marked retried (code 0)."""
+    cdef Py_ssize_t i, n = 0
+    cdef RunList kept
+    cdef list kept_values = [], kept_states = []
+    for i in range(runs.n):
+        n += codes[i] != 0
+    kept = new_runlist(n)
+    kept.n = 0
+    for i in range(runs.n):
+        if codes[i]:
+            kept.items[kept.n] = runs.items[i]
+            hold_payload(runs.items[i])
+            kept.n += 1
+            kept_values.append(<object>PyList_GET_ITEM(values, i))
+            kept_states.append(codes[i])
+    return kept, kept_values, kept_states
 
 
 cdef list _new_group(list groups, CallSpec spec, bint single):

@@ -26,6 +26,7 @@ from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
 from cpython.long cimport PyLong_AsLongLongAndOverflow
 from cpython.ref cimport Py_INCREF
+from libc.math cimport NAN
 
 from taskrunner._calls cimport TaskLoop, awaited
 from taskrunner._params cimport is_plain
@@ -37,6 +38,7 @@ cdef extern from "sync.h" nogil:
 
 import ctypes
 import os
+from array import array
 import pickle
 import threading
 import time
@@ -56,6 +58,7 @@ cdef enum:
     STOP_FROM = 2               # it must not start runs STOP_FROM <= n < STOP_TO
     STOP_TO = 3
     LOADING = 4                 # 1 while it waits for, reads or unpickles a batch
+    STARTED_AT = 5              # when it started the run STARTED (tr_monotonic, in ns)
 
 
 cdef class ControlBlock:
@@ -82,6 +85,12 @@ cdef class ControlBlock:
         return tr_load64(&self.words[STARTED])
 
     @property
+    def started_at(self):
+        """When the run `started` started, in time.monotonic() seconds
+        (CLOCK_MONOTONIC: the same clock in every process of the machine)."""
+        return tr_load64(&self.words[STARTED_AT]) * 1e-9
+
+    @property
     def finished(self):
         return tr_load64(&self.words[FINISHED])
 
@@ -103,6 +112,10 @@ cdef class ControlBlock:
 
     cdef bint may_start(self, long long seq) noexcept:
         cdef long long first, end
+        # The time first: a parent reading `started` then `started_at` gets
+        # this run's start or a later one's, never an earlier (so it never
+        # finds a run older than it is).
+        tr_store64(&self.words[STARTED_AT], <long long>(tr_monotonic() * 1e9))
         tr_store64(&self.words[STARTED], seq)
         first = tr_load64(&self.words[STOP_FROM])
         end = tr_load64(&self.words[STOP_TO])
@@ -142,10 +155,14 @@ cdef class _Results:
     cdef double last_send
     cdef bint stopped
     cdef bint due               # set by the flusher: the main loop sends after this run
+    cdef bint traced            # the parent keeps a run trace: times go with the results
+    cdef list times             # traced: (start, end) of each run held, flat; NaN if skipped
 
-    def __cinit__(self, conn):
+    def __cinit__(self, conn, bint traced=False):
         self.conn = conn
         self.send_lock = threading.Lock()
+        self.traced = traced
+        self.times = []
         self.values = []
         self.errors = {}
         self.skipped = []
@@ -168,19 +185,28 @@ cdef class _Results:
     cdef void add(self, object value):
         self.values.append(value)
 
+    cdef void add_times(self, double start, double end):
+        # Called right before the run's add: floats and a list append
+        # allocate nothing the cyclic GC tracks, so no other thread (the
+        # flusher) can run in between and take one without the other.
+        self.times.append(start)
+        self.times.append(end)
+
     cdef void add_error(self, object run, tuple described):
         self.values.append(None)
         self.errors[run] = described
 
     cdef void add_skipped(self, object run):
+        if self.traced:
+            self.add_times(NAN, NAN)
         self.values.append(None)
         self.skipped.append(run)
 
     cdef tuple _take(self):
         """What is held, as a message, leaving nothing held."""
-        cdef list values = [], skipped = [], spans = []
+        cdef list values = [], skipped = [], spans = [], times = []
         cdef dict errors = {}
-        cdef list old_values, old_skipped, old_spans
+        cdef list old_values, old_skipped, old_spans, old_times
         cdef dict old_errors
         cdef long long first
         cdef double busy, now
@@ -191,23 +217,26 @@ cdef class _Results:
         now = tr_monotonic()
         busy = self.busy + (now - self.mark)
         self.mark = now
-        old_values, old_errors, old_skipped, old_spans = (
-            self.values, self.errors, self.skipped, self.spans)
-        self.values, self.errors, self.skipped, self.spans = values, errors, skipped, spans
+        old_values, old_errors, old_skipped, old_spans, old_times = (
+            self.values, self.errors, self.skipped, self.spans, self.times)
+        self.values, self.errors, self.skipped, self.spans, self.times = (
+            values, errors, skipped, spans, times)
         self.first = first + len(old_values)
         self.busy = 0.0
-        return first, old_values, old_errors, old_skipped, busy, old_spans
+        return first, old_values, old_errors, old_skipped, busy, old_spans, old_times
 
     cdef flush(self):
         """Send what is held, if anything."""
         self.due = False
         if not self.values:
             return
-        first, values, errors, skipped, busy, spans = self._take()
+        first, values, errors, skipped, busy, spans, times = self._take()
         # The results go as bytes inside the message: if the parent cannot
         # load them after all, it still knows which runs they were for.
         body = _dumped_results(first, values, errors, skipped, spans)
-        data = pickle.dumps(Done(first, len(values), busy, body), pickle.HIGHEST_PROTOCOL)
+        data = pickle.dumps(Done(first, len(values), busy, body,
+                                 array("d", times).tobytes() if self.traced else None),
+                            pickle.HIGHEST_PROTOCOL)
         with self.send_lock:
             self.conn.send_bytes(data)
             self.last_send = tr_monotonic()
@@ -349,13 +378,15 @@ cdef void _make_round_trippable(long long first, list values, dict errors, list 
                 f"cannot be pickled (and unpickled) to go back: {err!r}"), text)
 
 
-def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup, log_config=None):
+def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup, bint traced=False,
+          log_config=None):
     """The main loop of worker `index`: run the initializer, then the
-    batches that come through `task_conn`, until None or EOF.  What is
-    logged here goes to the parent (see _logging.install_forwarder), with
-    the levels of `log_config`."""
+    batches that come through `task_conn`, until None or EOF.  `traced`:
+    each answer carries when its run started and ended (the parent keeps a
+    run trace).  What is logged here goes to the parent (see
+    _logging.install_forwarder), with the levels of `log_config`."""
     cdef ControlBlock block = ControlBlock(shared, index)
-    cdef _Results results = _Results(result_conn)
+    cdef _Results results = _Results(result_conn, traced)
     cdef TaskLoop loop = TaskLoop()
     cdef dict functions = {}
     flusher = threading.Thread(target=results.flush_late, name="taskrunner-flusher", daemon=True)
@@ -456,6 +487,8 @@ cdef _run_group(tuple function, long long first, object args_list, list kwargs_l
     fn, is_async, name, load_error = function
     cdef Py_ssize_t i, n = len(args_list)
     cdef long long run
+    cdef double started = 0.0, ended
+    cdef bint traced = results.traced
     results.start_group(first, name)
     for i in range(n):
         run = first + i
@@ -463,6 +496,8 @@ cdef _run_group(tuple function, long long first, object args_list, list kwargs_l
             results.add_skipped(run)
             block.finish(run)
             continue
+        if traced:
+            started = tr_monotonic()
         try:
             if load_error is not None:
                 raise load_error
@@ -474,8 +509,14 @@ cdef _run_group(tuple function, long long first, object args_list, list kwargs_l
                 value = fn(*args_list[i], **kwargs_list[i])
             value = awaited(value, is_async, loop)
         except BaseException as exc:
-            results.add_error(run, _describe(exc))
+            ended = tr_monotonic() if traced else 0.0
+            described = _describe(exc)
+            if traced:
+                results.add_times(started, ended)
+            results.add_error(run, described)
         else:
+            if traced:
+                results.add_times(started, tr_monotonic())
             results.add(value)
         block.finish(run)
         if results.due:

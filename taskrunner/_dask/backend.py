@@ -35,6 +35,7 @@ of their own, and their Sents the pack's key and their index in it.
 import itertools
 import logging
 import threading
+import time
 import uuid
 import weakref
 from typing import NamedTuple
@@ -50,10 +51,12 @@ from taskrunner._dask.worker import (
     PackEnded,
     Recalled,
     TaskRaised,
+    collect_times,
     hold_back,
     marks_key,
     run,
     run_pack,
+    sent_function,
 )
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import dumps, unsendable_call_error
@@ -110,8 +113,11 @@ class _Call(NamedTuple):
 class DaskBackend(Backend):
     """Runs on a Dask cluster through one client (see the module docstring)."""
 
-    def __init__(self, client, cluster):
+    def __init__(self, client, cluster, traced=False):
         self.client = client
+        self.traced = traced            # the workers keep each run's times (worker.collect_times)
+        self.trace = None               # the runner's run trace, once started, if traced
+        self.trace_keys = {}            # traced: run key -> (its key in the trace, its call spec)
         self.cluster = cluster          # ours to close, or None
         threads = client.nthreads()
         self.threads = max(1, sum(threads.values()))
@@ -140,6 +146,7 @@ class DaskBackend(Backend):
 
     def start(self, runner):
         self.outbox = runner.outbox
+        self.trace = runner._trace
         self.completions = as_completed(loop=self.client.loop)
         self.watcher = threading.Thread(target=self._watch, name="taskrunner-dask-watcher",
                                         daemon=True)
@@ -159,6 +166,8 @@ class DaskBackend(Backend):
             self.watcher.join()
         try:
             self._fetch_held()
+            if self.trace is not None and self.client.status == "running":
+                within(HOLD_BACK_SECONDS, self._collect_times)
             if self.marks_installed and self.client.status == "running":
                 # Bounded, as the marks were: a lost scheduler must not hold
                 # the exit (the marks then go with the workers).
@@ -205,6 +214,10 @@ class DaskBackend(Backend):
                     sent.key = f"{spec.name}-{self.session}-{next(self.numbers)}"
                     self.keys[sent.key] = sent
         todo = [(sent, call) for sent, call in zip(sents, calls) if sent.key is not None]
+        if self.trace is not None:
+            for sent, (spec, _, _) in todo:
+                self.trace_keys[sent.key] = (self.trace.keys_of(sent.runs)[0], spec)
+        traced = {"traced": True} if self.traced else {}
         dumped, unpicklable = [], []
         dumper = CallDumper(self.client, self.shared.of([call[1:] for _, call in todo]))
         for sent, (spec, args, kwargs) in todo:
@@ -224,16 +237,16 @@ class DaskBackend(Backend):
         dask_futures = []
         if alone:
             dask_futures += self.client.map(
-                run, [c.spec.fn for c in alone], [c.spec.is_async for c in alone],
+                run, [sent_function(c.spec) for c in alone], [c.spec.is_async for c in alone],
                 [c.sent.key for c in alone], [c.blob for c in alone], [c.deps for c in alone],
-                key=[c.sent.key for c in alone], pure=False)
+                key=[c.sent.key for c in alone], pure=False, **traced)
         if packs:
             dask_futures += self.client.map(
-                run_pack, [p[0].spec.fn for p in packs], [p[0].spec.is_async for p in packs],
+                run_pack, [sent_function(p[0].spec) for p in packs], [p[0].spec.is_async for p in packs],
                 [p[0].sent.task_key for p in packs],
                 [tuple(c.sent.key for c in p) for p in packs],
                 [[c.blob for c in p] for p in packs],
-                key=[p[0].sent.task_key for p in packs], pure=False)
+                key=[p[0].sent.task_key for p in packs], pure=False, **traced)
         if not dask_futures:
             return
         self.completions.update(dask_futures)
@@ -505,6 +518,28 @@ class DaskBackend(Backend):
             client.register_plugin(MarksPlugin(self.session))
             self.marks_installed = True
         return client.run(hold_back, entries, on_error="return")
+
+    def _collect_times(self):
+        """Bring the times of this session's runs from every worker into the
+        run trace (their clocks are wall clocks: each taken to this
+        process's monotonic clock).  A worker that left took its own."""
+        answers = self.client.run(collect_times, self.session, on_error="return")
+        offset = time.time() - time.monotonic()
+        for address, answer in answers.items():
+            if isinstance(answer, BaseException):
+                _log.warning("could not collect the run trace's times from %s: %r", address,
+                             answer)
+                continue
+            pid, names, records = answer
+            for key, start, end, thread, state in records:
+                found = self.trace_keys.get(key)
+                if found is None:
+                    continue
+                track = self.trace.track(("dask", address, thread),
+                                         f"dask worker {address} (pid {pid})",
+                                         names.get(thread, f"thread {thread}"))
+                self.trace.add_keyed(found[0], found[1], track, start - offset, end - offset,
+                                     state)
 
     def _forget_marks(self):
         self.client.unregister_worker_plugin(marks_key(self.session))

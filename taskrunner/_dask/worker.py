@@ -32,8 +32,12 @@ when it ends: a run must not wait for another run of its own runner, which
 only workers in the client's process can (see DaskBackend.packing).
 """
 
+import asyncio
+import ctypes
+import os
 import pickle
 import threading
+import time
 import traceback
 
 import cloudpickle
@@ -43,11 +47,12 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from taskrunner._calls import TaskLoop, call_task
 from taskrunner._futures import consumer_hooks
 from taskrunner._pickling import PLAIN_TYPES, with_remote_traceback
-from taskrunner.exceptions import TaskRunnerError
+from taskrunner._timer import Timer
+from taskrunner.exceptions import TaskRunnerError, run_timed_out
 
 __all__ = ["COMPLETED", "FAILED", "RECALLED", "MarksPlugin", "PackEnded", "Recalled",
-           "TaskRaised", "dep", "dep_item", "forget_marks", "hold_back", "marks_key",
-           "pickled_items", "run", "run_pack"]
+           "TaskRaised", "collect_times", "dep", "dep_item", "forget_marks", "hold_back",
+           "marks_key", "pickled_items", "run", "run_pack"]
 
 # Dask's worker states of a run that has not started.
 _NOT_STARTED = frozenset(("waiting", "ready", "constrained", "released"))
@@ -95,20 +100,56 @@ class PackEnded(Exception):
         return f"{failed} of the {len(self.outcomes)} runs of this pack failed"
 
 
-def run(fn, is_async, key, blob, deps):
+def run(fn, is_async, key, blob, deps, traced=False):
     """Run one task call on a worker; its arguments are `blob`, pickled
-    with the upstream results left out: those are `deps`."""
+    with the upstream results left out: those are `deps`.  `traced`: the
+    client keeps a run trace (see collect_times)."""
     with _marks_lock:
         if key in _held_back:
             _held_back.discard(key)
             raise Recalled(key)
-    return _call(fn, is_async, key, blob, deps, _Seceder())
+    return (_timed if traced else _call)(fn, is_async, key, blob, deps, _Seceder())
 
 
-def run_pack(fn, is_async, pack_key, keys, blobs):
+def run_pack(fn, is_async, pack_key, keys, blobs, traced=False):
     """Run a pack: the calls `blobs` of one task, runs `keys` (see the
     module docstring)."""
-    return _Pack(fn, is_async, pack_key, keys, blobs).run()
+    return _Pack(fn, is_async, pack_key, keys, blobs, traced).run()
+
+
+# -- the run trace's times -----------------------------------------------------------
+# A traced run's start and end stay on its worker, in this list, until the
+# client collects them when it exits (collect_times): they never travel
+# with the results, which may never leave the cluster.
+
+_times: list = []               # (run key, start, end, thread ident, COMPLETED or FAILED)
+_times_lock = threading.Lock()
+
+
+def _timed(fn, is_async, key, blob, deps, hooks):
+    """_call, its start and end (wall-clock seconds: the client may be on
+    another machine) kept in _times."""
+    state = FAILED
+    start = time.time()
+    try:
+        value = _call(fn, is_async, key, blob, deps, hooks)
+        state = COMPLETED
+        return value
+    finally:
+        end = time.time()
+        with _times_lock:
+            _times.append((key, start, end, threading.get_ident(), state))
+
+
+def collect_times(session, dask_worker=None):
+    """On a worker (Client.run): (this process's pid, the names of its
+    threads by ident, the times kept of the runs of one runner session),
+    which are dropped here."""
+    tag = f"-{session}-"
+    with _times_lock:
+        ours = [record for record in _times if tag in record[0]]
+        _times[:] = [record for record in _times if tag not in record[0]]
+    return os.getpid(), {thread.ident: thread.name for thread in threading.enumerate()}, ours
 
 
 def _call(fn, is_async, key, blob, deps, hooks):
@@ -144,8 +185,9 @@ def _call(fn, is_async, key, blob, deps, hooks):
 class _Pack:
     """The runs of one pack on a worker, claimed in order."""
 
-    def __init__(self, fn, is_async, key, keys, blobs):
+    def __init__(self, fn, is_async, key, keys, blobs, traced=False):
         self.fn, self.is_async, self.key = fn, is_async, key
+        self.call = _timed if traced else _call
         self.keys, self.blobs = keys, blobs
         self.outcomes = [None] * len(keys)
         self.next = 0                   # the next run to claim (under _marks_lock)
@@ -158,7 +200,8 @@ class _Pack:
                 if i is None:
                     break
                 try:
-                    value = _call(self.fn, self.is_async, self.keys[i], self.blobs[i], (), hooks)
+                    value = self.call(self.fn, self.is_async, self.keys[i], self.blobs[i], (),
+                                      hooks)
                 except TaskRaised as raised:
                     self.outcomes[i] = (FAILED, raised)
                 else:
@@ -252,6 +295,93 @@ def _unsendable_result(value, key):
 
 def _out_of_band(buffer):
     return None     # leave the buffer out of the pickle: no copy
+
+
+# -- timeouts ----------------------------------------------------------------------
+#
+# A Dask worker's thread cannot be killed either, but Python code in it can
+# be interrupted: at a run's deadline the worker's timer raises _Overdue in
+# the thread running it (PyThreadState_SetAsyncExc), which the call turns
+# into the run's TimeoutError; the Dask task ends, and the thread goes on
+# with the next run of its pack.  A task inside a C call stops when it
+# returns to Python.  An async task is cancelled on its loop (wait_for).
+
+
+class _Overdue(BaseException):
+    """Raised into a worker thread whose run is past its deadline."""
+
+
+_deadlines = None           # this worker process's taskrunner._timer.Timer
+
+
+def _set_async_exc(ident, exc):
+    return ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), exc)
+
+
+class _Watch:
+    """One timed call on one thread: fire() at the deadline and finish()
+    when the call returns decide under a lock which came first."""
+
+    def __init__(self):
+        self.ident = threading.get_ident()
+        self.lock = threading.Lock()
+        self.done = self.fired = False
+
+    def fire(self):
+        with self.lock:
+            if not self.done:
+                self.fired = True
+                _set_async_exc(self.ident, ctypes.py_object(_Overdue))
+
+    def finish(self):
+        """The call returned: no interruption from now on, and one sent but
+        not yet raised is withdrawn.  Whether the deadline came first."""
+        with self.lock:
+            self.done = True
+            if self.fired:
+                _set_async_exc(self.ident, None)
+            return self.fired
+
+
+class Deadlined:
+    """A task function with a deadline per call (timeout_seconds), as sent
+    to the workers in place of the function."""
+
+    def __init__(self, fn, limit, name, is_async):
+        self.fn, self.limit, self.name, self.is_async = fn, limit, name, is_async
+
+    def __call__(self, *args, **kwargs):
+        if self.is_async:
+            return self._call_async(*args, **kwargs)
+        global _deadlines
+        if _deadlines is None:
+            _deadlines = Timer("taskrunner-deadlines")
+        watch = _Watch()
+        entry = _deadlines.call_later(self.limit, watch.fire)
+        try:
+            try:
+                value = self.fn(*args, **kwargs)
+            finally:
+                entry.cancel()
+                overdue = watch.finish()
+        except _Overdue:
+            overdue = True
+        if overdue:
+            raise run_timed_out(self.name, self.limit)
+        return value
+
+    async def _call_async(self, *args, **kwargs):
+        try:
+            return await asyncio.wait_for(self.fn(*args, **kwargs), self.limit)
+        except asyncio.TimeoutError:
+            raise run_timed_out(self.name, self.limit) from None
+
+
+def sent_function(spec):
+    """What a worker calls for a run of `spec`'s task."""
+    if spec.timeout:
+        return Deadlined(spec.fn, spec.timeout, spec.name, spec.is_async)
+    return spec.fn
 
 
 def _portable(error):

@@ -129,6 +129,8 @@ class Feeder:
         forget = len(worker.functions) >= MAX_FUNCTIONS
         known = () if forget else worker.functions
         for spec, args, kwargs, single in calls:
+            if spec.timeout and not pool.receiver.watching_deadlines:
+                pool.receiver.watch_deadlines()
             wire = pool.runner.wire_of_spec(spec)
             if wire.id not in known:
                 functions[wire.id] = Function(wire.id, wire.name, wire.blob, wire.is_async)

@@ -12,6 +12,10 @@ worker's answers and watches the worker processes.
         BadBatch    the feeder sends the batch again by value
         exit        the run it was running ends CRASHED, its other runs
                     run again, a new worker takes its place
+        deadlines   (once a task with timeout_seconds was sent) a worker
+                    whose run has run past its task's timeout is killed;
+                    at its exit that run ends TimedOut (or is retried) and
+                    its other runs run again
 
 After each, if a worker is idle while another has runs waiting behind a
 long one, half of those move (rebalance).
@@ -21,14 +25,16 @@ import logging
 import os
 import pickle
 import signal
+import time
 from multiprocessing import connection
+from typing import NamedTuple
 
 from taskrunner import _logging as _logs
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import with_remote_traceback
 from taskrunner._process.wire import BadBatch, Done, InitFailed, Logged, Ready
 from taskrunner._worker import unpacked
-from taskrunner.exceptions import CrashedRun, TaskRunnerError
+from taskrunner.exceptions import CrashedRun, TaskRunnerError, run_timed_out
 from taskrunner.remote import COMPLETED, CRASHED, FAILED
 
 __all__ = ["Receiver", "REBALANCE_POLL"]
@@ -36,7 +42,14 @@ __all__ = ["Receiver", "REBALANCE_POLL"]
 _log = logging.getLogger("taskrunner.worker")
 
 REBALANCE_POLL = 0.02       # seconds between looks while a rebalance waits for a load
+DEADLINE_POLL = 0.01        # seconds between looks at the runs' start times, once one has a timeout
 EARLY_DEATHS = 3            # workers in a row dying before ready: the pool is broken
+
+
+class Overdue(NamedTuple):
+    """The run a worker was killed for: it ran past its task's timeout."""
+    number: int             # its sequence number on that worker
+    limit: float            # the task's timeout_seconds
 
 
 class Receiver:
@@ -48,10 +61,16 @@ class Receiver:
         self.rebalance_due = False      # a rebalance waits for a worker to load a batch
         self.rebalance_asked = False    # by a placement that left a worker idle
         self.early_deaths = 0           # workers in a row that died before ready
+        self.watching_deadlines = False  # a task with timeout_seconds was sent
 
     def ask_rebalance(self):
         """A placement left a worker idle: look for runs to move (lock held)."""
         self.rebalance_asked = True
+        self.wake()
+
+    def watch_deadlines(self):
+        """From now on, look at the workers' runs' start times."""
+        self.watching_deadlines = True
         self.wake()
 
     def wake(self):
@@ -76,9 +95,12 @@ class Receiver:
             for worker in workers:
                 waiting[worker.results] = worker
                 waiting[worker.process.sentinel] = worker
-            events = connection.wait(
-                list(waiting), timeout=REBALANCE_POLL if self.rebalance_due else None)
-            if not events or self.rebalance_asked:
+            timeout = REBALANCE_POLL if self.rebalance_due else None
+            if self.watching_deadlines:
+                self.kill_overdue(workers)
+                timeout = DEADLINE_POLL
+            events = connection.wait(list(waiting), timeout=timeout)
+            if (not events and self.rebalance_due) or self.rebalance_asked:
                 self.rebalance_asked = False
                 self.rebalance()
             for ready in events:
@@ -157,6 +179,7 @@ class Receiver:
         pool = self.pool
         with pool.lock:
             runs = worker.take_answered(first, count)
+            answered = runs
             ran = count - len(skipped)
             if ran:
                 # The batch size follows what runs cost (Feeder.observe).
@@ -186,10 +209,19 @@ class Receiver:
                         states.append(COMPLETED)
                 runs, values = join_runs(ours), kept_values
             pool.room_changed.notify_all()
+        if pool.trace is not None and done.times is not None:
+            pool.trace.add_answers(answered, self.track_of(worker), done.times, first, errors)
         pool.give_back(cancel, back)
         if runs:
             pool.outbox.finish(runs, values, states)
         self.rebalance()
+
+    def track_of(self, worker):
+        """The run trace's track of a worker process (a new one for a
+        worker that replaces a dead one)."""
+        pid = worker.process.pid
+        return self.pool.trace.track(("worker", pid), f"worker process {worker.index} (pid {pid})",
+                                     "runs")
 
     def _lost(self, worker):
         """A worker died: the run it was running ends CRASHED, its other
@@ -208,6 +240,7 @@ class Receiver:
         elif worker.ready:
             self.early_deaths = 0
         with pool.lock:
+            crashed_number = worker.block.started
             crashed, rerun = worker.crashed_and_rest()
             _logs.worker_died(worker.index, worker.process.pid, how_it_ended(code), bool(crashed))
             if not pool.closing and pool.broken is None:
@@ -218,12 +251,41 @@ class Receiver:
         worker.outbox.put(None)
         worker.tasks.close()
         worker.results.close()
-        if crashed:
+        if crashed and worker.overdue is not None:
+            if worker.overdue.number == crashed_number:
+                pool.outbox.finish(join_runs(crashed), [run_timed_out(
+                    crashed[0][0].task_name, worker.overdue.limit)], FAILED)
+            else:
+                rerun.extend(crashed)   # it moved on as we killed it: not that run's fault
+        elif crashed:
             crashed = join_runs(crashed)
             pool.outbox.finish(crashed, [crash_error(crashed[0], worker.process.pid, code)],
                                CRASHED)
         if rerun:
             pool.outbox.give_back(join_runs(rerun), False)
+
+    def kill_overdue(self, workers):
+        """Kill each worker whose run has run past its task's timeout
+        (a process, unlike a thread, can be stopped); _lost() ends the run
+        when the worker's exit is seen."""
+        now = time.monotonic()
+        with self.pool.lock:
+            for worker in workers:
+                if worker.overdue is not None or not worker.count:
+                    continue
+                number, since = worker.block.started, worker.block.started_at
+                if number <= worker.block.finished or number in worker.given_up:
+                    continue
+                limit = worker.timeout_of(number)
+                if limit and now - since >= limit:
+                    worker.overdue = Overdue(number, limit)
+                    _log.warning("task run %r: attempt timed out after %g s: killing its "
+                                 "worker process (pid %s)", worker.task_name_of(number),
+                                 limit, worker.process.pid)
+                    try:
+                        worker.process.kill()
+                    except (OSError, AttributeError):
+                        pass                # it is gone already
 
     def rebalance(self):
         """More workers are idle than runs are ready, while another worker

@@ -15,11 +15,12 @@ Worker to parent, up its result pipe:
 
     Ready(pid)                  it ran the initializer and waits for runs
     InitFailed(text)            the initializer raised (the traceback)
-    Done(first, n_runs, busy, body)
+    Done(first, n_runs, busy, body, times)
                                 the answers to runs first .. first+count-1,
                                 in order; `body` pickled apart, so that if it
                                 cannot be loaded here the parent still knows
-                                which runs it was for
+                                which runs it was for; `times` when the
+                                runs started and ended, if the parent traces
     BadBatch(text)              it could not unpickle the runs of its next batch
     Logged(run, task_name, record)
                                 a record logged there (any logger, at a level
@@ -83,6 +84,9 @@ class Done(NamedTuple):
     n_runs: int             # runs answered, numbered from first
     busy: float             # seconds the worker spent in tasks for these runs
     body: bytes             # a pickled Answers
+    # With a run trace: each run's start and end (tr_monotonic() seconds,
+    # NaN if skipped), doubles in pairs; else None.
+    times: Optional[bytes] = None
 
 
 class BadBatch(NamedTuple):

@@ -62,6 +62,7 @@ class Worker:
         self.cancel_if_skipped = set()      # given up if it skips them: cancelled
         self.ready = False                  # it ran the initializer
         self.by_value = False               # its batches go pickled by value
+        self.overdue = None                 # receiver.Overdue: killed for a timeout
         self.sender: Optional[threading.Thread] = None
 
     # -- flight ---------------------------------------------------------------
@@ -168,6 +169,20 @@ class Worker:
                 self.cancel_if_skipped.add(number)
         return cancelled, requeued
 
+    def _run_numbered(self, number):
+        for _, one in self.runs_from(number, number + 1):
+            return one
+        return None
+
+    def timeout_of(self, number):
+        """The timeout_seconds of the task of run `number` in flight (0: none)."""
+        one = self._run_numbered(number)
+        return one.timeout_at(0) if one is not None else 0.0
+
+    def task_name_of(self, number):
+        one = self._run_numbered(number)
+        return one[0].task_name if one is not None else "?"
+
     def crashed_and_rest(self):
         """After it died: (the run it was running, if any, as a list of
         RunLists; the others of ours in flight), and an empty flight."""
@@ -211,10 +226,11 @@ class WorkerSet:
     in its place, and stopping them all.  `workers` changes under the
     backend's lock; spawn() may run under it."""
 
-    def __init__(self, context, size, setup):
+    def __init__(self, context, size, setup, traced=False):
         self.context = context
         self.size = size
         self.setup = setup          # pickled (initializer, initargs)
+        self.traced = traced        # workers send when each run started and ended
         self.shared = context.RawArray("q", size * BLOCK_WORDS)
         self.workers = []
         self.unstarted = list(range(1, size))   # started when there is work for them
@@ -228,7 +244,8 @@ class WorkerSet:
         # process's loggers would let through.
         process = self.context.Process(
             target=serve,
-            args=(task_read, result_write, self.shared, index, self.setup, _logs.level_config()),
+            args=(task_read, result_write, self.shared, index, self.setup, self.traced,
+                  _logs.level_config()),
             name=f"taskrunner-worker-{index}", daemon=True)
         process.start()
         _logs.worker_started(index, process.pid)
