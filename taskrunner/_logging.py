@@ -131,16 +131,14 @@ def _report(verdict, task_name, run_id, attempt, text, args, exc=None) -> None:
         return
     extra = {"run_id": run_id, "task_name": task_name, "attempt": attempt}
     args = (task_name, run_id, attempt, *args)
-    exc_info = None
     if exc is not None:
+        # One line, no traceback: the exception and its traceback are the
+        # future's (exception(), result()), and with logging not set up
+        # this goes to stderr, for runs whose failure may be expected.
         text += ": %s"
         args = (*args, _describe(exc))
-        # With no traceback here nor a cause (a remote one), the text says all.
-        if isinstance(exc, BaseException) and (exc.__traceback__ is not None
-                                               or exc.__cause__ is not None):
-            exc_info = (type(exc), exc, exc.__traceback__)
     if not verdict.loud:
-        runs_log.debug(text, *args, exc_info=exc_info, extra=extra)
+        runs_log.debug(text, *args, extra=extra)
         return
     if verdict.quiet:
         text += " (%d more bad ends of this task were logged at DEBUG since the last warning)"
@@ -149,7 +147,7 @@ def _report(verdict, task_name, run_id, attempt, text, args, exc=None) -> None:
         text += (" (the next ones of this task in this runner go to DEBUG, counted, until "
                  "its %g s window turns)")
         args = (*args, WINDOW)
-    runs_log.warning(text, *args, exc_info=exc_info, extra=extra)
+    runs_log.warning(text, *args, extra=extra)
 
 
 # The functions below log one bad end of a run.  `scope` is what the
