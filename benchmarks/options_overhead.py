@@ -10,12 +10,19 @@ machine's drift hits them alike; the medians of `--rounds` rounds are
 printed, and each variant's ratio to the plain one.
 
     python benchmarks/options_overhead.py [--rounds 7] [--only submit,map,proc]
+        [--baseline /path/to/a/checkout/before/the/options, built in place]
 
-Run it from the repository root (it imports the built tree).
+Run it from the repository root (it imports the built tree).  --baseline
+also times the plain variant on that build, in a child interpreter per
+round ("before": the code before task options existed).
 """
 
 import argparse
+import inspect
+import os
 import statistics
+import subprocess
+import sys
 import time
 
 from taskrunner import ProcessPoolTaskRunner, ThreadPoolTaskRunner, task
@@ -34,19 +41,24 @@ VARIANTS = {
 }
 
 
+def _with(cls, limits):
+    """A runner of `cls`; limits only when given (a build before them takes none)."""
+    return cls(max_workers=WORKERS, **({"limits": limits} if limits else {}))
+
+
 def submits(fn, limits):
-    with ThreadPoolTaskRunner(max_workers=WORKERS, limits=limits) as runner:
+    with _with(ThreadPoolTaskRunner, limits) as runner:
         futures = [runner.submit(fn, {"x": i}) for i in range(SUBMITS)]
         return sum(f.result() for f in futures)
 
 
 def thread_map(fn, limits):
-    with ThreadPoolTaskRunner(max_workers=WORKERS, limits=limits) as runner:
+    with _with(ThreadPoolTaskRunner, limits) as runner:
         return sum(runner.map(fn, {"x": range(MAP_ITEMS)}).result())
 
 
 def process_map(fn, limits):
-    with ProcessPoolTaskRunner(max_workers=WORKERS, limits=limits) as runner:
+    with _with(ProcessPoolTaskRunner, limits) as runner:
         runner.map(fn, {"x": range(1000)}).result()     # the workers up first
         start = time.perf_counter()
         total = sum(runner.map(fn, {"x": range(PROC_ITEMS)}).result())
@@ -56,23 +68,49 @@ def process_map(fn, limits):
 ROWS = {"submit": submits, "map": thread_map, "proc": process_map}
 
 
+def _timed(measure, fn, limits):
+    start = time.perf_counter()
+    out = measure(fn, limits)
+    elapsed = time.perf_counter() - start
+    if isinstance(out, tuple):      # timed inside (the pool's start left out)
+        out, elapsed = out
+    return elapsed
+
+
+def baseline_round(checkout, row):
+    """One round of the plain variant of `row` on another build."""
+    source = "\n".join([
+        "import sys, time",
+        f"sys.path.insert(0, {checkout!r})",
+        "from taskrunner import ProcessPoolTaskRunner, ThreadPoolTaskRunner",
+        "from taskrunner.bench import inc",
+        f"SUBMITS, MAP_ITEMS, PROC_ITEMS, WORKERS = {SUBMITS}, {MAP_ITEMS}, {PROC_ITEMS}, {WORKERS}",
+        inspect.getsource(_with), inspect.getsource(ROWS[row]), inspect.getsource(_timed),
+        "if __name__ == '__main__':",
+        f"    print(_timed({ROWS[row].__name__}, inc, None))",
+    ])
+    out = subprocess.run([sys.executable, "-c", source], cwd=checkout, capture_output=True,
+                         text=True, check=True, env={**os.environ, "PYTHONPATH": checkout})
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--only", default="submit,map,proc")
+    parser.add_argument("--baseline", help="a checkout of the code before, built in place")
     args = parser.parse_args()
     for row in args.only.split(","):
         measure = ROWS[row]
         times = {name: [] for name in VARIANTS}
+        if args.baseline:
+            times["before (baseline)"] = []
         for _ in range(args.rounds):
             for name, fn in VARIANTS.items():
                 limits = {"db": 10**9} if name.startswith("tag") else None
-                start = time.perf_counter()
-                out = measure(fn, limits)
-                elapsed = time.perf_counter() - start
-                if isinstance(out, tuple):      # timed inside (the pool's start left out)
-                    out, elapsed = out
-                times[name].append(elapsed)
+                times[name].append(_timed(measure, fn, limits))
+            if args.baseline:
+                times["before (baseline)"].append(baseline_round(args.baseline, row))
         base = statistics.median(times["plain"])
         print(f"{row}: median of {args.rounds} rounds")
         for name, values in times.items():

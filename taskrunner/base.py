@@ -5,11 +5,11 @@ from __future__ import annotations
 import abc
 import logging
 import os
-import sys
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Optional, TypeVar, Union
 
+from taskrunner import _logging as _logs
 from taskrunner._trace import Trace
 from taskrunner.streaming import open_stream
 
@@ -23,7 +23,7 @@ Parameters = Mapping[str, Any]
 
 __all__ = ["TaskRunner"]
 
-_log = logging.getLogger("taskrunner")
+_log = logging.getLogger("taskrunner.runner")
 
 _streams_lock = threading.Lock()
 
@@ -225,6 +225,7 @@ class EngineTaskRunner(TaskRunner):
         self._trace = Trace() if self._trace_path is not None else None
         self._engine = self._start()
         self._engine.trace = self._trace
+        _logs.runner_entered(self)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
@@ -243,6 +244,7 @@ class EngineTaskRunner(TaskRunner):
             if not self._abandoned:
                 # The futures that outlive the runner keep their own states.
                 engine.free_graph()
+            _logs.runner_exited(self, engine, exc_type)
             trace, self._trace = self._trace, None
             if trace is not None:
                 self._write_trace(trace, exc_type)
@@ -264,7 +266,8 @@ class EngineTaskRunner(TaskRunner):
         cancelled.  A Ctrl-C during a normal exit cancels as an exception
         would, and is raised once the running runs end.  While it waits
         for running runs after a Ctrl-C or an exception, the exit says so
-        once on stderr; a further Ctrl-C stops the wait: `_abandon()`
+        once, at WARNING on "taskrunner.runner" (on stderr when logging is
+        not set up); a further Ctrl-C stops the wait: `_abandon()`
         ends what it can, and the exit raises that KeyboardInterrupt."""
         interrupted = None
         if exc_type is None:
@@ -285,9 +288,7 @@ class EngineTaskRunner(TaskRunner):
             closer.start()
             running = engine.unfinished
             if running and (interrupted is not None or issubclass(exc_type, KeyboardInterrupt)):
-                print(f"taskrunner: {self.name} runner exiting: waiting for {running} task "
-                      f"run{'s' if running != 1 else ''} still running; press Ctrl-C again "
-                      f"to stop waiting", file=sys.stderr, flush=True)
+                _logs.exit_waits(self, running)
             engine._wait_quiet()
         except KeyboardInterrupt:
             self._abandoned = True

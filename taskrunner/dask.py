@@ -24,6 +24,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, Callable, Optional, Union
 
+from taskrunner import _logging as _logs
 from taskrunner._dask import distributed as _distributed
 from taskrunner.base import checked_limits, checked_trace
 from taskrunner.remote import RemoteTaskRunner
@@ -153,6 +154,7 @@ class DaskTaskRunner(RemoteTaskRunner):
                 client = distributed.Client(cluster, **client_kwargs)
             else:
                 client = distributed.Client(self._address, **client_kwargs)
+            _logs.cluster_connected(_address_of(client), cluster is not None)
             return DaskBackend(client, cluster, traced=self._trace_path is not None)
         except BaseException:
             close_quietly(client, cluster)
@@ -186,6 +188,13 @@ class DaskTaskRunner(RemoteTaskRunner):
     def _parallelism(self):
         backend = self._active
         return backend.threads if backend is not None else 1
+
+
+def _address_of(client):
+    try:
+        return client.scheduler.address
+    except Exception:   # only for a log line
+        return None
 
 
 def _check_address(address):

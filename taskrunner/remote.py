@@ -54,7 +54,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Backend", "RemoteTaskRunner", "TaskWire"]
 
-_log = logging.getLogger("taskrunner")
+_log = logging.getLogger("taskrunner.runner")
 
 COMPLETED, FAILED, CRASHED = STATES["COMPLETED"], STATES["FAILED"], STATES["CRASHED"]
 

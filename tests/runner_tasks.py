@@ -13,6 +13,7 @@ import asyncio
 import collections
 import ctypes
 import enum
+import logging
 import os
 import signal
 import threading
@@ -698,6 +699,28 @@ def square_marking_pid(x, marks, seconds):
         touch(mark)
     time.sleep(seconds)
     return x * x
+
+
+# -- logging (test_logging.py) -----------------------------------------------
+
+
+def log_then(x, name, level, message):
+    """Log ``message % x`` on logger ``name`` at ``level``; return x."""
+    logging.getLogger(name).log(level, message, x)
+    return x
+
+
+def log_awkward(x, name):
+    """Records that do not pickle as they are: an unpicklable argument and
+    extra field, and a caught exception's traceback."""
+    logger = logging.getLogger(name)
+    lock = threading.Lock()
+    logger.warning("item %s holds %s", x, lock, extra={"thing": lock})
+    try:
+        raise KeyError(x)
+    except KeyError:
+        logger.exception("caught item %s", x)
+    return x
 
 
 # -- task options (retries, timeouts) -----------------------------------------

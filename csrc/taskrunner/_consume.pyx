@@ -26,18 +26,15 @@ from taskrunner._graph cimport (
     COMPLETED, FAILED, TAKE_NONE, Graph, RunVec, runvec_free, tr_monotonic,
 )
 from taskrunner._mapped cimport (
-    TakenCall, owner_of, record_end, retries_of, settle_end, settle_ended, spec_at,
+    TakenCall, owner_of, record_end, run_facts, settle_end, settle_ended, spec_at,
 )
 from taskrunner._params cimport find_kept_elsewhere, prefetch_found, resolve, resolve_args
 from taskrunner._retry cimport retry_delay, retry_taken
 from taskrunner._trace cimport Trace
 
-import logging
-
+from taskrunner import _logging
 from taskrunner._calls import cancel_task
-from taskrunner.exceptions import run_timed_out
-
-_log = logging.getLogger("taskrunner.runs")
+from taskrunner.exceptions import run_timed_out as timed_out_error
 
 
 def work(Engine engine, loop):
@@ -249,9 +246,9 @@ cdef int _finish_one(Engine engine, void* payload, int32_t run, uint8_t state,
 cdef int end_timed_out(Engine engine, void* payload, int32_t run, CallSpec spec) except -1:
     """A taken run's attempt timed out: retry it if its task says so,
     else end it FAILED with a TimeoutError (state "TimedOut")."""
-    exc = run_timed_out(spec.name, spec.timeout)
-    _log.warning("task %r: attempt %d timed out after %g s", spec.name,
-                 retries_of(payload) + 1, spec.timeout)
+    exc = timed_out_error(spec.name, spec.timeout)
+    name, run_id, attempt = run_facts(payload)
+    _logging.run_timed_out(name, run_id, attempt, spec.timeout, scope=engine)
     if spec.retries:
         delay = retry_delay(spec, payload, exc)
         if delay is not None:

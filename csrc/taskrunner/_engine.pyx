@@ -57,7 +57,7 @@ from taskrunner.exceptions import (
     MappingLengthMismatch, MappingMissingIterable, UpstreamTaskError,
 )
 
-_log = logging.getLogger("taskrunner")
+_log = logging.getLogger("taskrunner.engine")
 
 cdef Py_ssize_t _MAX_SPECS = 4096      # = taskrunner._process.wire.MAX_FUNCTIONS
 # map() makes and schedules its runs a chunk at a time: the futures it just

@@ -25,7 +25,7 @@ import uuid
 from taskrunner.exceptions import CancelledRun, UpstreamTaskError, is_timeout
 from taskrunner.states import State, StateType
 
-_log = logging.getLogger("taskrunner")
+_log = logging.getLogger("taskrunner.engine")
 
 cdef double _SIGNAL_SLICE = 0.1                 # how often a blocked main thread checks signals
 cdef object _current = threading.local()       # .consumer: this thread's Consumer, if any

@@ -49,6 +49,8 @@ cdef class MapBlock:
     # what a progress bar reads (taskrunner/progress.py), at no cost per run.
     cdef Py_ssize_t n_ended
     cdef Py_ssize_t n_failed
+    # The int its items' run ids derive from (item_run_id), once one was needed.
+    cdef object id_base
     # Traced (see _trace.pyx): item i's key in the run trace is trace_key + i,
     # and its future's too, once it has one.
     cdef bint traced
@@ -167,5 +169,7 @@ cdef void settle_end(void* payload, TaskFuture fut, bint last_of_stretch)
 cdef void settle_ended(RunVec* out)
 cdef void detach(void* payload, uint8_t state) noexcept
 cdef RunList runlist_of(TaskFuture fut)
+cdef object item_run_id(MapBlock block, Py_ssize_t i)
+cdef tuple run_facts(void* payload)
 cdef MapBlock plain_stretch(void** payloads, Py_ssize_t n, Py_ssize_t* first,
                             Py_ssize_t* length)

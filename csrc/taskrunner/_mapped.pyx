@@ -24,8 +24,13 @@ from taskrunner._futures cimport (
     deadline_of, forget_call, hold, let_go, remaining, wait_run,
 )
 from taskrunner._graph cimport (
-    CANCELLED, COMPLETED, NOT_READY, Graph, RunVec, runvec_clear, tr_monotonic,
+    CANCELLED, COMPLETED, FAILED, NOT_READY, Graph, RunVec, runvec_clear, tr_monotonic,
 )
+
+import logging
+import uuid
+
+from taskrunner import _logging as _logs
 
 
 @cython.final
@@ -120,6 +125,11 @@ cdef class MapBlock:
                 kwargs = self.kwargs_at(i)
             if self.traced:
                 fut._uuid = self.trace_key + i      # the item's key in the run trace
+            elif self.id_base is not None:
+                # A record named the item by its id already: the future
+                # shows the same.  Tested last, so that no other thread can
+                # make the base between the test and the publication.
+                fut._uuid = item_run_id(self, i)
             # From here to the publication below: no allocation, and no
             # reference dropped to zero.
             if self.detached or graph.released:
@@ -321,6 +331,8 @@ cdef TaskFuture record_end(void* payload, uint8_t state, object value, bint kept
     cdef MapBlock block
     cdef TaskFuture fut
     cdef Py_ssize_t i
+    if state != COMPLETED:
+        _log_end(payload, state, value)
     if is_item(payload):
         block = block_of(payload)
         i = index_of(payload, block)
@@ -396,6 +408,8 @@ cdef Py_ssize_t end_items(void** payloads, Py_ssize_t n, uint8_t* states, list v
     k = index_of(payloads[0], block)
     while (j < n and k + j < block.registered and payloads[j] == item_payload(block, k + j)
            and block.futures[k + j] == NULL):
+        if states[j] != COMPLETED:
+            _log_end(payloads[j], states[j], <object>PyList_GET_ITEM(values, offset + j))
         block.item_ended(k + j, states[j], <object>PyList_GET_ITEM(values, offset + j))
         runs[j] = block.runs[k + j]
         j += 1
@@ -421,6 +435,8 @@ cdef void settle_ended(RunVec* out):
     cdef MapBlock block
     cdef TaskFuture cause
     cdef void* payload
+    if out.len and _logs.runs_log.isEnabledFor(_DEBUG):
+        _log_never_ran(out)
     for i in range(out.len):
         payload = out.items[i].payload
         if is_item(payload):
@@ -489,6 +505,94 @@ cdef void detach(void* payload, uint8_t state) noexcept:
         fut = <PyObject*>payload
     (<TaskFuture>fut)._final = state
     (<TaskFuture>fut)._run = -1
+
+
+# -- what log records say of a run -------------------------------------------------
+
+cdef object _DEBUG = logging.DEBUG
+
+
+cdef object item_run_id(MapBlock block, Py_ssize_t i):
+    """The run id of item i, the uuid.UUID its future shows once made
+    (hand_over), with no future made for it: the block's random version-4
+    uuid with the index xor-ed into its last 48 bits (random ones, so the
+    version and variant stay, and the ids of one block differ); in a traced
+    block, the id the run trace makes of the item's key."""
+    if block.traced:
+        return block.engine.trace.run_uuid(block.trace_key + i)
+    if block.id_base is None:
+        base = uuid.uuid4().int
+        if block.id_base is None:       # the uuid call may let another thread make one
+            block.id_base = base
+    return uuid.UUID(int=block.id_base ^ i)
+
+
+cdef inline int _attempt_of(void* payload) noexcept:
+    """The attempt a taken run is on, counting from 1."""
+    return retries_of(payload) + 1
+
+
+cdef tuple run_facts(void* payload):
+    """(task name, run id, attempt) of the run `payload` stands for, as
+    log records about it carry them, with no future made for an item."""
+    cdef MapBlock block
+    cdef TaskFuture fut
+    cdef Py_ssize_t i
+    if is_item(payload):
+        block = block_of(payload)
+        i = index_of(payload, block)
+        if block.futures[i] == NULL:
+            return block.spec.name, item_run_id(block, i), _attempt_of(payload)
+        fut = <TaskFuture>block.futures[i]
+    else:
+        fut = <TaskFuture>payload
+    return fut._spec.name, fut.task_run_id, _attempt_of(payload)
+
+
+cdef void _log_end(void* payload, uint8_t state, object value) noexcept:
+    """A taken run ended FAILED or CRASHED: say so (taskrunner._logging),
+    counted against its runner's budget first: past it, with DEBUG off,
+    nothing more is made.  A handler that raises loses the record, never
+    the run."""
+    cdef MapBlock block
+    cdef TaskFuture fut
+    try:
+        if is_item(payload):
+            block = block_of(payload)
+            engine, name = block.engine, block.spec.name
+        else:
+            fut = <TaskFuture>payload
+            engine, name = fut._engine, fut._spec.name
+        verdict = _logs.charge(engine, name)
+        if verdict is None:
+            return
+        name, run_id, attempt = run_facts(payload)
+        if state == FAILED:
+            _logs.run_failed(name, run_id, attempt, value, engine, verdict)
+        else:
+            _logs.run_crashed(name, run_id, attempt, value, engine, verdict)
+    except Exception:
+        pass
+
+
+cdef void _log_never_ran(RunVec* out) noexcept:
+    """DEBUG records of the runs the graph ended without running them."""
+    cdef Py_ssize_t i
+    cdef void* cause
+    try:
+        for i in range(out.len):
+            name, run_id, _ = run_facts(out.items[i].payload)
+            cause = out.items[i].cause_payload
+            if out.items[i].cause == -1:
+                why = "cancelled"
+            elif cause != NULL and (is_item(cause) or type(<object>cause) is TaskFuture):
+                up_name, up_id, _ = run_facts(cause)
+                why = f"NotReady: upstream task run {up_name!r} ({up_id}) did not complete"
+            else:
+                why = "NotReady: an upstream did not complete"
+            _logs.run_never_ran(name, run_id, why)
+    except Exception:
+        pass
 
 
 cdef MapBlock plain_stretch(void** payloads, Py_ssize_t n, Py_ssize_t* first,
@@ -986,6 +1090,13 @@ cdef class RunList:
         """The runs' ids (their graph slots), in order: what a consumer
         keeps its own records of them by, while it holds them."""
         return [self.run_at(i) for i in range(self.n)]
+
+    def run_facts(self, Py_ssize_t i):
+        """(task name, run id, attempt) of run i, as log records carry
+        them: the id its future shows, with no future made for an item."""
+        if not 0 <= i < self.n:
+            raise IndexError("RunList index out of range")
+        return run_facts(self.items[i])
 
     def timeout_at(self, Py_ssize_t i):
         """The timeout_seconds of run i's task (0.0: none)."""

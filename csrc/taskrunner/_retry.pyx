@@ -24,12 +24,11 @@ from libc.stdint cimport int32_t
 from taskrunner._calls cimport CallSpec
 from taskrunner._engine cimport Engine
 from taskrunner._graph cimport Graph, RunVec
-from taskrunner._mapped cimport count_retry, owner_of, retries_of, spec_at
+from taskrunner._mapped cimport count_retry, owner_of, retries_of, run_facts
 
-import logging
 import random
 
-_log = logging.getLogger("taskrunner.runs")
+from taskrunner._logging import runs_log, run_retrying
 
 
 cdef object retry_delay(CallSpec spec, void* payload, object exc):
@@ -46,8 +45,8 @@ cdef object retry_delay(CallSpec spec, void* payload, object exc):
         try:
             wanted = spec.retry_condition(exc)
         except Exception:
-            _log.warning("retry_condition_fn of task %r raised on %r: not retried",
-                         spec.name, exc, exc_info=True)
+            runs_log.warning("retry_condition_fn of task %r raised on %r: not retried",
+                             spec.name, exc, exc_info=True)
             return None
         if not wanted:
             return None
@@ -64,12 +63,9 @@ cdef int retry_taken(Engine engine, void* payload, int32_t run, double delay,
     `delay` seconds (see the module docstring)."""
     cdef Graph graph = engine.graph
     cdef RunVec out = RunVec(NULL, 0, 0)
-    cdef CallSpec spec
+    name, run_id, attempt = run_facts(payload)
+    run_retrying(name, run_id, attempt, exc, delay, scope=engine)
     count_retry(payload)
-    spec = spec_at(payload)
-    _log.warning("task %r: attempt %d failed (%s: %s); retrying in %.3g s (retry %d of %d)",
-                 spec.name, retries_of(payload), type(exc).__name__, exc, delay,
-                 retries_of(payload), spec.retries)
     graph.lock()
     graph.retry_locked(run)
     if delay <= 0:

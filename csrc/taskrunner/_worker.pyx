@@ -20,6 +20,7 @@ loading: a batch slow to arrive or to unpickle would be as slow on another
 worker, and taking it back would only move the wait).
 """
 
+cimport cython
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.float cimport PyFloat_AS_DOUBLE
 from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE, PyList_New, PyList_SET_ITEM
@@ -43,8 +44,9 @@ import threading
 import time
 import traceback
 
+from taskrunner._logging import Forwarder, install_forwarder
 from taskrunner._pickling import dumps
-from taskrunner._process.wire import SKIP, Answers, BadBatch, Done, InitFailed, Ready
+from taskrunner._process.wire import SKIP, Answers, BadBatch, Done, InitFailed, Logged, Ready
 
 cdef Py_ssize_t _BLOCK_WORDS = 8    # a 64-byte cache line per worker: no false sharing
 BLOCK_WORDS = _BLOCK_WORDS
@@ -376,16 +378,19 @@ cdef void _make_round_trippable(long long first, list values, dict errors, list 
                 f"cannot be pickled (and unpickled) to go back: {err!r}"), text)
 
 
-def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup, bint traced=False):
+def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup, bint traced=False,
+          log_config=None):
     """The main loop of worker `index`: run the initializer, then the
     batches that come through `task_conn`, until None or EOF.  `traced`:
     each answer carries when its run started and ended (the parent keeps a
-    run trace)."""
+    run trace).  What is logged here goes to the parent (see
+    _logging.install_forwarder), with the levels of `log_config`."""
     cdef ControlBlock block = ControlBlock(shared, index)
     cdef _Results results = _Results(result_conn, traced)
     cdef TaskLoop loop = TaskLoop()
     cdef dict functions = {}
     flusher = threading.Thread(target=results.flush_late, name="taskrunner-flusher", daemon=True)
+    install_forwarder(Forwarder(_RecordSender(results), _RunNow(block, results)), log_config)
     try:
         initializer, initargs = pickle.loads(setup)
         if initializer is not None:
@@ -429,6 +434,40 @@ def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup, bint tr
         results.flush()
     results.stopped = True
     loop.close()
+
+
+@cython.final
+cdef class _RecordSender:
+    """Sends a record up the result pipe at once: before the answer to the
+    run that logged it, which the parent needs to name the run."""
+    cdef _Results results
+
+    def __cinit__(self, _Results results):
+        self.results = results
+
+    def __call__(self, long long run, task_name, bytes record):
+        data = pickle.dumps(Logged(run, task_name, record), pickle.HIGHEST_PROTOCOL)
+        with self.results.send_lock:
+            self.results.conn.send_bytes(data)
+
+
+@cython.final
+cdef class _RunNow:
+    """(number, task name) of the run this worker is running, or (-1,
+    None): read off the control block, so that a run costs nothing more
+    for the records it might log."""
+    cdef ControlBlock block
+    cdef _Results results
+
+    def __cinit__(self, ControlBlock block, _Results results):
+        self.block = block
+        self.results = results
+
+    def __call__(self):
+        cdef long long started = tr_load64(&self.block.words[STARTED])
+        if started > tr_load64(&self.block.words[FINISHED]):
+            return started, _name_of(self.results.spans, started)
+        return -1, None
 
 
 cdef _skip_group(long long first, Py_ssize_t n, ControlBlock block, _Results results):

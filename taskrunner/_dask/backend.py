@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 from distributed import CancelledError, KilledWorker, as_completed
 
+from taskrunner import _logging as _logs
 from taskrunner._dask import worker
 from taskrunner._dask.calls import CallDumper, SharedValues
 from taskrunner._dask.results import Handle, PackValues, fetch, gather_each, items_alone, within
@@ -64,7 +65,7 @@ from taskrunner.remote import COMPLETED, CRASHED, FAILED, Backend
 
 __all__ = ["DaskBackend"]
 
-_log = logging.getLogger("taskrunner")
+_log = logging.getLogger("taskrunner.dask")
 
 # How many runs are handed to the cluster at once.  Measured on a 4-thread
 # LocalCluster: throughput is the same from 16 to 2,000 runs per thread (the
@@ -611,12 +612,15 @@ class DaskBackend(Backend):
 
 
 def close_quietly(client, cluster):
+    address = getattr(getattr(client, "scheduler", None), "address", None)
     for closable in (client, cluster):
         if closable is not None:
             try:
                 closable.close()
             except Exception:
                 _log.exception("could not close %r", closable)
+    if client is not None:
+        _logs.cluster_closed(address, cluster is not None)
 
 
 def _error_of(dask_future):

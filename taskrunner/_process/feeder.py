@@ -31,7 +31,7 @@ from taskrunner.remote import FAILED
 
 __all__ = ["Feeder", "Placed"]
 
-_log = logging.getLogger("taskrunner")
+_log = logging.getLogger("taskrunner.worker")
 
 BATCH_SECONDS = 0.01        # worker time one batch aims to take
 MAX_BATCH = 20_000          # runs in one batch at most

@@ -29,16 +29,18 @@ import time
 from multiprocessing import connection
 from typing import NamedTuple
 
+from taskrunner import _logging as _logs
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import with_remote_traceback
-from taskrunner._process.wire import BadBatch, Done, InitFailed, Ready
+from taskrunner._process.wire import BadBatch, Done, InitFailed, Logged, Ready
 from taskrunner._worker import unpacked
-from taskrunner.exceptions import CrashedRun, TaskRunnerError, run_timed_out
+from taskrunner.exceptions import CrashedRun, TaskRunnerError
+from taskrunner.exceptions import run_timed_out as timed_out_error
 from taskrunner.remote import COMPLETED, CRASHED, FAILED
 
 __all__ = ["Receiver", "REBALANCE_POLL"]
 
-_log = logging.getLogger("taskrunner")
+_log = logging.getLogger("taskrunner.worker")
 
 REBALANCE_POLL = 0.02       # seconds between looks while a rebalance waits for a load
 DEADLINE_POLL = 0.01        # seconds between looks at the runs' start times, once one has a timeout
@@ -131,16 +133,29 @@ class Receiver:
         message = pickle.loads(data)
         if type(message) is Done:
             self._done(worker, message)
+        elif type(message) is Logged:
+            self._logged(worker, message)
         elif type(message) is Ready:
             with self.pool.lock:
                 worker.ready = True
                 self.pool.room_changed.notify_all()
+            _logs.worker_ready(worker.index, message.pid)
             self.rebalance()
         elif type(message) is InitFailed:
             self.pool.break_down(CrashedRun(f"the worker initializer failed:\n{message.text}"))
         elif type(message) is BadBatch:
             self.pool.feeder.resend_by_value(worker, message.text)
         return True
+
+    def _logged(self, worker, message):
+        """A record a worker logged: to this process's handlers, naming the
+        run it came from (it is still in flight: its answer comes after)."""
+        facts = None
+        if message.run >= 0:
+            with self.pool.lock:
+                facts = worker.facts_of(message.run)
+        task_name, run_id, attempt = facts or (message.task_name, None, None)
+        _logs.reemit(message.record, run_id, task_name, attempt)
 
     def _drain(self, worker):
         """Read what a worker sent before it exited."""
@@ -228,6 +243,7 @@ class Receiver:
         with pool.lock:
             crashed_number = worker.block.started
             crashed, rerun = worker.crashed_and_rest()
+            _logs.worker_died(worker.index, worker.process.pid, how_it_ended(code), bool(crashed))
             if not pool.closing and pool.broken is None:
                 pool.workers.replace(worker)
             else:
@@ -238,7 +254,7 @@ class Receiver:
         worker.results.close()
         if crashed and worker.overdue is not None:
             if worker.overdue.number == crashed_number:
-                pool.outbox.finish(join_runs(crashed), [run_timed_out(
+                pool.outbox.finish(join_runs(crashed), [timed_out_error(
                     crashed[0][0].task_name, worker.overdue.limit)], FAILED)
             else:
                 rerun.extend(crashed)   # it moved on as we killed it: not that run's fault
@@ -264,9 +280,10 @@ class Receiver:
                 limit = worker.timeout_of(number)
                 if limit and now - since >= limit:
                     worker.overdue = Overdue(number, limit)
-                    _log.warning("task run %r: attempt timed out after %g s: killing its "
-                                 "worker process (pid %s)", worker.task_name_of(number),
-                                 limit, worker.process.pid)
+                    name, run_id, attempt = worker.run_facts_of(number)
+                    _logs.run_timed_out(name, run_id, attempt, limit, scope=self.pool.runner._engine)
+                    _log.debug("killing worker process %s (pid %s): its run is past its "
+                               "timeout", worker.index, worker.process.pid)
                     try:
                         worker.process.kill()
                     except (OSError, AttributeError):

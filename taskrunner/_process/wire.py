@@ -22,6 +22,13 @@ Worker to parent, up its result pipe:
                                 which runs it was for; `times` when the
                                 runs started and ended, if the parent traces
     BadBatch(text)              it could not unpickle the runs of its next batch
+    Logged(run, task_name, record)
+                                a record logged there (any logger, at a level
+                                the parent's config lets through: see
+                                _logging.level_config), sent as it is logged,
+                                so before the answer to the run it came from:
+                                `run` the number of the run running then
+                                (-1 for none), `record` from _logging.shipped
 
 A run's number is its sequence number on that worker: every number sent is
 answered once, in order, with a result, an error or "skipped".
@@ -30,7 +37,7 @@ answered once, in order, with a result, an error or "skipped".
 from typing import NamedTuple, Optional
 
 __all__ = ["MAX_FUNCTIONS", "Function", "Group", "Batch", "Ready", "InitFailed", "Done", "BadBatch",
-           "Answers", "SKIP"]
+           "Answers", "Logged", "SKIP"]
 
 # Functions a worker keeps at most, as many as the engine keeps call plans
 # (a task's TaskWire hangs on its plan): past that the parent has it start
@@ -84,6 +91,12 @@ class Done(NamedTuple):
 
 class BadBatch(NamedTuple):
     text: str
+
+
+class Logged(NamedTuple):
+    run: int
+    task_name: Optional[str]
+    record: bytes
 
 
 class Answers(NamedTuple):

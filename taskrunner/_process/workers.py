@@ -24,6 +24,7 @@ import queue
 import threading
 from typing import Optional
 
+from taskrunner import _logging as _logs
 from taskrunner._mapped import join_runs
 from taskrunner._worker import BLOCK_WORDS, ControlBlock, serve
 
@@ -120,6 +121,13 @@ class Worker:
                     return batch.first + position
         return None
 
+    def facts_of(self, number):
+        """(task name, run id, attempt) of run `number` in flight, or None."""
+        for batch in self.in_flight:
+            if batch.first <= number < batch.first + len(batch.runs):
+                return batch.runs.run_facts(number - batch.first)
+        return None
+
     def runs_from(self, first, end=None):
         """(number, that run as a RunList) for every run in flight numbered
         `first` or later (and before `end`)."""
@@ -171,9 +179,10 @@ class Worker:
         one = self._run_numbered(number)
         return one.timeout_at(0) if one is not None else 0.0
 
-    def task_name_of(self, number):
+    def run_facts_of(self, number):
+        """(task name, run id, attempt) of run `number` in flight, for logs."""
         one = self._run_numbered(number)
-        return one[0].task_name if one is not None else "?"
+        return one.run_facts(0) if one is not None else ("?", "?", 0)
 
     def crashed_and_rest(self):
         """After it died: (the run it was running, if any, as a list of
@@ -232,11 +241,15 @@ class WorkerSet:
         block.reset()
         task_read, task_write = self.context.Pipe(duplex=False)
         result_read, result_write = self.context.Pipe(duplex=False)
+        # The levels as they are now: a worker ships only what this
+        # process's loggers would let through.
         process = self.context.Process(
             target=serve,
-            args=(task_read, result_write, self.shared, index, self.setup, self.traced),
+            args=(task_read, result_write, self.shared, index, self.setup, self.traced,
+                  _logs.level_config()),
             name=f"taskrunner-worker-{index}", daemon=True)
         process.start()
+        _logs.worker_started(index, process.pid)
         task_read.close()
         result_write.close()
         worker = Worker(index, process, task_write, result_read, block)
@@ -259,7 +272,8 @@ class WorkerSet:
 
     def replace(self, worker):
         """A new worker in a dead one's place."""
-        self.workers[self.workers.index(worker)] = self.spawn(worker.index)
+        new = self.workers[self.workers.index(worker)] = self.spawn(worker.index)
+        _logs.worker_replaced(worker.index, worker.process.pid, new.process.pid)
 
     def remove(self, worker):
         self.workers.remove(worker)
