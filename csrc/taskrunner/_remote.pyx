@@ -107,7 +107,6 @@ cdef class Outbox:
         """The runs are sent on (see the module docstring).  Returns those
         still out, now sent (`runs` itself if all are)."""
         cdef Py_ssize_t i, kept = 0
-        cdef RunList out
         cdef char* sent = <char*>malloc(runs.n + 1)
         if sent == NULL:
             raise MemoryError()
@@ -119,14 +118,7 @@ cdef class Outbox:
             self.graph.unlock()
             if kept == runs.n:
                 return runs
-            out = new_runlist(kept)
-            out.n = 0
-            for i in range(runs.n):
-                if sent[i]:
-                    out.items[out.n] = runs.items[i]
-                    hold_payload(runs.items[i])
-                    out.n += 1
-            return out
+            return _subset(runs, <uint8_t*>sent, kept)
         finally:
             free(sent)
 
@@ -323,23 +315,29 @@ cdef bint _retry_failed(Engine engine, RunList runs, list values, uint8_t* codes
     return any_retried
 
 
+cdef RunList _subset(RunList runs, uint8_t* keep, Py_ssize_t kept):
+    """The runs i with keep[i] set (`kept` of them), each held anew."""
+    cdef Py_ssize_t i
+    cdef RunList out = new_runlist(kept)
+    out.n = 0
+    for i in range(runs.n):
+        if keep[i]:
+            out.items[out.n] = runs.items[i]
+            hold_payload(runs.items[i])
+            out.n += 1
+    return out
+
+
 cdef tuple _without_retried(RunList runs, list values, uint8_t* codes):
     """(runs, values, states) of the runs not marked retried (code 0)."""
     cdef Py_ssize_t i, n = 0
-    cdef RunList kept
     cdef list kept_values = [], kept_states = []
     for i in range(runs.n):
-        n += codes[i] != 0
-    kept = new_runlist(n)
-    kept.n = 0
-    for i in range(runs.n):
         if codes[i]:
-            kept.items[kept.n] = runs.items[i]
-            hold_payload(runs.items[i])
-            kept.n += 1
+            n += 1
             kept_values.append(<object>PyList_GET_ITEM(values, i))
             kept_states.append(codes[i])
-    return kept, kept_values, kept_states
+    return _subset(runs, codes, n), kept_values, kept_states
 
 
 cdef list _new_group(list groups, CallSpec spec, bint single):
