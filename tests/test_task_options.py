@@ -562,3 +562,16 @@ def test_a_run_waiting_out_a_retry_gives_its_limit_slot_up(make_path, make_gate)
         gate.open()
         assert other.result(timeout=30) == 5
         r.cancel_all()
+
+
+def test_timed_runs_hold_one_timer_entry_per_thread_not_one_per_run():
+    """A long deadline on many short runs: the timer holds at most one
+    entry per worker thread, not one per run (which would pile up for as
+    long as the deadline)."""
+    from taskrunner import ThreadPoolTaskRunner
+
+    timed = task(rt.inc, timeout_seconds=3600)
+    with running(ThreadPoolTaskRunner(max_workers=4)) as runner:
+        assert runner.map(timed, {"x": range(20_000)}).result(timeout=60) == list(
+            range(1, 20_001))
+        assert 1 <= runner._engine.timer_entries <= 4

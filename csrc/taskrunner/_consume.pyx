@@ -15,7 +15,7 @@ callbacks may block too: while they run the consumer holds no run, and if
 one blocks it steps aside, so the graph starts another consumer.
 """
 
-from libc.stdint cimport int32_t, uint8_t, uintptr_t
+from libc.stdint cimport int32_t, uint8_t
 
 from taskrunner._calls cimport CallSpec, TaskLoop, awaited
 from taskrunner._engine cimport Engine
@@ -55,7 +55,7 @@ def work(Engine engine, loop):
     cdef Trace trace = engine.trace
     cdef int32_t track = trace.thread_track() if trace is not None else -1
     cdef double started = 0.0
-    cdef bint left_behind
+    cdef bint left_behind, timed
     graph.consumer_enter()
     try:
         while True:
@@ -74,9 +74,9 @@ def work(Engine engine, loop):
             owner = <object>owner_of(taken)
             call.read(taken, True)
             spec = call.spec
-            deadline = None
-            if spec.timeout > 0:
-                deadline = _start_deadline(engine, consumer, spec, owner, taken, run, loop)
+            timed = spec.timeout > 0
+            if timed:
+                _start_timed(engine, consumer, spec, owner, taken, run, loop)
             if trace is not None:
                 started = tr_monotonic()
                 if spec.lim:
@@ -87,8 +87,7 @@ def work(Engine engine, loop):
             except BaseException as exc:
                 value = exc
                 state = FAILED
-            left_behind = deadline is not None and _was_left_behind(engine, consumer, deadline,
-                                                                    run)
+            left_behind = timed and _was_left_behind(engine, consumer, run)
             if trace is not None:
                 # Each attempt a slice; one that outlived its deadline failed.
                 trace.add(taken, track, started, tr_monotonic(), FAILED if left_behind else state)
@@ -150,41 +149,52 @@ def work(Engine engine, loop):
 
 # -- timeouts ------------------------------------------------------------------
 #
-# A run of a task with timeout_seconds gets a deadline on the engine's timer
-# when its attempt starts.  Whoever comes first decides, under the graph's
-# lock: the consumer returning from the call moves on to its next attempt
-# number (the timer then finds another attempt and does nothing), or the
-# timer leaves the consumer behind (Graph.leave_behind_locked: its place
+# A run of a task with timeout_seconds has a deadline from when its attempt
+# starts, kept on its consumer; the engine's timer holds at most one entry
+# per consumer, due at the earliest deadline it must look at (a consumer
+# running many short timed runs costs no timer entry each).  Whoever comes
+# first decides, under the graph's lock: the consumer returning from the
+# call ends its timed attempt (the timer then finds none, or a later one,
+# and does nothing), or the timer leaves the consumer behind (Graph.leave_behind_locked: its place
 # goes to other runs) and ends the run itself, TimedOut, or retries it.  A
 # consumer left behind drops its late result when the call returns.  An
 # async task is cancelled on its loop; a Python thread cannot be stopped.
 
 
-cdef object _start_deadline(Engine engine, Consumer consumer, CallSpec spec, object owner,
-                            void* taken, int32_t run, object loop):
-    consumer.attempt += 1
-    return engine.call_later(spec.timeout, _time_out, (
-        engine, consumer, consumer.attempt, owner, <uintptr_t>taken, run, loop))
+cdef int _start_timed(Engine engine, Consumer consumer, CallSpec spec, object owner,
+                      void* taken, int32_t run, object loop) except -1:
+    cdef bint arm
+    consumer.timed_owner = owner        # (before `timing`: setting it may run Python code)
+    consumer.timed_loop = loop
+    engine.graph.lock()
+    consumer.deadline = tr_monotonic() + spec.timeout
+    consumer.timed_payload = taken
+    consumer.timed_run = run
+    consumer.timing = True
+    arm = not consumer.armed
+    consumer.armed = True
+    engine.graph.unlock()
+    if arm:
+        engine.call_later(spec.timeout, _check_deadline, (engine, consumer))
+    return 0
 
 
-cdef bint _was_left_behind(Engine engine, Consumer consumer, object deadline,
-                           int32_t run) except -1:
+cdef bint _was_left_behind(Engine engine, Consumer consumer, int32_t run) except -1:
     """After a timed call returned: whether the timer left this consumer
     behind (then it has let go of the run); else the timer cannot any more."""
     cdef Graph graph = engine.graph
     cdef bint stale
     cdef int32_t spawn
-    deadline.cancel()
     graph.lock()
+    consumer.timing = False
     stale = consumer.stale
     if stale:
         graph.back_from_behind_locked(run, consumer.holding)
         consumer.stale = False
         consumer.holding = False
-    else:
-        consumer.attempt += 1
     spawn = graph.pop_spawn_wanted_locked()
     graph.unlock()
+    consumer.timed_owner = consumer.timed_loop = None
     if stale:
         engine.left_behind.discard(consumer.thread_ident)
     if spawn:
@@ -192,29 +202,38 @@ cdef bint _was_left_behind(Engine engine, Consumer consumer, object deadline,
     return stale
 
 
-def _time_out(Engine engine, Consumer consumer, int32_t attempt, owner, uintptr_t taken,
-              int32_t run, loop):
-    """The timer's side (see above): the attempt `attempt` of `consumer`
-    is past its task's timeout."""
+def _check_deadline(Engine engine, Consumer consumer):
+    """The timer's side (see above).  One entry per consumer at most: it
+    finds the attempt running now past its deadline (and times it out),
+    or before it (and looks again then), or none."""
     cdef Graph graph = engine.graph
-    cdef void* payload = <void*>taken
-    cdef CallSpec spec
-    task = None
+    cdef void* payload
+    cdef int32_t run
+    cdef double wait = -1.0
+    task = owner = None
     graph.lock()
-    if graph.released or consumer.attempt != attempt or consumer.stale:
+    if graph.released or not consumer.timing or consumer.stale:
+        consumer.armed = False
         graph.unlock()
         return
+    wait = consumer.deadline - tr_monotonic()
+    if wait > 0:
+        graph.unlock()      # still armed: the entry below is this consumer's one
+        engine.call_later(wait, _check_deadline, (engine, consumer))
+        return
+    consumer.armed = False
+    payload, run = consumer.timed_payload, consumer.timed_run
     graph.leave_behind_locked(run, consumer.holding)
     consumer.holding = False
     consumer.stale = True
-    if isinstance(loop, TaskLoop):
-        task = (<TaskLoop>loop).current
+    if isinstance(consumer.timed_loop, TaskLoop):
+        task = (<TaskLoop>consumer.timed_loop).current
+    owner = consumer.timed_owner        # alive while the run ends here
     graph.unlock()
     engine.left_behind.add(consumer.thread_ident)
     if task is not None:
         cancel_task(task)
-    spec = spec_at(payload)
-    end_timed_out(engine, payload, run, spec)
+    end_timed_out(engine, payload, run, spec_at(payload))
 
 
 cdef int _finish_one(Engine engine, void* payload, int32_t run, uint8_t state,

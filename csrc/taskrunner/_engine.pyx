@@ -733,6 +733,11 @@ cdef class Engine(EngineBase):
         return True
 
     @property
+    def timer_entries(self):
+        """Calls waiting on the engine's timer (retry delays, deadlines)."""
+        return len(self._timer) if self._timer is not None else 0
+
+    @property
     def unfinished(self):
         return self.graph.n_unfinished
 

@@ -93,11 +93,18 @@ cdef class Consumer:
     cdef bint holding
     cdef bint in_callbacks
     cdef object hooks           # hooks.blocking() before it blocks, hooks.resumed() after
-    # A timed attempt (timeout_seconds): its number, which the engine's timer
-    # checks before it leaves this consumer behind (`stale`), both under the
-    # graph's lock; `holding` changes only with that lock or in a step that
-    # runs no Python code (see _secede), so the timer reads it consistently.
-    cdef int32_t attempt
+    # A timed attempt (timeout_seconds, see _consume.pyx): what the engine's
+    # timer reads, under the graph's lock, before it leaves this consumer
+    # behind (`stale`); `holding` changes only with that lock or in a step
+    # that runs no Python code (see _secede), so the timer reads it
+    # consistently.
+    cdef bint timing            # a timed attempt runs: the fields below are its
+    cdef double deadline
+    cdef void* timed_payload
+    cdef int32_t timed_run
+    cdef object timed_owner     # keeps timed_payload alive
+    cdef object timed_loop
+    cdef bint armed             # an entry of the engine's timer will look at this consumer
     cdef bint stale
     cdef unsigned long thread_ident
 
