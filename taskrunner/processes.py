@@ -193,6 +193,25 @@ class ProcessBackend(Backend):
                 self.broken = error
             self.room_changed.notify_all()
 
+    def abandon(self):
+        """A second Ctrl-C stopped the exit's wait for the running runs:
+        kill every worker process now, and return once the receiver has
+        ended their runs (the running ones CRASHED, the others cancelled:
+        closing, it neither replaces the workers nor runs the runs again)."""
+        with self.lock:
+            self.closing = True
+            self.room_changed.notify_all()
+            workers = list(self.workers.workers)
+        for worker in workers:
+            try:
+                worker.process.kill()
+            except (OSError, AttributeError, ValueError):
+                pass        # gone already, or never started
+        self.receiver.wake()
+        for thread in self.threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout=30)
+
     def stop(self):
         """Stop the workers and the threads; no worker process outlives this."""
         with self.lock:

@@ -225,9 +225,7 @@ def test_the_exit_says_once_that_it_waits_for_the_running_runs(kind, tmp_path):
 
 
 @pytest.mark.timeout(180)
-# The process runner: see repro/test_second_ctrl_c_process_runner.py (its
-# exit still waits for the running runs: the fix is in processes.py).
-@pytest.mark.parametrize("kind", ["threadpool", "dask"])
+@pytest.mark.parametrize("kind", ["threadpool", "processpool", "dask"])
 def test_a_second_ctrl_c_stops_the_exits_wait(kind, tmp_path):
     # The two running runs block for 40 s: the second Ctrl-C ends the
     # exit's wait at once, and the child exits well before the runs would
@@ -242,7 +240,8 @@ def test_a_second_ctrl_c_stops_the_exits_wait(kind, tmp_path):
     started = {int(x) for x in facts["started"].split()}
     assert len(started) == 2, facts
     assert [s for i, s in enumerate(states) if i not in started] == ["Cancelled"] * 8, facts
-    if kind == "dask":
-        # Cancelled on the cluster: the watcher ends them CRASHED.
+    if kind != "threadpool":
+        # Dask: cancelled on the cluster, the watcher ends them CRASHED.
+        # Processes: their workers are killed (and not replaced).
         assert [states[i] for i in sorted(started)] == ["Crashed", "Crashed"], facts
 

@@ -90,7 +90,9 @@ class Receiver:
         while True:
             with pool.lock:
                 workers = list(pool.workers.workers)
-                if pool.closing and not any(w.process.is_alive() for w in workers):
+                # Closing, it stops once no worker lives, and none that died
+                # (killed at a second Ctrl-C) still has runs to end.
+                if pool.closing and not any(w.process.is_alive() or w.count for w in workers):
                     return
             waiting = {self.wake_read: None}
             for worker in workers:
@@ -109,7 +111,8 @@ class Receiver:
                     self._attend(ready, waiting[ready])
                 except Exception:               # a bug: log it, never lose the receiver
                     _log.exception("error handling a message from a worker")
-            if pool.closing and not any(w.process.is_alive() for w in pool.workers.workers):
+            if pool.closing and not any(w.process.is_alive() or w.count
+                                        for w in pool.workers.workers):
                 return
 
     def _attend(self, ready, worker):
@@ -263,7 +266,8 @@ class Receiver:
             pool.outbox.finish(crashed, [crash_error(crashed[0], worker.process.pid, code)],
                                CRASHED)
         if rerun:
-            pool.outbox.give_back(join_runs(rerun), False)
+            # Closing (a second Ctrl-C killed it): nothing runs again.
+            pool.outbox.give_back(join_runs(rerun), pool.closing)
 
     def kill_overdue(self, workers):
         """Kill each worker whose run has run past its task's timeout
