@@ -11,7 +11,7 @@ import threading
 from typing import Mapping, Optional, Union
 
 from taskrunner._calls import TaskLoop
-from taskrunner._consume import work
+from taskrunner._consume import abandon_running, work
 from taskrunner._engine import Engine
 from taskrunner.base import EngineTaskRunner, checked_limits, checked_max_workers, checked_trace
 
@@ -74,6 +74,12 @@ class ThreadPoolTaskRunner(EngineTaskRunner):
             work(engine, loop)
         finally:
             loop.close()
+
+    def _abandon(self):
+        """A second Ctrl-C stopped the exit's wait: the running runs end
+        CRASHED now; their threads finish the tasks in the background."""
+        if self._engine is not None:
+            abandon_running(self._engine)
 
     def _stop(self):
         with self._threads_lock:

@@ -48,7 +48,7 @@ def test_five_workers_killed_during_a_100_000_item_map_lose_no_other_run(tmp_pat
                 # A random moment once the pool is whole again, serving runs:
                 # each worker marks its pid as it runs its first run.  (One
                 # killed while it starts is another matter: see
-                # repro/test_workers_killed_while_starting.py.)
+                # test_workers_killed_while_starting_do_not_break_the_pool.)
                 assert rt.wait_until(lambda: len(serving()) == workers, timeout=60), \
                     "the pool did not get back to its size"
                 time.sleep(rng.uniform(0.05, 0.6))

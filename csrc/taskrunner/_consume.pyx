@@ -23,7 +23,7 @@ from taskrunner._futures cimport (
     HAS_OUTSIDE, NEEDS_RESOLVE, ONE_ARG, Consumer, TaskFuture, consumer_begin, consumer_end,
 )
 from taskrunner._graph cimport (
-    COMPLETED, FAILED, TAKE_NONE, Graph, RunVec, runvec_free, tr_monotonic,
+    COMPLETED, CRASHED, FAILED, TAKE_NONE, Graph, RunVec, runvec_free, tr_monotonic,
 )
 from taskrunner._mapped cimport (
     TakenCall, owner_of, record_end, run_facts, settle_end, settle_ended, spec_at,
@@ -34,6 +34,7 @@ from taskrunner._trace cimport Trace
 
 from taskrunner import _logging
 from taskrunner._calls import cancel_task
+from taskrunner.exceptions import CrashedRun
 from taskrunner.exceptions import run_timed_out as timed_out_error
 
 
@@ -52,6 +53,7 @@ def work(Engine engine, loop):
     cdef TakenCall call = TakenCall.__new__(TakenCall)
     cdef CallSpec spec
     cdef Consumer consumer = consumer_begin(engine)
+    engine.consumers.add(consumer)
     cdef Trace trace = engine.trace
     cdef int32_t track = trace.thread_track() if trace is not None else -1
     cdef double started = 0.0
@@ -77,6 +79,12 @@ def work(Engine engine, loop):
             timed = spec.timeout > 0
             if timed:
                 _start_timed(engine, consumer, spec, owner, taken, run, loop)
+            else:
+                # What abandon_running() reads (with the GIL, as these two
+                # writes and the test after the call are made: no Python
+                # code between them, so it sees both or neither).
+                consumer.timed_payload = taken
+                consumer.timed_run = run
             if trace is not None:
                 started = tr_monotonic()
                 if spec.lim:
@@ -87,12 +95,19 @@ def work(Engine engine, loop):
             except BaseException as exc:
                 value = exc
                 state = FAILED
-            left_behind = timed and _was_left_behind(engine, consumer, run)
+            if timed:
+                left_behind = _was_left_behind(engine, consumer, run)
+            else:
+                left_behind = consumer.stale
+                consumer.timed_payload = NULL
+                if left_behind:
+                    _back_from_behind(engine, consumer, run)
             if trace is not None:
                 # Each attempt a slice; one that outlived its deadline failed.
                 trace.add(taken, track, started, tr_monotonic(), FAILED if left_behind else state)
             if left_behind:
-                # It timed out: the timer ended (or retried) the run meanwhile.
+                # It timed out, or the runner's exit abandoned it: the run
+                # was ended (or retried) without this thread meanwhile.
                 value = owner = None
                 run = TAKE_NONE
                 continue
@@ -142,6 +157,7 @@ def work(Engine engine, loop):
             if settling:
                 graph.settling_end()
     finally:
+        engine.consumers.discard(consumer)
         consumer_end()
         runvec_free(&out)
         graph.consumer_exit()
@@ -184,22 +200,31 @@ cdef bint _was_left_behind(Engine engine, Consumer consumer, int32_t run) except
     behind (then it has let go of the run); else the timer cannot any more."""
     cdef Graph graph = engine.graph
     cdef bint stale
-    cdef int32_t spawn
     graph.lock()
     consumer.timing = False
+    consumer.timed_payload = NULL
     stale = consumer.stale
-    if stale:
-        graph.back_from_behind_locked(run, consumer.holding)
-        consumer.stale = False
-        consumer.holding = False
-    spawn = graph.pop_spawn_wanted_locked()
     graph.unlock()
     consumer.timed_owner = consumer.timed_loop = None
     if stale:
-        engine.left_behind.discard(consumer.thread_ident)
+        _back_from_behind(engine, consumer, run)
+    return stale
+
+
+cdef int _back_from_behind(Engine engine, Consumer consumer, int32_t run) except -1:
+    """A consumer left behind returned from its task (see above)."""
+    cdef Graph graph = engine.graph
+    cdef int32_t spawn
+    graph.lock()
+    graph.back_from_behind_locked(run, consumer.holding)
+    consumer.stale = False
+    consumer.holding = False
+    spawn = graph.pop_spawn_wanted_locked()
+    graph.unlock()
+    engine.left_behind.discard(consumer.thread_ident)
     if spawn:
         engine._spawn(spawn)
-    return stale
+    return 0
 
 
 def _check_deadline(Engine engine, Consumer consumer):
@@ -234,6 +259,38 @@ def _check_deadline(Engine engine, Consumer consumer):
     if task is not None:
         cancel_task(task)
     end_timed_out(engine, payload, run, spec_at(payload))
+
+
+def abandon_running(Engine engine):
+    """A second Ctrl-C stopped the runner's exit: every run a consumer
+    thread is running ends CRASHED now, its thread left behind (as at a
+    timeout: it finishes its task in the background, the result dropped),
+    and an async task is cancelled on its loop."""
+    cdef Graph graph = engine.graph
+    cdef Consumer consumer
+    cdef void* payload
+    cdef int32_t run
+    for consumer in list(engine.consumers):
+        task = None
+        graph.lock()
+        if graph.released or consumer.stale or consumer.timed_payload == NULL:
+            graph.unlock()
+            continue
+        payload, run = consumer.timed_payload, consumer.timed_run
+        graph.leave_behind_locked(run, consumer.holding)
+        consumer.holding = False
+        consumer.stale = True
+        if isinstance(consumer.timed_loop, TaskLoop):
+            task = (<TaskLoop>consumer.timed_loop).current
+        owner = <object>owner_of(payload)   # alive while the run ends here
+        graph.unlock()
+        engine.left_behind.add(consumer.thread_ident)
+        if task is not None:
+            cancel_task(task)
+        _finish_one(engine, payload, run, CRASHED, CrashedRun(
+            "the runner's exit was interrupted by a second Ctrl-C while this run ran; "
+            "its thread finishes it in the background, its result dropped"))
+        owner = None
 
 
 cdef int _finish_one(Engine engine, void* payload, int32_t run, uint8_t state,

@@ -26,6 +26,7 @@ cdef class Engine(EngineBase):
     # The thread idents of consumers left behind on a timed-out attempt
     # (_consume): the runner's exit does not wait for them.
     cdef readonly set left_behind
+    cdef readonly set consumers   # the Consumers of this engine's consumer threads (_consume)
     cdef dict _limit_index      # tag -> its limit's number in the graph (the runner's limits)
     cdef public Trace trace     # the run trace's recorder (_trace.pyx), or None: not tracing
 

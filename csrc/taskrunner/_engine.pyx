@@ -103,6 +103,7 @@ cdef class Engine(EngineBase):
                                                "taskrunner-callbacks")
         self._specs = {}
         self.left_behind = set()
+        self.consumers = set()
         self._spawn_consumer = spawn_consumer
         self._recall = recall
         self.fetch = fetch
