@@ -575,3 +575,18 @@ def test_timed_runs_hold_one_timer_entry_per_thread_not_one_per_run():
         assert runner.map(timed, {"x": range(20_000)}).result(timeout=60) == list(
             range(1, 20_001))
         assert 1 <= runner._engine.timer_entries <= 4
+
+
+def test_a_run_whose_dask_worker_died_runs_again(make_path):
+    """On Dask the cluster itself runs a lost worker's task again (its
+    scheduler's allowed-failures); a task that fails for good there
+    (KilledWorker) ends CRASHED and is retried by the engine like any
+    crash.  Here the first attempt kills its worker process."""
+    from conftest import DASK_LOCAL_PROCESSES
+
+    path = make_path()
+    crashy = task(rt.crash_until, retries=2)
+    with running(DASK_LOCAL_PROCESSES(max_workers=1), exit_timeout=120) as runner:
+        fut = runner.submit(crashy, {"path": path, "succeed_on": 2, "value": "survived"})
+        assert fut.result(timeout=120) == "survived"
+    assert attempts_made(path) == 2
