@@ -8,7 +8,6 @@ unfinished run right after the call, and a good call made afterwards
 still runs and is the only one counted.
 """
 
-import pickle
 import threading
 
 import pytest
@@ -240,9 +239,8 @@ def test_a_task_that_returns_an_unpicklable_value(remote_spec):
     with remote_spec() as runner:
         future = runner.submit(rt.produce_unpicklable, {"kind": "result-holding-a-lock"})
         error = future.exception(timeout=60)
-        # Not the same type on the two (reported: issue 14's note).
-        expected = pickle.PicklingError if remote_spec.id == "processpool" else TypeError
-        assert type(error) is expected, repr(error)
+        # The same type on both, as for an unpicklable parameter.
+        assert type(error) is TypeError, repr(error)
         assert "result of task 'produce_unpicklable'" in str(error), error
         assert "LockHolder" in str(error)
         assert future.state.is_failed()

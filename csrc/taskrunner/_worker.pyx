@@ -365,7 +365,8 @@ cdef void _make_round_trippable(long long first, list values, dict errors, list 
         try:
             pickle.loads(dumps(values[i]))
         except Exception as err:
-            errors[run] = (pickle.PicklingError(
+            # TypeError, as for an unpicklable parameter, and as on Dask.
+            errors[run] = (TypeError(
                 f"the result of task {_name_of(spans, run)!r}, a {type(values[i]).__name__}, "
                 f"cannot be pickled (and unpickled) to go back: {err!r}"), "")
             values[i] = None
@@ -373,7 +374,7 @@ cdef void _make_round_trippable(long long first, list values, dict errors, list 
         try:
             pickle.loads(dumps(exc))
         except Exception as err:
-            errors[run] = (pickle.PicklingError(
+            errors[run] = (TypeError(
                 f"task {_name_of(spans, run)!r} raised {type(exc).__name__}: {exc}, which "
                 f"cannot be pickled (and unpickled) to go back: {err!r}"), text)
 
