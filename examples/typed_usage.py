@@ -44,6 +44,22 @@ def pipeline(numbers: List[int]) -> float:
         return sum(results) + maybe
 
 
+@task(retries=2, retry_delay_seconds=[0.01, 0.1], retry_jitter_factor=0.5,
+      retry_condition_fn=lambda exc: isinstance(exc, OSError), timeout_seconds=30,
+      tags=["db"])
+def load(key: str) -> str:
+    return key.upper()
+
+
+def with_options() -> List[str]:
+    quick = load.with_options(timeout_seconds=5, retries=0)
+    with ThreadPoolTaskRunner(max_workers=4, limits={"db": 2}) as runner:
+        future: TaskFuture[str] = runner.submit(quick, {"key": "a"})
+        attempts: int = future.attempt
+        assert attempts >= 1
+        return runner.map(load, {"key": ["b", "c"]}).result() + [future.result()]
+
+
 def in_processes() -> List[int]:
     with ProcessPoolTaskRunner(max_workers=2, mp_context="spawn") as runner:
         streamed: Iterator[Any] = runner.imap(inc, {"x": iter(range(10))}, buffer=4)
@@ -52,4 +68,4 @@ def in_processes() -> List[int]:
 
 
 if __name__ == "__main__":
-    print(pipeline([1, 2, 3]), in_processes())
+    print(pipeline([1, 2, 3]), with_options(), in_processes())
