@@ -61,19 +61,29 @@ def _checked_retries(value) -> int:
     return int(value)
 
 
-def _checked_delays(value) -> tuple:
-    """retry_delay_seconds as a non-empty tuple of seconds: one per retry,
-    the last repeated for retries beyond it."""
+def _checked_delays(value):
+    """retry_delay_seconds as given (a number, or a list of numbers: one per
+    retry, the last repeated for retries beyond it), checked."""
     if _is_number(value):
-        return (_checked_seconds(value, "retry_delay_seconds", zero_ok=True),)
+        _checked_seconds(value, "retry_delay_seconds", zero_ok=True)
+        return value
     if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
         raise TypeError("retry_delay_seconds must be a number of seconds or a list of them,"
                         f" not {type(value).__name__} ({value!r:.60})")
-    delays = tuple(value)
+    delays = list(value)
     if not delays:
         raise ValueError("retry_delay_seconds must not be an empty list")
-    return tuple(_checked_seconds(d, f"retry_delay_seconds[{i}]", zero_ok=True)
-                 for i, d in enumerate(delays))
+    for i, delay in enumerate(delays):
+        _checked_seconds(delay, f"retry_delay_seconds[{i}]", zero_ok=True)
+    return delays
+
+
+def retry_delays(task: "Task") -> tuple:
+    """A task's retry delays as a non-empty tuple of seconds."""
+    value = task.retry_delay_seconds
+    if isinstance(value, numbers.Real):
+        return (float(value),)
+    return tuple(float(d) for d in value)
 
 
 def _checked_jitter(value) -> Optional[float]:
@@ -112,8 +122,8 @@ def _checked_tags(value) -> frozenset:
 class Task(Generic[R]):
     """A function marked as a task.  Calling it calls the function.
 
-    Options (see task()): `retries`, `retry_delay_seconds` (kept as a
-    tuple), `retry_jitter_factor`, `retry_condition_fn`, `timeout_seconds`
+    Options (see task()): `retries`, `retry_delay_seconds` (a number or a
+    list, as given), `retry_jitter_factor`, `retry_condition_fn`, `timeout_seconds`
     and `tags` (a frozenset).  A Task is immutable in use: with_options()
     makes a changed copy.
     """
@@ -124,7 +134,7 @@ class Task(Generic[R]):
     fn: Callable[..., R]
     name: str
     retries: int
-    retry_delay_seconds: tuple
+    retry_delay_seconds: Delay
     retry_jitter_factor: Optional[float]
     retry_condition_fn: Optional[Callable[[BaseException], bool]]
     timeout_seconds: Optional[float]

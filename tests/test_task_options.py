@@ -29,7 +29,7 @@ def test_task_keeps_its_options():
              retry_jitter_factor=0.5, retry_condition_fn=rt.is_value_error,
              timeout_seconds=4, tags=["db", "io"])
     assert (t.name, t.retries, t.retry_delay_seconds, t.retry_jitter_factor) == (
-        "incr", 3, (1.0, 2.5), 0.5)
+        "incr", 3, [1, 2.5], 0.5)
     assert t.retry_condition_fn is rt.is_value_error
     assert t.timeout_seconds == 4.0
     assert t.tags == frozenset({"db", "io"})
@@ -39,7 +39,7 @@ def test_task_keeps_its_options():
 def test_task_defaults():
     t = task(rt.inc)
     assert (t.retries, t.retry_delay_seconds, t.retry_jitter_factor, t.retry_condition_fn,
-            t.timeout_seconds, t.tags) == (0, (0.0,), None, None, None, frozenset())
+            t.timeout_seconds, t.tags) == (0, 0, None, None, None, frozenset())
 
 
 def test_decorator_form_takes_the_options():
@@ -69,7 +69,7 @@ def test_options_survive_pickling():
     t = task(rt.inc, retries=2, retry_delay_seconds=[0.5], timeout_seconds=3, tags=["db"])
     back = pickle.loads(pickle.dumps(t))
     assert (back.retries, back.retry_delay_seconds, back.timeout_seconds, back.tags) == (
-        2, (0.5,), 3.0, {"db"})
+        2, [0.5], 3.0, {"db"})
 
 
 BAD_OPTIONS = [

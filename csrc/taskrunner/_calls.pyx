@@ -17,7 +17,7 @@ import inspect
 import types
 from collections.abc import Mapping
 
-from taskrunner.tasks import Task, _callable_name
+from taskrunner.tasks import Task, _callable_name, retry_delays
 
 cdef extern from "Python.h":
     PyObject* PyDict_GetItem(object, object)
@@ -42,7 +42,7 @@ cdef CallSpec spec_of(object task):
         spec.fn = task.fn
         spec.name = task.name
         spec.retries = task.retries
-        spec.retry_delays = task.retry_delay_seconds
+        spec.retry_delays = retry_delays(task)
         spec.retry_jitter = task.retry_jitter_factor or 0.0
         spec.retry_condition = task.retry_condition_fn
         spec.timeout = task.timeout_seconds or 0.0
