@@ -81,9 +81,9 @@ def _checked_delays(value):
 def retry_delays(task: "Task") -> tuple:
     """A task's retry delays as a non-empty tuple of seconds."""
     value = task.retry_delay_seconds
-    if isinstance(value, numbers.Real):
-        return (float(value),)
-    return tuple(float(d) for d in value)
+    if isinstance(value, Sequence):
+        return tuple(float(d) for d in value)
+    return (float(value),)
 
 
 def _checked_jitter(value) -> Optional[float]:
