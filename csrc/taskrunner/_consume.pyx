@@ -29,7 +29,7 @@ from taskrunner._mapped cimport (
     TakenCall, owner_of, record_end, run_facts, settle_end, settle_ended, spec_at,
 )
 from taskrunner._params cimport find_kept_elsewhere, prefetch_found, resolve, resolve_args
-from taskrunner._retry cimport retry_delay, retry_taken
+from taskrunner._retry cimport retried
 from taskrunner._trace cimport Trace
 
 from taskrunner import _logging
@@ -53,6 +53,7 @@ def work(Engine engine, loop):
     cdef TakenCall call = TakenCall.__new__(TakenCall)
     cdef CallSpec spec
     cdef Consumer consumer = consumer_begin(engine)
+    consumer.loop = loop
     engine.consumers.add(consumer)
     cdef Trace trace = engine.trace
     cdef int32_t track = trace.thread_track() if trace is not None else -1
@@ -76,15 +77,14 @@ def work(Engine engine, loop):
             owner = <object>owner_of(taken)
             call.read(taken, True)
             spec = call.spec
+            # Published for leaving this consumer behind (below): two
+            # writes, then the test after the call, with no Python code
+            # in between.
+            consumer.current_payload = taken
+            consumer.current_run = run
             timed = spec.timeout > 0
             if timed:
-                _start_timed(engine, consumer, spec, owner, taken, run, loop)
-            else:
-                # What abandon_running() reads (with the GIL, as these two
-                # writes and the test after the call are made: no Python
-                # code between them, so it sees both or neither).
-                consumer.timed_payload = taken
-                consumer.timed_run = run
+                _start_timed(engine, consumer, spec)
             if trace is not None:
                 started = tr_monotonic()
                 if spec.lim:
@@ -96,12 +96,11 @@ def work(Engine engine, loop):
                 value = exc
                 state = FAILED
             if timed:
-                left_behind = _was_left_behind(engine, consumer, run)
-            else:
-                left_behind = consumer.stale
-                consumer.timed_payload = NULL
-                if left_behind:
-                    _back_from_behind(engine, consumer, run)
+                _end_timed(engine, consumer)
+            left_behind = consumer.stale
+            consumer.current_payload = NULL
+            if left_behind:
+                _back_from_behind(engine, consumer, run)
             if trace is not None:
                 # Each attempt a slice; one that outlived its deadline failed.
                 trace.add(taken, track, started, tr_monotonic(), FAILED if left_behind else state)
@@ -111,14 +110,11 @@ def work(Engine engine, loop):
                 value = owner = None
                 run = TAKE_NONE
                 continue
-            if state == FAILED and spec.retries:
-                delay = retry_delay(spec, taken, value)
-                if delay is not None:
-                    retry_taken(engine, taken, run, delay, value)
-                    value = owner = None
-                    run = TAKE_NONE
-                    consumer.holding = False
-                    continue
+            if state == FAILED and spec.retries and retried(engine, spec, taken, run, value):
+                value = owner = None
+                run = TAKE_NONE
+                consumer.holding = False
+                continue
             fut = record_end(taken, state, value, False)
             value = None
             settling = fut is not None and fut._extra is not None and bool(fut._extra.callbacks)
@@ -177,15 +173,10 @@ def work(Engine engine, loop):
 # async task is cancelled on its loop; a Python thread cannot be stopped.
 
 
-cdef int _start_timed(Engine engine, Consumer consumer, CallSpec spec, object owner,
-                      void* taken, int32_t run, object loop) except -1:
+cdef int _start_timed(Engine engine, Consumer consumer, CallSpec spec) except -1:
     cdef bint arm
-    consumer.timed_owner = owner        # (before `timing`: setting it may run Python code)
-    consumer.timed_loop = loop
     engine.graph.lock()
     consumer.deadline = tr_monotonic() + spec.timeout
-    consumer.timed_payload = taken
-    consumer.timed_run = run
     consumer.timing = True
     arm = not consumer.armed
     consumer.armed = True
@@ -195,20 +186,13 @@ cdef int _start_timed(Engine engine, Consumer consumer, CallSpec spec, object ow
     return 0
 
 
-cdef bint _was_left_behind(Engine engine, Consumer consumer, int32_t run) except -1:
-    """After a timed call returned: whether the timer left this consumer
-    behind (then it has let go of the run); else the timer cannot any more."""
-    cdef Graph graph = engine.graph
-    cdef bint stale
-    graph.lock()
+cdef int _end_timed(Engine engine, Consumer consumer) except -1:
+    """A timed call returned: from now on the timer cannot leave this
+    consumer behind (`stale` says whether it did before)."""
+    engine.graph.lock()
     consumer.timing = False
-    consumer.timed_payload = NULL
-    stale = consumer.stale
-    graph.unlock()
-    consumer.timed_owner = consumer.timed_loop = None
-    if stale:
-        _back_from_behind(engine, consumer, run)
-    return stale
+    engine.graph.unlock()
+    return 0
 
 
 cdef int _back_from_behind(Engine engine, Consumer consumer, int32_t run) except -1:
@@ -227,6 +211,29 @@ cdef int _back_from_behind(Engine engine, Consumer consumer, int32_t run) except
     return 0
 
 
+cdef object _leave_behind_locked(Engine engine, Consumer consumer):
+    """With the graph's lock held (so: nothing allocated here): leave the
+    consumer behind, its current run to be ended (or retried) by the
+    caller; its place goes to other runs.  Returns the asyncio task running
+    it if it is async (to cancel), else None.  The caller takes the run's
+    owner now too, while the consumer still holds it (it lets go only
+    after its call returned and it took this lock)."""
+    engine.graph.leave_behind_locked(consumer.current_run, consumer.holding)
+    consumer.holding = False
+    consumer.stale = True
+    consumer.timing = False
+    if isinstance(consumer.loop, TaskLoop):
+        return (<TaskLoop>consumer.loop).current
+    return None
+
+
+cdef int _after_leaving(Engine engine, Consumer consumer, object task) except -1:
+    engine.left_behind.add(consumer.thread_ident)
+    if task is not None:
+        cancel_task(task)
+    return 0
+
+
 def _check_deadline(Engine engine, Consumer consumer):
     """The timer's side (see above).  One entry per consumer at most: it
     finds the attempt running now past its deadline (and times it out),
@@ -234,8 +241,7 @@ def _check_deadline(Engine engine, Consumer consumer):
     cdef Graph graph = engine.graph
     cdef void* payload
     cdef int32_t run
-    cdef double wait = -1.0
-    task = owner = None
+    cdef double wait
     graph.lock()
     if graph.released or not consumer.timing or consumer.stale:
         consumer.armed = False
@@ -247,17 +253,11 @@ def _check_deadline(Engine engine, Consumer consumer):
         engine.call_later(wait, _check_deadline, (engine, consumer))
         return
     consumer.armed = False
-    payload, run = consumer.timed_payload, consumer.timed_run
-    graph.leave_behind_locked(run, consumer.holding)
-    consumer.holding = False
-    consumer.stale = True
-    if isinstance(consumer.timed_loop, TaskLoop):
-        task = (<TaskLoop>consumer.timed_loop).current
-    owner = consumer.timed_owner        # alive while the run ends here
+    payload, run = consumer.current_payload, consumer.current_run
+    _owner = <object>owner_of(payload)      # alive while the run ends here
+    task = _leave_behind_locked(engine, consumer)
     graph.unlock()
-    engine.left_behind.add(consumer.thread_ident)
-    if task is not None:
-        cancel_task(task)
+    _after_leaving(engine, consumer, task)
     end_timed_out(engine, payload, run, spec_at(payload))
 
 
@@ -271,26 +271,19 @@ def abandon_running(Engine engine):
     cdef void* payload
     cdef int32_t run
     for consumer in list(engine.consumers):
-        task = None
         graph.lock()
-        if graph.released or consumer.stale or consumer.timed_payload == NULL:
+        if graph.released or consumer.stale or consumer.current_payload == NULL:
             graph.unlock()
             continue
-        payload, run = consumer.timed_payload, consumer.timed_run
-        graph.leave_behind_locked(run, consumer.holding)
-        consumer.holding = False
-        consumer.stale = True
-        if isinstance(consumer.timed_loop, TaskLoop):
-            task = (<TaskLoop>consumer.timed_loop).current
-        owner = <object>owner_of(payload)   # alive while the run ends here
+        payload, run = consumer.current_payload, consumer.current_run
+        _owner = <object>owner_of(payload)  # alive while the run ends here
+        task = _leave_behind_locked(engine, consumer)
         graph.unlock()
-        engine.left_behind.add(consumer.thread_ident)
-        if task is not None:
-            cancel_task(task)
+        _after_leaving(engine, consumer, task)
         _finish_one(engine, payload, run, CRASHED, CrashedRun(
             "the runner's exit was interrupted by a second Ctrl-C while this run ran; "
             "its thread finishes it in the background, its result dropped"))
-        owner = None
+        _owner = None
 
 
 cdef int _finish_one(Engine engine, void* payload, int32_t run, uint8_t state,
@@ -325,12 +318,8 @@ cdef int end_timed_out(Engine engine, void* payload, int32_t run, CallSpec spec)
     exc = timed_out_error(spec.name, spec.timeout)
     name, run_id, attempt = run_facts(payload)
     _logging.run_timed_out(name, run_id, attempt, spec.timeout, scope=engine)
-    if spec.retries:
-        delay = retry_delay(spec, payload, exc)
-        if delay is not None:
-            retry_taken(engine, payload, run, delay, exc)
-            return 0
-    _finish_one(engine, payload, run, FAILED, exc)
+    if not retried(engine, spec, payload, run, exc):
+        _finish_one(engine, payload, run, FAILED, exc)
     return 0
 
 

@@ -93,19 +93,20 @@ cdef class Consumer:
     cdef bint holding
     cdef bint in_callbacks
     cdef object hooks           # hooks.blocking() before it blocks, hooks.resumed() after
-    # A timed attempt (timeout_seconds, see _consume.pyx): what the engine's
-    # timer reads, under the graph's lock, before it leaves this consumer
-    # behind (`stale`); `holding` changes only with that lock or in a step
-    # that runs no Python code (see _secede), so the timer reads it
-    # consistently.
-    cdef bint timing            # a timed attempt runs: the fields below are its
+    # Leaving a consumer behind (a timeout, a second Ctrl-C: see
+    # _consume.pyx).  The run it runs now (`current_payload` NULL: none) and,
+    # for a timed attempt, its deadline: what the engine's timer and
+    # abandon_running() read, under the graph's lock, before they leave it
+    # behind (`stale`).  The consumer writes them with the GIL held and no
+    # Python code in between, and `holding` changes only with the lock or
+    # in such a step (see _secede), so they read them consistently.
+    cdef void* current_payload
+    cdef int32_t current_run
+    cdef bint timing            # the current run is a timed attempt, due at `deadline`
     cdef double deadline
-    cdef void* timed_payload
-    cdef int32_t timed_run
-    cdef object timed_owner     # keeps timed_payload alive
-    cdef object timed_loop
     cdef bint armed             # an entry of the engine's timer will look at this consumer
     cdef bint stale
+    cdef object loop            # its TaskLoop (async tasks), for cancelling one left behind
     cdef unsigned long thread_ident
 
 

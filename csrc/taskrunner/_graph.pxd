@@ -254,6 +254,8 @@ cdef class Graph:
     cdef int limit_set_of(self, uint64_t mask) except -1
     cdef bint _limits_take(self, int32_t run) noexcept nogil
     cdef void _limits_give(self, int32_t run) noexcept nogil
+    cdef void _stop_running(self, int32_t run) noexcept nogil
+    cdef void _unready(self, int32_t run) noexcept nogil
     cdef double pop_parked_at_locked(self, int32_t run) noexcept nogil
 
     # Internals.

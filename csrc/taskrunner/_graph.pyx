@@ -262,6 +262,24 @@ cdef class Graph:
             return True
         return False
 
+    cdef void _stop_running(self, int32_t run) noexcept nogil:
+        # A taken run leaves its running place (it ends, goes back, is
+        # cancelled out of the ledger, or waits to retry): the place, its
+        # limits' slots and its ledger marks go with it.
+        self.n_running -= 1
+        if self.runs[run].lim:
+            self._limits_give(run)
+        self.runs[run].flags &= ~(F_OUT | F_SENT)
+
+    cdef void _unready(self, int32_t run) noexcept nogil:
+        # A READY run is ended from outside: it no longer counts as ready
+        # (a parked one never did; its entry in its limit's queue is
+        # skipped when reached).
+        if self.runs[run].flags & F_PARKED:
+            self.runs[run].flags &= ~F_PARKED
+        else:
+            self.n_ready -= 1
+
     # -- concurrency limits ----------------------------------------------
 
     cdef int set_limits(self, list caps) except -1:
@@ -613,10 +631,7 @@ cdef class Graph:
         cdef int32_t run
         for i in range(n):
             run = runs[i]
-            self.n_running -= 1
-            if self.runs[run].lim:
-                self._limits_give(run)
-            self.runs[run].flags &= ~(F_OUT | F_SENT)
+            self._stop_running(run)
             self._complete(run, states[i], out)
         self._demand()
 
@@ -629,9 +644,7 @@ cdef class Graph:
         cdef Py_ssize_t start = out.len
         cdef int32_t nxt
         self.lock()
-        self.n_running -= 1
-        if self.runs[run].lim:
-            self._limits_give(run)
+        self._stop_running(run)
         self._finish(run, state)
         self._fire_edges(run, state == COMPLETED, out)
         self._fail_downstream(start, out)
@@ -707,15 +720,9 @@ cdef class Graph:
         take_out).  False if it may have."""
         cdef uint8_t state = self.runs[run].state
         if state == RUNNING and (self.runs[run].flags & (F_OUT | F_SENT)) == F_OUT:
-            self.n_running -= 1
-            if self.runs[run].lim:
-                self._limits_give(run)
-            self.runs[run].flags &= ~F_OUT
+            self._stop_running(run)
         elif state == READY:
-            if self.runs[run].flags & F_PARKED:
-                self.runs[run].flags &= ~F_PARKED   # its queue entry is skipped
-            else:
-                self.n_ready -= 1
+            self._unready(run)
         elif state != PENDING:
             return False
         self._cancel(run, out)
@@ -733,10 +740,7 @@ cdef class Graph:
     cdef void unstart_locked(self, int32_t run, bint cancel, RunVec* out) noexcept nogil:
         """A consumer gives back a run it took but never started: to the
         ready ring again, or cancelled."""
-        self.n_running -= 1
-        if self.runs[run].lim:
-            self._limits_give(run)
-        self.runs[run].flags &= ~(F_OUT | F_SENT)
+        self._stop_running(run)
         if cancel:
             self._cancel(run, out)
         else:
@@ -749,10 +753,7 @@ cdef class Graph:
         once or when its retry delay has passed.  Meanwhile it holds no
         running place, and cancel() and cancel_all() end it; its slot stays
         until that release (the hold), so the run id stays its own."""
-        self.n_running -= 1
-        if self.runs[run].lim:
-            self._limits_give(run)
-        self.runs[run].flags &= ~(F_OUT | F_SENT)
+        self._stop_running(run)
         self.runs[run].state = PENDING
         self.runs[run].npending += 1
         self._demand()
@@ -795,17 +796,11 @@ cdef class Graph:
         for run in range(self.run_cap):
             state = self.runs[run].state
             if state == RUNNING and (self.runs[run].flags & (F_OUT | F_SENT)) == F_OUT:
-                self.n_running -= 1
-                if self.runs[run].lim:
-                    self._limits_give(run)
-                self.runs[run].flags &= ~F_OUT
+                self._stop_running(run)
                 state = PENDING
             if state == PENDING or state == READY:
                 if state == READY:
-                    if self.runs[run].flags & F_PARKED:
-                        self.runs[run].flags &= ~F_PARKED
-                    else:
-                        self.n_ready -= 1
+                    self._unready(run)
                 self._finish(run, CANCELLED)
                 runvec_push(out, run, -1, self.payloads[run], NULL)
         for i in range(start, out.len):
@@ -967,9 +962,7 @@ cdef class Graph:
         if state not in (COMPLETED, FAILED, CRASHED):
             raise ValueError(f"bad final state {state}")
         self.lock()
-        self.n_running -= 1
-        if self.runs[run].lim:
-            self._limits_give(run)
+        self._stop_running(run)
         self.complete_locked(run, <uint8_t>state, &out)
         self.unlock()
         return _drain(&out)

@@ -353,6 +353,18 @@ cdef TaskFuture record_end(void* payload, uint8_t state, object value, bint kept
     return fut
 
 
+cdef inline TaskFuture _future_if_made(void* payload):
+    """The future of the run a payload stands for if it has one (a mapped
+    item may not yet), else None."""
+    cdef MapBlock block
+    cdef void* fut
+    if not is_item(payload):
+        return <TaskFuture>payload
+    block = block_of(payload)
+    fut = block.futures[index_of(payload, block)]
+    return <TaskFuture>fut if fut != NULL else None
+
+
 cdef CallSpec spec_at(void* payload):
     """The call plan of the run a payload stands for."""
     if is_item(payload):
@@ -362,30 +374,25 @@ cdef CallSpec spec_at(void* payload):
 
 cdef int32_t retries_of(void* payload) noexcept:
     """How many times the run a taken payload stands for was retried."""
+    cdef TaskFuture fut = _future_if_made(payload)
     cdef MapBlock block
-    cdef Py_ssize_t i
-    if not is_item(payload):
-        return (<TaskFuture>payload)._retried
+    if fut is not None:
+        return fut._retried
     block = block_of(payload)
-    i = index_of(payload, block)
-    if block.futures[i] != NULL:
-        return (<TaskFuture>block.futures[i])._retried
-    return block.retried[i] if block.retried != NULL else 0
+    return block.retried[index_of(payload, block)] if block.retried != NULL else 0
 
 
 cdef int count_retry(void* payload) except -1:
     """Count one more retry of the run a taken payload stands for, before
     it is pending again: a future made for it from then on says so."""
+    cdef TaskFuture fut = _future_if_made(payload)
     cdef MapBlock block
     cdef Py_ssize_t i
-    if not is_item(payload):
-        (<TaskFuture>payload)._retried += 1
+    if fut is not None:
+        fut._retried += 1
         return 0
     block = block_of(payload)
     i = index_of(payload, block)
-    if block.futures[i] != NULL:
-        (<TaskFuture>block.futures[i])._retried += 1
-        return 0
     if block.retried == NULL:
         block.retried = <int32_t*>calloc(block.n, sizeof(int32_t))
         if block.retried == NULL:
@@ -535,18 +542,12 @@ cdef inline int _attempt_of(void* payload) noexcept:
 cdef tuple run_facts(void* payload):
     """(task name, run id, attempt) of the run `payload` stands for, as
     log records about it carry them, with no future made for an item."""
+    cdef TaskFuture fut = _future_if_made(payload)
     cdef MapBlock block
-    cdef TaskFuture fut
-    cdef Py_ssize_t i
-    if is_item(payload):
-        block = block_of(payload)
-        i = index_of(payload, block)
-        if block.futures[i] == NULL:
-            return block.spec.name, item_run_id(block, i), _attempt_of(payload)
-        fut = <TaskFuture>block.futures[i]
-    else:
-        fut = <TaskFuture>payload
-    return fut._spec.name, fut.task_run_id, _attempt_of(payload)
+    if fut is not None:
+        return fut._spec.name, fut.task_run_id, _attempt_of(payload)
+    block = block_of(payload)
+    return block.spec.name, item_run_id(block, index_of(payload, block)), _attempt_of(payload)
 
 
 cdef void _log_end(void* payload, uint8_t state, object value) noexcept:

@@ -41,7 +41,7 @@ from taskrunner._mapped cimport (
     MapBlock, RunList, TakenCall, end_items, future_of, hold_payload, new_runlist, owner_of,
     plain_stretch, record_end, run_of, settle_end, spec_at,
 )
-from taskrunner._retry cimport retry_delay, retry_taken
+from taskrunner._retry cimport retried
 from taskrunner._params cimport find_kept_elsewhere, prefetch_found, resolve, resolve_args
 
 import collections
@@ -218,7 +218,9 @@ cdef class Outbox:
         memset(on_future, 0, n)
         try:
             _end_states(states, n, codes)
-            if _retry_failed(engine, runs, values, codes):
+            # (A batch that all completed, in one state, skips the look.)
+            if ((type(states) is not int or states != COMPLETED)
+                    and _retry_failed(engine, runs, values, codes)):
                 # Some failed attempts run again: finish the others.
                 kept = _without_retried(runs, values, codes)
                 free(codes)
@@ -296,20 +298,14 @@ cdef bint _retry_failed(Engine engine, RunList runs, list values, uint8_t* codes
     """Retry the failed and crashed runs whose task says so (_retry), each
     marked with code 0 here.  Whether any was."""
     cdef Py_ssize_t i
-    cdef CallSpec spec
     cdef void* payload
     cdef bint any_retried = False
     for i in range(runs.n):
         if codes[i] == COMPLETED:
             continue
         payload = runs.items[i]
-        spec = spec_at(payload)
-        if not spec.retries:
-            continue
-        exc = <object>PyList_GET_ITEM(values, i)
-        delay = retry_delay(spec, payload, exc)
-        if delay is not None:
-            retry_taken(engine, payload, run_of(payload), delay, exc)
+        if retried(engine, spec_at(payload), payload, run_of(payload),
+                   <object>PyList_GET_ITEM(values, i)):
             codes[i] = 0
             any_retried = True
     return any_retried

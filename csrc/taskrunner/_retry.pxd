@@ -8,6 +8,5 @@ from taskrunner._calls cimport CallSpec
 from taskrunner._engine cimport Engine
 
 
-cdef object retry_delay(CallSpec spec, void* payload, object exc)
-cdef int retry_taken(Engine engine, void* payload, int32_t run, double delay,
-                     object exc) except -1
+cdef bint retried(Engine engine, CallSpec spec, void* payload, int32_t run,
+                  object exc) except -1

@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
 """Retries: whether a failed attempt runs again, after how long, and how.
 
-    consumer: the attempt failed (raised, crashed, timed out)
+    consumer: the attempt failed (raised, crashed, timed out): retried()?
         │ spec.retries?  (a field test: nothing more for a task without)
         ▼
     retry_delay(spec, payload, exc)  ── None ──> it ends FAILED / CRASHED
@@ -29,6 +29,19 @@ from taskrunner._mapped cimport count_retry, owner_of, retries_of, run_facts
 import random
 
 from taskrunner._logging import runs_log, run_retrying
+
+
+cdef bint retried(Engine engine, CallSpec spec, void* payload, int32_t run,
+                  object exc) except -1:
+    """The taken run `payload` stands for failed with `exc`: put it back to
+    run again if its task says so (True), else leave it to end (False)."""
+    if not spec.retries:
+        return False
+    delay = retry_delay(spec, payload, exc)
+    if delay is None:
+        return False
+    retry_taken(engine, payload, run, delay, exc)
+    return True
 
 
 cdef object retry_delay(CallSpec spec, void* payload, object exc):
