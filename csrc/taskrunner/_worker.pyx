@@ -33,6 +33,7 @@ from taskrunner._params cimport is_plain
 
 cdef extern from "sync.h" nogil:
     void tr_store64(volatile long long*, long long)
+    void tr_release64(volatile long long*, long long)
     long long tr_load64(volatile long long*)
     double tr_monotonic()
 
@@ -110,19 +111,24 @@ cdef class ControlBlock:
         tr_store64(&self.words[STOP_FROM], first)
         return tr_load64(&self.words[STARTED])
 
-    cdef bint may_start(self, long long seq) noexcept:
+    cdef bint may_start(self, long long seq, bint timed) noexcept:
+        """Announce run `seq` and say whether it may start.  `timed`: its
+        task has a timeout, and the parent watches when it started."""
         cdef long long first, end
         # The time first: a parent reading `started` then `started_at` gets
         # this run's start or a later one's, never an earlier (so it never
-        # finds a run older than it is).
-        tr_store64(&self.words[STARTED_AT], <long long>(tr_monotonic() * 1e9))
+        # finds a run older than it is).  An untimed run leaves the time of
+        # the last timed one: the parent looks at it only for a timed run,
+        # and reading the clock would cost more than many a task.
+        if timed:
+            tr_release64(&self.words[STARTED_AT], <long long>(tr_monotonic() * 1e9))
         tr_store64(&self.words[STARTED], seq)
         first = tr_load64(&self.words[STOP_FROM])
         end = tr_load64(&self.words[STOP_TO])
         return not (first <= seq < end)
 
     cdef void finish(self, long long seq) noexcept:
-        tr_store64(&self.words[FINISHED], seq)
+        tr_release64(&self.words[FINISHED], seq)
 
     cdef void set_loading(self, bint loading) noexcept:
         tr_store64(&self.words[LOADING], 1 if loading else 0)
@@ -339,8 +345,10 @@ cdef bytes _dumped_results(long long first, list values, dict errors, list skipp
     error saying so, and that run fails alone."""
     cdef bytes data
     try:
-        data = dumps(Answers(_packed(values), errors, skipped))
-        if errors or not _all_plain(values):
+        packed = _packed(values)
+        data = dumps(Answers(packed, errors, skipped))
+        # (Packed values are plain by construction.)
+        if errors or (packed is values and not _all_plain(values)):
             pickle.loads(data)
         return data
     except Exception:
@@ -426,11 +434,11 @@ def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup, bint tr
                 result_conn.send_bytes(pickle.dumps(BadBatch(_describe(exc)[1])))
             continue
         block.set_loading(False)
-        for function_id, first, args_list, kwargs_list, single in groups:
+        for function_id, first, args_list, kwargs_list, single, timed in groups:
             if function_id == SKIP:
                 _skip_group(first, len(args_list), block, results)
                 continue
-            _run_group(functions[function_id], first, args_list, kwargs_list, single,
+            _run_group(functions[function_id], first, args_list, kwargs_list, single, timed,
                        block, results, loop)
         results.flush()
     results.stopped = True
@@ -481,19 +489,24 @@ cdef _skip_group(long long first, Py_ssize_t n, ControlBlock block, _Results res
 
 
 cdef _run_group(tuple function, long long first, object args_list, list kwargs_list,
-                bint single, ControlBlock block, _Results results, TaskLoop loop):
+                bint single, bint timed, ControlBlock block, _Results results,
+                TaskLoop loop):
     """Run one stretch of runs of one function.  With `single`, args_list
     (a list or a range) holds each run's only argument rather than its
-    argument tuple."""
+    argument tuple.  `timed`: the function's task has a timeout."""
     fn, is_async, name, load_error = function
     cdef Py_ssize_t i, n = len(args_list)
     cdef long long run
     cdef double started = 0.0, ended
     cdef bint traced = results.traced
+    # Iterated, not indexed: an item of a range made by its iterator costs
+    # a fraction of one made by range[i].
+    arguments = iter(args_list)
     results.start_group(first, name)
     for i in range(n):
         run = first + i
-        if not block.may_start(run):
+        args = next(arguments)
+        if not block.may_start(run, timed):
             results.add_skipped(run)
             block.finish(run)
             continue
@@ -503,11 +516,11 @@ cdef _run_group(tuple function, long long first, object args_list, list kwargs_l
             if load_error is not None:
                 raise load_error
             if single:
-                value = fn(args_list[i])
+                value = fn(args)
             elif kwargs_list is None or kwargs_list[i] is None:
-                value = fn(*args_list[i])
+                value = fn(*args)
             else:
-                value = fn(*args_list[i], **kwargs_list[i])
+                value = fn(*args, **kwargs_list[i])
             value = awaited(value, is_async, loop)
         except BaseException as exc:
             ended = tr_monotonic() if traced else 0.0

@@ -78,5 +78,11 @@ static inline void tr_store64(volatile long long *p, long long v) {
 static inline long long tr_load64(volatile long long *p) {
     return __atomic_load_n(p, __ATOMIC_SEQ_CST);
 }
+/* A store no load of this thread waits behind: ordered after what the
+ * thread did before it (a release store: a plain move on x86), for words the
+ * other side reads without the store-then-load handshake above. */
+static inline void tr_release64(volatile long long *p, long long v) {
+    __atomic_store_n(p, v, __ATOMIC_RELEASE);
+}
 
 #endif

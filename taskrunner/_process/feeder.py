@@ -134,7 +134,7 @@ class Feeder:
             wire = pool.runner.wire_of_spec(spec)
             if wire.id not in known:
                 functions[wire.id] = Function(wire.id, wire.name, wire.blob, wire.is_async)
-            groups.append(Group(wire.id, run, args, kwargs, single))
+            groups.append(Group(wire.id, run, args, kwargs, single, bool(spec.timeout)))
             run += len(args)
         dump = cloudpickle.dumps if batch.by_value else dumps
         try:
@@ -167,7 +167,8 @@ class Feeder:
                     kept.append(Group(SKIP, number, [None], None, True))
                 else:
                     kept.append(Group(group.function_id, number, [args],
-                                      [kwargs] if group.kwargs else None, group.single))
+                                      [kwargs] if group.kwargs else None, group.single,
+                                      group.timed))
         with self.pool.lock:
             ours = [(number, one) for number, one in worker.runs_from(min(bad), max(bad) + 1)
                     if number in bad and number not in worker.given_up]

@@ -63,6 +63,7 @@ class Group(NamedTuple):
     args: object            # a list of argument tuples, or with `single` of sole arguments (or a range)
     kwargs: Optional[list]  # each run's keywords (a dict or None), or None for none at all
     single: bool
+    timed: bool = False     # its task has a timeout: the worker notes when each run starts
 
 
 class Batch(NamedTuple):
