@@ -413,6 +413,22 @@ def test_process_runner_kills_and_replaces_the_worker_of_a_timed_out_run(make_ga
         assert len(pids) == 2 and killed not in pids
 
 
+def test_process_runner_times_a_timed_run_from_its_own_start_after_untimed_ones():
+    """A worker notes when a run starts only for a timed one: a timed run
+    after a long untimed one is judged from its own start, not the last
+    timed run's (which would make it overdue at once)."""
+    from taskrunner import ProcessPoolTaskRunner
+
+    timed = task(rt.sleep_then, timeout_seconds=1.0)
+    with running(ProcessPoolTaskRunner(max_workers=1), exit_timeout=30) as runner:
+        assert runner.submit(timed, {"x": 1, "seconds": 0}).result(timeout=60) == 1
+        # Longer than the timeout, on the same (only) worker.
+        assert runner.submit(rt.sleep_then, {"x": 2, "seconds": 1.5}).result(timeout=60) == 2
+        fut = runner.submit(timed, {"x": 3, "seconds": 0.2})
+        assert fut.result(timeout=60) == 3
+        assert fut.state.type is StateType.COMPLETED
+
+
 def _two_worker_pids(runner, directory):
     """The pids of two runs that must run at once (so on two workers)."""
     marks = [os.path.join(directory, f"rendezvous-{i}") for i in range(2)]
