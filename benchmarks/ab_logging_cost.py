@@ -15,10 +15,10 @@ logged at WARNING, to stderr, the others only counted: DEBUG is off).  Prints, p
 workload, the median over the rounds of each round's best time.
 """
 
-import os
 import statistics
-import subprocess
 import sys
+
+from _ab import alternate, run_in_tree
 
 ROUND = """
 import sys, time
@@ -48,27 +48,13 @@ print(" ".join(f"{name}={min(times)}" for name, times in best.items()))
 
 
 def one_round(tree):
-    env = dict(os.environ, PYTHONPATH=tree)
-    # A script file, not -c: spawned workers must be able to import __main__.
-    script = os.path.join(tree, ".ab_logging_round.py")
-    with open(script, "w") as f:
-        f.write("if __name__ == '__main__':\n" + "".join(
-            "    " + line + "\n" for line in ROUND.strip().splitlines()))
-    try:
-        out = subprocess.run([sys.executable, script, os.path.abspath(tree)], env=env,
-                             check=True, capture_output=True, text=True).stdout
-    finally:
-        os.remove(script)
+    out = run_in_tree(tree, ROUND, "ab_logging_round")
     return {name: float(value) for name, value in
             (item.split("=") for item in out.split()[-4:])}
 
 
 def main():
-    rounds, trees = int(sys.argv[1]), [os.path.abspath(t) for t in sys.argv[2:]]
-    results = {tree: [] for tree in trees}
-    for _ in range(rounds):
-        for tree in trees:
-            results[tree].append(one_round(tree))
+    results = alternate(int(sys.argv[1]), sys.argv[2:], one_round)
     for tree, samples in results.items():
         figures = ", ".join(
             f"{name} {statistics.median(s[name] for s in samples) * 1000:.0f} ms"

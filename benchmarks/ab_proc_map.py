@@ -10,10 +10,10 @@ ratio measured in one process, seconds apart, is much steadier here than
 either time.  Prints, per tree, the median of our times and of the ratios.
 """
 
-import os
 import statistics
-import subprocess
 import sys
+
+from _ab import alternate, run_in_tree
 
 SIZE = 1_000_000
 ROUND = """
@@ -29,27 +29,13 @@ print(statistics.median(ours), statistics.median(pool))
 
 
 def one_round(tree):
-    env = dict(os.environ, PYTHONPATH=tree)
-    # A script file, not -c: spawned workers must be able to import __main__.
-    script = os.path.join(tree, ".ab_round.py")
-    with open(script, "w") as f:
-        f.write("if __name__ == '__main__':\n" + "".join(
-            "    " + line + "\n" for line in ROUND.format(size=SIZE).strip().splitlines()))
-    try:
-        out = subprocess.run([sys.executable, script, os.path.abspath(tree)], env=env,
-                             check=True, capture_output=True, text=True).stdout
-    finally:
-        os.remove(script)
+    out = run_in_tree(tree, ROUND.format(size=SIZE), "ab_round")
     ours, pool = map(float, out.split()[-2:])
     return ours, pool
 
 
 def main():
-    rounds, trees = int(sys.argv[1]), [os.path.abspath(t) for t in sys.argv[2:]]
-    results = {tree: [] for tree in trees}
-    for _ in range(rounds):
-        for tree in trees:
-            results[tree].append(one_round(tree))
+    results = alternate(int(sys.argv[1]), sys.argv[2:], one_round)
     for tree, samples in results.items():
         ours = statistics.median(o for o, _ in samples)
         ratios = [round(p / o, 2) for o, p in samples]

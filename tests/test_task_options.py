@@ -513,15 +513,21 @@ def test_at_most_the_limit_of_a_tag_runs_at_once(runner_factory, make_path):
     assert rt.most_at_once(free) >= 2      # the limit is the tag's alone
 
 
+def _one_running(runner, gated, gate, started):
+    """Submit a run of `gated` (rt.gated, value 1) held at `gate`, and wait
+    until it has started."""
+    first = runner.submit(gated, {"value": 1, "gate": gate.path, "started": started.path})
+    rt.wait_path(started.path)
+    return first
+
+
 def test_a_run_waiting_for_its_limit_holds_no_worker(runner_factory, make_gate):
     """Two workers, limit 1: one "db" run blocks, a second waits for the
     slot; a run of another task still gets the second worker."""
-    gate, started = make_gate(), make_gate()
+    gate = make_gate()
     db_gated = task(rt.gated, tags=["db"])
     with running(_with_limits(runner_factory, 2, {"db": 1}), exit_timeout=30) as runner:
-        first = runner.submit(db_gated, {"value": 1, "gate": gate.path,
-                                         "started": started.path})
-        rt.wait_path(started.path)
+        first = _one_running(runner, db_gated, gate, make_gate())
         second = runner.submit(db_gated, {"value": 2, "gate": gate.path})
         other = runner.submit(rt.inc, {"x": 41})
         assert other.result(timeout=30) == 42
@@ -550,12 +556,10 @@ def test_a_run_of_several_limited_tags_waits_for_each(make_path):
 
 
 def test_a_run_waiting_for_its_limit_can_be_cancelled(runner_factory, make_gate):
-    gate, started = make_gate(), make_gate()
+    gate = make_gate()
     db_gated = task(rt.gated, tags=["db"])
     with running(_with_limits(runner_factory, 2, {"db": 1}), exit_timeout=30) as runner:
-        first = runner.submit(db_gated, {"value": 1, "gate": gate.path,
-                                         "started": started.path})
-        rt.wait_path(started.path)
+        first = _one_running(runner, db_gated, gate, make_gate())
         waiting = [runner.submit(db_gated, {"value": i, "gate": gate.path}) for i in range(5)]
         assert waiting[2].cancel()
         runner.cancel_all()
