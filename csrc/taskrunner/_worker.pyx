@@ -51,7 +51,9 @@ from taskrunner._process.wire import SKIP, Answers, BadBatch, Done, InitFailed, 
 
 cdef Py_ssize_t _BLOCK_WORDS = 8    # a 64-byte cache line per worker: no false sharing
 BLOCK_WORDS = _BLOCK_WORDS
-cdef double FLUSH_SECONDS = 0.02
+# As long as a batch aims to take (feeder.BATCH_SECONDS): one message a
+# batch, and results at most that late.
+cdef double FLUSH_SECONDS = 0.05
 
 cdef enum:
     STARTED = 0                 # the run it started last

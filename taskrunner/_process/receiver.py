@@ -212,7 +212,10 @@ class Receiver:
                         kept_values.append(values[i])
                         states.append(COMPLETED)
                 runs, values = join_runs(ours), kept_values
-            pool.room_changed.notify_all()
+            # The dispatcher sends whole batches (Feeder.room_of): waking it
+            # for an answer that opens no room would only cost a switch.
+            if pool.feeder.free_room():
+                pool.room_changed.notify_all()
         if pool.trace is not None and done.times is not None:
             pool.trace.add_answers(answered, self.track_of(worker), done.times, first, errors)
         pool.give_back(cancel, back)
