@@ -12,7 +12,6 @@ from cpython.object cimport PyObject
 from cpython.ref cimport Py_INCREF
 from cpython.tuple cimport PyTuple_New, PyTuple_SET_ITEM
 
-import asyncio
 import inspect
 import types
 from collections.abc import Mapping
@@ -107,6 +106,9 @@ cdef class TaskLoop:
     process), made for the first of them and kept until close()."""
 
     def run_coroutine(self, coro):
+        # asyncio is imported by the first async task: a worker process
+        # that runs none starts without it (a tenth of a second).
+        import asyncio
         if self.loop is None:
             self.loop = asyncio.new_event_loop()
         # As a Task of its own, so that another thread can cancel it (a
