@@ -47,13 +47,13 @@ import traceback
 
 from taskrunner._logging import Forwarder, install_forwarder
 from taskrunner._pickling import dumps
-from taskrunner._process.wire import SKIP, Answers, BadBatch, Done, InitFailed, Logged, Ready
+from taskrunner._process.wire import BATCH_SECONDS, SKIP, Answers, BadBatch, Done, InitFailed, Logged, Ready
 
 cdef Py_ssize_t _BLOCK_WORDS = 8    # a 64-byte cache line per worker: no false sharing
 BLOCK_WORDS = _BLOCK_WORDS
-# As long as a batch aims to take (feeder.BATCH_SECONDS): one message a
-# batch, and results at most that late.
-cdef double FLUSH_SECONDS = 0.05
+# As long as a batch aims to take: one message a batch, results at most
+# that late.
+cdef double FLUSH_SECONDS = BATCH_SECONDS
 
 cdef enum:
     STARTED = 0                 # the run it started last

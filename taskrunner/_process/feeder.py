@@ -25,7 +25,7 @@ import cloudpickle
 
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import dumps, unsendable_call_error
-from taskrunner._process.wire import MAX_FUNCTIONS, SKIP, Batch, Function, Group
+from taskrunner._process.wire import BATCH_SECONDS, MAX_FUNCTIONS, SKIP, Batch, Function, Group
 from taskrunner.exceptions import TaskRunnerError
 from taskrunner.remote import FAILED
 
@@ -33,11 +33,9 @@ __all__ = ["Feeder", "Placed"]
 
 _log = logging.getLogger("taskrunner.worker")
 
-# A message costs the parent some 0.2-0.3 ms of CPU, taken from the workers
-# when they use every core; at 50 ms a batch that is under 1%.
-BATCH_SECONDS = 0.05        # worker time one batch aims to take
 MAX_BATCH = 20_000          # runs in one batch at most
-FIRST_GUESS = 0.005         # seconds a run takes, before any was timed (first batches of 10)
+FIRST_BATCH = 10            # runs in a batch of a task not timed yet
+FIRST_GUESS = BATCH_SECONDS / FIRST_BATCH   # seconds a run takes, before any was timed
 MIN_SECONDS = 1e-7          # below this a timing is noise
 FASTER_STEP = 10            # the most an estimate drops in one answer
 
