@@ -158,16 +158,21 @@ class TaskRunner(abc.ABC):
         results = open_stream(self, task, parameters, ordered, buffer, wait_for,
                               raise_on_failure, progress)
         with _streams_lock:
-            self.__dict__.setdefault("_streams", weakref.WeakSet()).add(results)
+            streams = self.__dict__.setdefault("_streams", set())
+            # Not a WeakSet: its callback is Python code, and run on the
+            # main thread as the iterator dies it would lose a Ctrl-C that
+            # came meanwhile (see _stream.pyx).  set.discard runs none.
+            streams.add(weakref.ref(results, streams.discard))
         return results
 
     def _end_streams(self, reason: str) -> None:
         """End every imap() iterator of this runner: each raises
         CancelledRun at its next step."""
         with _streams_lock:
-            streams = list(self.__dict__.get("_streams", ()))
+            streams = [ref() for ref in list(self.__dict__.get("_streams", ()))]
         for results in streams:
-            results.end(reason)
+            if results is not None:
+                results.end(reason)
 
     def _parallelism(self) -> int:
         """How many runs can run at once (imap sizes its window by it): a

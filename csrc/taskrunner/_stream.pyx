@@ -15,7 +15,10 @@ Lifecycle:
 - stopping, however it comes (done, an error, close(), the iterator
   garbage-collected), calls stream.cancel_rest() once: no more input is
   read and the runs not started are cancelled; and closes the progress
-  bar, if there is one.
+  bar, if there is one;
+- a KeyboardInterrupt that comes while the iterator is being collected
+  (its __del__, where an exception is only printed) is raised again, as a
+  new SIGINT, where the main thread goes on.
 
 A progress bar (imap(progress=...)) reads _taken() from a thread of its
 own: the results given out, counted a batch at a time plus the position in
@@ -23,6 +26,8 @@ the batch at hand, so a step costs no more with a bar than without.
 """
 
 cimport cython
+
+import _thread
 
 from taskrunner.exceptions import CancelledRun
 
@@ -132,4 +137,9 @@ cdef class Results:
         self._stop()
 
     def __del__(self):
-        self._stop()
+        try:
+            self._stop()
+        except KeyboardInterrupt:
+            # This frame is C: the signal is handled at the next Python
+            # line the main thread runs, outside this finalizer.
+            _thread.interrupt_main()

@@ -20,7 +20,8 @@ The backend's state, under `lock`:
                 their Dask tasks to the recall, in
     deferred    Dask task key -> its dask future, ended while a run of it
                 was being recalled: the recall has the watcher see it again
-    handles     the Handles of completed runs, fetched when the runner exits
+    kept        the Handles of completed runs (fetched when the runner exits),
+                and their dask futures (see results.Kept)
 
 A run placed and not yet named never reached Dask: a recall takes it back
 at once, and send() skips it.  A named one may be on the cluster: the
@@ -37,7 +38,6 @@ import logging
 import threading
 import time
 import uuid
-import weakref
 from typing import NamedTuple
 
 from distributed import CancelledError, KilledWorker, as_completed
@@ -45,7 +45,16 @@ from distributed import CancelledError, KilledWorker, as_completed
 from taskrunner import _logging as _logs
 from taskrunner._dask import worker
 from taskrunner._dask.calls import CallDumper, SharedValues
-from taskrunner._dask.results import Handle, PackValues, fetch, gather_each, items_alone, within
+from taskrunner._dask.results import (
+    Handle,
+    Kept,
+    PackValues,
+    deadline_of,
+    fetch,
+    gather_each,
+    items_alone,
+    within,
+)
 from taskrunner._dask.worker import (
     MarksPlugin,
     PackEnded,
@@ -135,7 +144,7 @@ class DaskBackend(Backend):
         self.tasks = {}
         self.recalling = set()
         self.deferred = {}
-        self.handles = weakref.WeakSet()
+        self.kept = Kept()
         self.shared = SharedValues(client)
         self.marks_installed = False
         self.completions = None
@@ -178,6 +187,7 @@ class DaskBackend(Backend):
         except Exception:
             _log.exception("could not settle the Dask results on exit")
         finally:
+            self.kept.close()
             close_quietly(self.client, self.cluster)
 
     # -- handing runs over --------------------------------------------------------------
@@ -383,7 +393,7 @@ class DaskBackend(Backend):
                     continue
                 value, state = outcome
                 if state == COMPLETED:
-                    self.handles.add(value)
+                    self.kept.add(value)
                 elif state == CRASHED:
                     future = sent.runs[0]
                     value = CrashedRun(f"task run {future.task_name!r} ({future.task_run_id}): "
@@ -560,7 +570,7 @@ class DaskBackend(Backend):
         fetched in one gather (the engine's fetch_many hook)."""
         on_cluster = [h for h in handles if h.future is not None]
         try:
-            gathered = within(timeout, self._gather, on_cluster) if on_cluster else []
+            gathered = self._gather(on_cluster, deadline_of(timeout)) if on_cluster else []
         except TimeoutError:
             raise TimeoutError(
                 f"the results of {len(on_cluster)} task runs ({on_cluster[0].name!r}, ...) "
@@ -575,7 +585,11 @@ class DaskBackend(Backend):
         return values
 
     def _fetch_held(self):
-        handles = [h for h in list(self.handles) if h.future is not None and not h.kept]
+        alive = self.kept.handles()
+        for handle in alive:
+            if handle.kept:
+                handle.future = None    # Kept lets go of it, on its own thread
+        handles = [h for h in alive if h.future is not None]
         if handles and self.client.status != "running":
             lost = TaskRunnerError("the client lost its connection to the Dask scheduler")
             for handle in handles:
@@ -584,20 +598,23 @@ class DaskBackend(Backend):
         for handle, (value, error) in zip(handles, self._gather(handles)):
             handle.value, handle.error, handle.future = value, error, None
 
-    def _gather(self, handles):
+    def _gather(self, handles, deadline=None):
         """(value, error) for each handle (see gather_each): each dask
-        future gathered once, a pack's for all its runs."""
+        future gathered once, a pack's for all its runs; TimeoutError at
+        `deadline` (a time.monotonic() time, or None)."""
         futures, wanted = {}, {}
         for handle in handles:
             futures.setdefault(handle.future.key, handle.future)
             if handle.pack is not None:
                 wanted.setdefault(handle.future.key, set()).add(handle.index)
-        gathered = dict(zip(futures, gather_each(self.client, list(futures.values()))))
+        gathered = dict(zip(futures, gather_each(self.client, list(futures.values()), deadline)))
         alone = {}      # (pack key, index) -> (value, error), for packs that did not come whole
         for key, indexes in wanted.items():
             if gathered[key][1] is not None:
                 try:
-                    outcomes = items_alone(futures[key], sorted(indexes))
+                    outcomes = items_alone(futures[key], sorted(indexes), deadline)
+                except TimeoutError:
+                    raise
                 except Exception:
                     continue        # the pack's error stands for each
                 alone.update(zip(((key, i) for i in sorted(indexes)), outcomes))

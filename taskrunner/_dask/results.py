@@ -7,16 +7,26 @@ fetches it only when result() asks (fetch), or many at once (gather_each).
 When the runner exits, the values of the handles still held are fetched in
 one gather and kept in them, so that result() works after the client has
 closed.
+
+Two rules keep a Ctrl-C from being lost or doing harm on the way:
+- results are gathered by `gather`, whose wait is ours, not distributed's
+  (a Ctrl-C or a timeout there would cancel every gather in flight);
+- no dask future dies on the thread that drops a Handle (see Kept).
 """
 
 import asyncio
+import concurrent.futures
 import pickle
+import queue
 import threading
+import time
+import weakref
 
 from taskrunner._dask.worker import pickled_items
 from taskrunner.exceptions import TaskRunnerError
 
-__all__ = ["Handle", "PackValues", "fetch", "gather_each", "items_alone", "within"]
+__all__ = ["Handle", "Kept", "PackValues", "fetch", "gather", "gather_each", "items_alone",
+           "remaining", "within"]
 
 
 class Handle:
@@ -50,6 +60,49 @@ class Handle:
         return fetched if self.pack is None else fetched[self.index]
 
 
+class Kept:
+    """The dask futures of the live Handles, each let go of on this
+    registry's own thread once its Handle dies.
+
+    A Handle dies wherever the last future of its run is dropped, often on
+    the user's main thread.  Were its dask future to die with it there,
+    distributed's Future.__del__ (Python code) would run on that thread,
+    and a Ctrl-C that came meanwhile would be lost: an exception in
+    __del__ is only printed.  So the registry holds each dask future too,
+    beside a weak reference to its Handle whose callback is
+    SimpleQueue.put, a C function that runs no Python code; the releaser
+    thread takes the references off the queue and drops their futures.
+    """
+
+    def __init__(self):
+        self.futures = {}               # weak reference to a Handle -> its dask future
+        self.dead = queue.SimpleQueue()     # references whose Handle died; None: stop
+        self.releaser = threading.Thread(target=self._release, daemon=True,
+                                         name="taskrunner-dask-releaser")
+        self.releaser.start()
+
+    def add(self, handle):
+        self.futures[weakref.ref(handle, self.dead.put)] = handle.future
+
+    def handles(self):
+        """The Handles alive now."""
+        return [handle for handle in (ref() for ref in list(self.futures)) if handle is not None]
+
+    def close(self):
+        """Let go of every future (on the releaser thread) and stop it.
+        The Handles still alive must have let go of theirs."""
+        self.dead.put(None)
+        self.releaser.join()
+
+    def _release(self):
+        while True:
+            ref = self.dead.get()
+            if ref is None:
+                break
+            self.futures.pop(ref, None)
+        self.futures.clear()
+
+
 class PackValues:
     """The values of one pack's runs, once fetched (see Handle)."""
 
@@ -58,20 +111,25 @@ class PackValues:
     def __init__(self):
         self.values = None
 
-    def fetched(self, future):
+    def fetched(self, future, deadline=None):
         values = self.values
         if values is None:
-            values = self.values = future.result()
+            values = self.values = gather(future.client, [future], remaining(deadline))[0]
         return values
 
-    def item(self, future, index):
+    def item(self, future, index, deadline=None):
         """Item `index` of the values: from the whole list, or if that does
-        not come, alone (items_alone)."""
+        not come, alone (items_alone); TimeoutError at `deadline` (a
+        time.monotonic() time, or None)."""
         try:
-            return self.fetched(future)[index]
+            return self.fetched(future, deadline)[index]
+        except TimeoutError:
+            raise
         except Exception as whole:
             try:
-                [(value, error)] = items_alone(future, [index])
+                [(value, error)] = items_alone(future, [index], deadline)
+            except TimeoutError:
+                raise
             except Exception:
                 raise whole from None       # not even alone: the pack's error stands
             if error is not None:
@@ -89,13 +147,9 @@ def fetch(handle, timeout):
     future = handle.future
     if future is not None:
         try:
-            # Not future.result(timeout=...): at its timeout Dask cancels the
-            # gather it shares with every fetch in flight at that moment
-            # (Client._gather batches them), and those then fail with a
-            # bare CancelledError.  Left to finish on its own, it is harmless.
             if handle.pack is None:
-                return within(timeout, future.result)
-            return within(timeout, handle.pack.item, future, handle.index)
+                return gather(future.client, [future], timeout)[0]
+            return handle.pack.item(future, handle.index, deadline_of(timeout))
         except Exception as error:
             if _is_timeout(error):
                 raise TimeoutError(
@@ -129,10 +183,50 @@ def _is_timeout(error):
     return isinstance(error, (TimeoutError, asyncio.TimeoutError))
 
 
+def gather(client, futures, timeout=None):
+    """client.gather(futures), waited for at most `timeout` seconds (None:
+    no limit), else TimeoutError.
+
+    The wait is ours, not distributed's: a Ctrl-C or a timeout in its own
+    wait cancels the gather, and with it every gather in flight at that
+    moment (the client shares one transfer among them), whose callers then
+    fail with an error of distributed's (an UnboundLocalError).  Ours stops
+    waiting and leaves the gather to finish on its own, harmlessly."""
+    loop = client.loop.asyncio_loop
+    if _running_loop() is loop:
+        raise RuntimeError("a result kept on the Dask cluster cannot be waited for on the "
+                           "Dask client's own event loop thread")
+    transfer = asyncio.run_coroutine_threadsafe(_gathered(client, futures), loop)
+    try:
+        return transfer.result(timeout)
+    except concurrent.futures.TimeoutError:     # not the builtin one before 3.11
+        raise TimeoutError(f"the gather did not end within {timeout} s") from None
+
+
+def _running_loop():
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+async def _gathered(client, futures):
+    return await client.gather(futures, asynchronous=True)
+
+
+def deadline_of(timeout):
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def remaining(deadline):
+    """The seconds left until `deadline` (None: no limit), at least 0."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def within(timeout, fn, *args, **kwargs):
-    """fn(*args), or TimeoutError after `timeout` seconds (None: no limit):
-    a gather has no timeout of its own.  One that outlasts it is left to
-    finish on its own."""
+    """fn(*args), or TimeoutError after `timeout` seconds (None: no limit),
+    for calls with no timeout of their own (client.run, say).  One that
+    outlasts it is left to finish on its own."""
     if timeout is None:
         return fn(*args, **kwargs)
     outcome = []
@@ -155,7 +249,7 @@ def _outcome(fn, args, kwargs):
         return None, error
 
 
-def items_alone(future, indexes):
+def items_alone(future, indexes, deadline=None):
     """(value, error) of items `indexes` of a pack's values, each unpickled
     here on its own: for when the whole list does not come (one of its
     values cannot be unpickled here, say), so that one bad value does not
@@ -163,7 +257,7 @@ def items_alone(future, indexes):
     client = future.client
     picked = client.submit(pickled_items, future, list(indexes), pure=False)
     try:
-        blobs = client.gather(picked)
+        [blobs] = gather(client, [picked], remaining(deadline))
     finally:
         picked.release()
     outcomes = []
@@ -176,16 +270,20 @@ def items_alone(future, indexes):
     return outcomes
 
 
-def gather_each(client, futures):
+def gather_each(client, futures, deadline=None):
     """(value, error) for each dask future: one gather for all; if that
     fails, each half again, so that each bad one gets its own error at a
-    cost of a few gathers, not one per future."""
+    cost of a few gathers, not one per future.  TimeoutError at
+    `deadline` (a time.monotonic() time, or None)."""
     if not futures:
         return []
     try:
-        return [(value, None) for value in client.gather(futures)]
+        return [(value, None) for value in gather(client, futures, remaining(deadline))]
+    except TimeoutError:
+        raise
     except Exception as error:
         if len(futures) == 1:
             return [(None, error)]
     middle = len(futures) // 2
-    return gather_each(client, futures[:middle]) + gather_each(client, futures[middle:])
+    return (gather_each(client, futures[:middle], deadline)
+            + gather_each(client, futures[middle:], deadline))
