@@ -42,7 +42,9 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
 import queue
+import threading
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Optional
@@ -59,6 +61,8 @@ if TYPE_CHECKING:
     from taskrunner.base import TaskRunner
 
 __all__ = ["Stream", "checked_buffer", "open_stream"]
+
+_log = logging.getLogger("taskrunner.engine")
 
 # buffer=None: the window starts at MIN_PER_WORKER items a worker (at least
 # MIN_AUTO_BUFFER) and doubles each time the consumer has to wait for a
@@ -350,15 +354,31 @@ class Stream:
             raise self.mismatch
         return None
 
-    def cancel_rest(self):
-        """Stop: cancel the runs of the window not started, read no more."""
+    def cancel_rest(self, wait=True):
+        """Stop: cancel the runs of the window not started, read no more.
+        Without `wait` (for a Ctrl-C, which must reach the user at once)
+        the runs sent on elsewhere are taken back on a thread of its own:
+        that may take a round trip to a cluster."""
         self.exhausted = True
         lists = [chunk.futures for chunk in self.window]
         self.window.clear()
         engine = getattr(self.runner, "_engine", None)
-        for futures in lists:
-            if engine is not None:
-                engine.cancel_unstarted(futures)
-            else:
+        if engine is None:
+            for futures in lists:
                 for future in futures:
                     future.cancel()
+            return
+        for futures in lists:
+            engine.cancel_unstarted(futures, recall=wait)
+        if not wait and lists:
+            threading.Thread(target=_take_back, args=(engine, lists), daemon=True,
+                             name="taskrunner-imap-recall").start()
+
+
+def _take_back(engine, lists):
+    """Cancel the runs of `lists` (FutureLists) sent on and not started."""
+    try:
+        for futures in lists:
+            engine.cancel_unstarted(futures)
+    except Exception:
+        _log.exception("could not take back the runs of an imap() that was interrupted")

@@ -321,3 +321,33 @@ def test_the_main_thread_never_runs_a_dask_futures_finalizer(tmp_path):
     facts = _facts(proc)
     assert facts["main-before-exit"] == "0", proc.stdout
     assert int(facts["elsewhere"]) > 0, proc.stdout      # the recording did see them
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_ctrl_c_caught_inside_the_block_still_cancels_the_streams_rest(kind, tmp_path):
+    # The Ctrl-C is raised in the loop at once: the runs sent on to workers
+    # are taken back in the background (a round trip on Dask), but taken
+    # back they are.  Two runs start and block; the rest never runs.
+    proc = _child("""
+        kind, log, gate = sys.argv[1:4]
+        with make(kind) as runner:
+            threading.Thread(target=interrupt_when, args=(lambda: lines(log) >= 2,),
+                             daemon=True).start()
+            try:
+                for _ in runner.imap(rt.started_then_gated,
+                                     {"x": range(200), "log": log, "gate": gate}):
+                    pass
+            except KeyboardInterrupt:
+                print("latency", time.monotonic() - sent[0])
+            assert rt.wait_until(lambda: not any(t.name == "taskrunner-imap-recall"
+                                                 for t in threading.enumerate()), timeout=60)
+            rt.touch(gate)
+            print("after", runner.submit(rt.inc, {"x": 1}).result())
+        print("started", lines(log))
+    """, kind, tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    facts = _facts(proc)
+    assert float(facts["latency"]) < 0.2, proc.stdout
+    assert facts["after"] == "2"
+    assert facts["started"] == "2", proc.stdout

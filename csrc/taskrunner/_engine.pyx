@@ -577,11 +577,11 @@ cdef class Engine(EngineBase):
         # asking again says so.
         return fut._state() == CANCELLED
 
-    def cancel_unstarted(self, FutureList futures):
+    def cancel_unstarted(self, FutureList futures, bint recall=True):
         """Cancel every run of `futures` (a map's, or any list of this
         engine's futures) that has not started, as cancel() of each would:
         in one critical section here, and in one recall of those sent on to
-        a consumer elsewhere."""
+        a consumer elsewhere (not with `recall` false: those go on)."""
         cdef Graph graph = self.graph
         cdef RunVec out = RunVec(NULL, 0, 0)
         cdef MapBlock block = futures._block
@@ -606,7 +606,7 @@ cdef class Engine(EngineBase):
         for f in handed:
             graph.cancel_locked((<TaskFuture>f)._run, &out)
         self.unlock_and_settle(&out)
-        if self._recall is None:
+        if self._recall is None or not recall:
             return
         # What is still RUNNING was sent on (or is running): the backend
         # takes back those that surely never started.

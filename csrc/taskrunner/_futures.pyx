@@ -27,7 +27,7 @@ from taskrunner.states import State, StateType
 
 _log = logging.getLogger("taskrunner.engine")
 
-cdef double _SIGNAL_SLICE = 0.1                 # how often a blocked main thread checks signals
+cdef double _SIGNAL_SLICE = 0.02                # how often a blocked main thread checks signals
 cdef object _current = threading.local()       # .consumer: this thread's Consumer, if any
 cdef unsigned long _main_thread = threading.main_thread().ident
 

@@ -14,8 +14,9 @@ Lifecycle:
 - a failed item raises its exception (raise_on_failure) or is the value;
 - stopping, however it comes (done, an error, close(), the iterator
   garbage-collected), calls stream.cancel_rest() once: no more input is
-  read and the runs not started are cancelled; and closes the progress
-  bar, if there is one;
+  read and the runs not started are cancelled (for a Ctrl-C, those sent on
+  elsewhere are taken back in the background: the Ctrl-C reaches the user
+  at once); and closes the progress bar, if there is one;
 - a KeyboardInterrupt that comes while the iterator is being collected
   (its __del__, where an exception is only printed) is raised again, as a
   new SIGINT, where the main thread goes on.
@@ -77,9 +78,9 @@ cdef class Results:
             self.fetching = True
             try:
                 batch = self.stream.next_batch()
-            except BaseException:
+            except BaseException as error:
                 self.fetching = False
-                self._stop()
+                self._stop(not isinstance(error, KeyboardInterrupt))
                 raise
             self.fetching = False
             if batch is None:
@@ -98,7 +99,7 @@ cdef class Results:
             raise error
         return error
 
-    cdef int _stop(self) except -1:
+    cdef int _stop(self, bint wait=True) except -1:
         given, failed = self._taken()
         self.given_before, self.failed_before = given, failed
         self.pos = 0
@@ -107,7 +108,7 @@ cdef class Results:
         self.values = []
         try:
             if stream is not None:
-                stream.cancel_rest()
+                stream.cancel_rest(wait)
         finally:
             bar, self.progress = self.progress, None
             if bar is not None:
