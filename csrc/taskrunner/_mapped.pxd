@@ -137,6 +137,7 @@ cdef class FutureList(list):
 cdef class RunList:
     cdef void** items           # futures and item payloads, each owning a reference
     cdef Py_ssize_t n
+    cdef RunList base           # a view's owner (of the items and their references), or None
 
     cdef int32_t run_at(self, Py_ssize_t i) noexcept
 

@@ -1046,12 +1046,13 @@ cdef bint _result_into(list results, Py_ssize_t i, TaskFuture fut, double deadli
 @cython.final
 cdef class RunList:
     """Runs a consumer elsewhere took, in order: futures and mapped items,
-    with no future made for an item.  Slicing gives a RunList; indexing or
-    iterating gives futures (made for items on the way)."""
+    with no future made for an item.  Slicing gives a RunList of its own;
+    view() one that shares this one's items (and keeps it alive); indexing
+    or iterating gives futures (made for items on the way)."""
 
     def __dealloc__(self):
         cdef Py_ssize_t i
-        if self.items == NULL:
+        if self.items == NULL or self.base is not None:
             return
         for i in range(self.n):
             release_payload(self.items[i])
@@ -1081,6 +1082,19 @@ cdef class RunList:
         if not 0 <= k < self.n:
             raise IndexError("RunList index out of range")
         return future_of(self.items[k])
+
+    def view(self, Py_ssize_t start, Py_ssize_t stop):
+        """The runs start .. stop-1 (clipped to this list), sharing this
+        list's items: no per-run work, for the batches a long list is cut
+        into.  This list lives as long as the view: its runs' futures and
+        blocks too."""
+        cdef RunList part = RunList.__new__(RunList)
+        start = min(max(start, 0), self.n)
+        stop = min(max(stop, start), self.n)
+        part.items = self.items + start
+        part.n = stop - start
+        part.base = self if self.base is None else self.base
+        return part
 
     def __iter__(self):
         cdef Py_ssize_t i
@@ -1139,6 +1153,8 @@ def join_runs(parts):
     cdef RunList part, joined
     cdef Py_ssize_t total = 0, at = 0, i
     parts = list(parts)
+    if len(parts) == 1:
+        return <RunList?>parts[0]      # a RunList is never changed: it can be shared
     for part in parts:
         total += part.n
     joined = new_runlist(total)

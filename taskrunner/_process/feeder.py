@@ -103,12 +103,12 @@ class Feeder:
             end = start + share
             cut = start + share % size if share % size else start + size
             while start < end:
-                batch = runs[start:cut]
+                batch = runs.view(start, cut)
                 placed.append(Placed(worker, batch, worker.enter_flight(batch, worker.by_value),
                                      worker.by_value))
                 start, cut = cut, cut + size
         if start < len(runs):
-            self.pool.outbox.give_back(runs[start:], False)
+            self.pool.outbox.give_back(runs.view(start, len(runs)), False)
         return placed
 
     def send(self, placed):

@@ -85,7 +85,7 @@ class Worker:
             if batch.first + batch.answered != first:
                 raise AssertionError(f"worker {self.index}: answers out of order")
             n = min(count, len(batch.runs) - batch.answered)
-            out.append(batch.runs[batch.answered:batch.answered + n])
+            out.append(batch.runs.view(batch.answered, batch.answered + n))
             batch.answered += n
             if batch.answered == len(batch.runs):
                 self.in_flight.popleft()
