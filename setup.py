@@ -28,7 +28,9 @@ SANITIZERS = {
 def _sanitizer_flags():
     name = os.environ.get("TASKRUNNER_SANITIZE", "").strip()
     if not name:
-        return ["-O2"], []
+        # -O3, as CPython's own flags have it: at -O2 gcc leaves the graph's
+        # small per-run steps as calls (see benchmarks/RESULTS.md).
+        return ["-O3"], []
     if name not in SANITIZERS:
         raise SystemExit(
             f"TASKRUNNER_SANITIZE={name!r}: expected one of {', '.join(sorted(SANITIZERS))}")
