@@ -196,11 +196,31 @@ def gather(client, futures, timeout=None):
     if _running_loop() is loop:
         raise RuntimeError("a result kept on the Dask cluster cannot be waited for on the "
                            "Dask client's own event loop thread")
+    if loop.is_closed():
+        raise _client_closed()
     transfer = asyncio.run_coroutine_threadsafe(_gathered(client, futures), loop)
-    try:
-        return transfer.result(timeout)
-    except concurrent.futures.TimeoutError:     # not the builtin one before 3.11
-        raise TimeoutError(f"the gather did not end within {timeout} s") from None
+    deadline = deadline_of(timeout)
+    while True:
+        left = remaining(deadline)
+        try:
+            return transfer.result(WAIT_SLICE if left is None else min(left, WAIT_SLICE))
+        except concurrent.futures.TimeoutError:     # not the builtin one before 3.11
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"the gather did not end within {timeout} s") from None
+            # A client closed meanwhile (by another thread) may never
+            # answer: a gather of its stopped loop stays pending.
+            if loop.is_closed() or client.status in ("closing", "closed"):
+                raise _client_closed() from None
+        except concurrent.futures.CancelledError:
+            raise _client_closed() from None
+
+
+WAIT_SLICE = 1.0    # how often a gather's wait looks whether its client is still open
+
+
+def _client_closed():
+    return TaskRunnerError("the Dask client closed while results kept on the cluster were "
+                           "being fetched")
 
 
 def _running_loop():
