@@ -1059,6 +1059,36 @@ def test_engine_take_runs_calls_of_and_finish_over_a_block():
         e.close()
 
 
+def test_a_runlist_view_shares_the_runs_and_outlives_its_list():
+    # The process feeder cuts what it took into batches as views: the same
+    # runs, clipped to the list, the list kept alive by any view of it.
+    from taskrunner._graph import STATES
+
+    completed = STATES["COMPLETED"]
+    e = _Remote(_engine())          # 4 runs out at most
+    try:
+        fl = e.map(rt.inc, {"x": range(6)})
+        runs = e.take_runs(4)
+        ids = runs.run_ids()
+        assert len(ids) == 4
+        batch = runs.view(1, 3)
+        assert len(batch) == 2 and batch.run_ids() == ids[1:3]
+        assert batch.view(1, 10).run_ids() == ids[2:3]          # a view of a view, clipped
+        assert len(runs.view(3, 2)) == 0 and runs.view(-3, 2).run_ids() == ids[:2]
+        assert runs.view(0, 99).run_ids() == ids
+        assert e.calls_of(batch, True)[0][1] == range(1, 3)
+        head, tail = runs.view(0, 1), runs.view(3, 4)
+        del runs                                # the views still hold the runs
+        gc.collect()
+        e.finish(batch, [11, 12], completed)
+        e.finish(head, [10], completed)
+        e.finish(tail, [13], completed)
+        e.finish(e.take_runs(10), [14, 15], completed)
+        assert fl.result(timeout=1) == list(range(10, 16))
+    finally:
+        e.close()
+
+
 def test_engine_give_back_cancels_or_requeues_taken_items():
     from taskrunner._graph import STATES
 
