@@ -12,6 +12,7 @@ slot must come back.  Plain example tests below pin down specific cases.
 
 import os
 import sys
+import threading
 
 import pytest
 from hypothesis import HealthCheck, event, settings
@@ -882,7 +883,14 @@ class RunnerMachine(RuleBasedStateMachine):
         for task in self.tasks:
             task.gate.set()
         for runner in self.runners:
-            runner.__exit__(None, None, None)
+            # Bounded: hypothesis takes a test's timeout as one example's
+            # failure and shrinks on, so an exit that hangs (a run that
+            # never ends) would hold the session for ever, as it once did.
+            exiting = threading.Thread(target=runner.__exit__, args=(None, None, None),
+                                       daemon=True)
+            exiting.start()
+            exiting.join(STEP_TIMEOUT)
+            assert not exiting.is_alive(), "a runner's exit did not return: a run never ended"
         self.agree()
         assert all(f.done() for f in self.futures)
 

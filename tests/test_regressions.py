@@ -635,3 +635,42 @@ def test_a_run_a_cancel_releases_runs_on_a_runner_with_no_consumer_yet():
                 assert c.result(timeout=10) == "ran"
         finally:
             gate.set()
+
+
+@pytest.mark.timeout(120)
+def test_three_runs_released_at_once_each_start_while_the_others_block():
+    # Found by the runner state machine's long run.  Run 2's end releases
+    # runs 3, 4 and 5 at once: its thread takes 3, the idle thread is woken
+    # and takes 4, and that take asked for a new thread for 5, but take()
+    # dropped the ask (counted as starting, it then blocked every later
+    # one): run 5 waited, READY, until some other run ended, and for ever
+    # when none would (the runner's exit hung).
+    gates = [threading.Event() for _ in range(7)]
+    started = [threading.Event() for _ in range(7)]
+
+    def gated(key):
+        started[key].set()
+        assert gates[key].wait(60)
+        return key
+
+    futures = []
+    with ThreadPoolTaskRunner(max_workers=8) as runner:
+        try:
+            for key, ups in enumerate([[], [0], [1], [2], [0, 2], [0, 2], []]):
+                futures.append(runner.submit(gated, {"key": key},
+                                             wait_for=[futures[u] for u in ups]))
+                if not ups:         # each on a thread of its own: two threads in all
+                    assert started[key].wait(10)
+            for key in (0, 6):      # one thread goes on to run 1, the other idles
+                gates[key].set()
+                assert futures[key].result(timeout=10) == key
+            for key in (1, 2):
+                assert started[key].wait(10)
+                gates[key].set()
+                assert futures[key].result(timeout=10) == key
+            for key in (3, 4, 5):
+                assert started[key].wait(10), f"run {key} never started ({futures[key].state!r})"
+        finally:
+            for gate in gates:
+                gate.set()
+    assert [f.result() for f in futures] == list(range(7))

@@ -64,7 +64,10 @@ def work(Engine engine, loop):
         while True:
             if run < 0:
                 with nogil:
-                    run = graph.take(&payload, -1.0)
+                    run = graph.take(&payload, -1.0, &spawn)
+                if spawn:
+                    engine._spawn(spawn)
+                    spawn = 0
                 if run < 0:
                     break
             consumer.holding = True
@@ -156,7 +159,9 @@ def work(Engine engine, loop):
         engine.consumers.discard(consumer)
         consumer_end()
         runvec_free(&out)
-        graph.consumer_exit()
+        spawn = graph.consumer_exit()
+        if spawn:
+            engine._spawn(spawn)
 
 
 # -- timeouts ------------------------------------------------------------------

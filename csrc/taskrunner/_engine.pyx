@@ -553,9 +553,10 @@ cdef class Engine(EngineBase):
             try:
                 self._spawn_consumer()
             except BaseException:
-                # Count the consumer that never came, so the graph asks again.
+                # Count the consumer that never came; the graph's ask for
+                # one in its place waits for the next to take the asks.
                 self.graph.consumer_enter()
-                self.graph.consumer_exit()
+                self.graph.ask_again(self.graph.consumer_exit())
                 _log.exception("could not start a worker for the task runner")
 
     # -- cancelling and shutting down --------------------------------------

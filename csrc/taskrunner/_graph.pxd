@@ -203,7 +203,7 @@ cdef class Graph:
 
     # Consuming ready runs.
     cdef int32_t take_locked(self, void** payload) noexcept nogil
-    cdef int32_t take(self, void** payload, double deadline) noexcept nogil
+    cdef int32_t take(self, void** payload, double deadline, int32_t* spawn) noexcept nogil
     cdef inline bint _can_take(self) noexcept nogil:
         # A run is ready and the limit on running runs has room for it.
         return self.n_ready > 0 and self.n_running < self.max_running
@@ -225,7 +225,8 @@ cdef class Graph:
     cdef int32_t complete_and_take(self, int32_t run, uint8_t state, RunVec* out,
                                    void** payload, int32_t* spawn, bint* settling) noexcept nogil
     cdef int32_t consumer_enter(self) noexcept nogil
-    cdef void consumer_exit(self) noexcept nogil
+    cdef int32_t consumer_exit(self) noexcept nogil
+    cdef void ask_again(self, int32_t wanted) noexcept nogil
     cdef int32_t secede(self, bint holding) noexcept nogil
     cdef void rejoin(self, bint holding) noexcept nogil
     cdef void settling_end(self) noexcept nogil

@@ -519,12 +519,16 @@ cdef class Graph:
         self.runs[run].flags |= F_SENT
         return True
 
-    cdef int32_t take(self, void** payload, double deadline) noexcept nogil:
+    cdef int32_t take(self, void** payload, double deadline, int32_t* spawn) noexcept nogil:
         """Take a ready run, sleeping until one comes, the deadline passes
-        (TAKE_TIMEOUT) or the graph closes (TAKE_CLOSED)."""
+        (TAKE_TIMEOUT) or the graph closes (TAKE_CLOSED).  `spawn` gets the
+        consumers the graph asks for meanwhile (others ready and no one
+        idle to take them): the caller starts them, or they are never
+        started and, counted as starting, block every later ask."""
         cdef int32_t run
         self.lock()
         run = self._take_waiting_locked(payload, deadline)
+        spawn[0] = self.pop_spawn_wanted_locked()
         self.unlock()
         return run
 
@@ -669,10 +673,22 @@ cdef class Graph:
         self.unlock()
         return 0
 
-    cdef void consumer_exit(self) noexcept nogil:
+    cdef int32_t consumer_exit(self) noexcept nogil:
+        """A consumer leaves; returns the consumers the graph asks for in
+        its place (see take)."""
+        cdef int32_t wanted
         self.lock()
         self.n_consumers -= 1
         self._demand()
+        wanted = self.pop_spawn_wanted_locked()
+        self.unlock()
+        return wanted
+
+    cdef void ask_again(self, int32_t wanted) noexcept nogil:
+        """Consumers asked for that could not be started now: whoever next
+        takes the asks (pop_spawn_wanted_locked) starts them."""
+        self.lock()
+        self.spawn_wanted += wanted
         self.unlock()
 
     cdef int32_t secede(self, bint holding) noexcept nogil:
