@@ -1080,6 +1080,13 @@ def test_a_runlist_view_shares_the_runs_and_outlives_its_list():
         head, tail = runs.view(0, 1), runs.view(3, 4)
         del runs                                # the views still hold the runs
         gc.collect()
+        # A view the cyclic GC collects must not be taken for an owner (its
+        # list cleared first, it would let go of references it never held).
+        inner = head.view(0, 1)
+        cycle = [inner]
+        cycle.append(cycle)
+        del inner, cycle
+        gc.collect()
         e.finish(batch, [11, 12], completed)
         e.finish(head, [10], completed)
         e.finish(tail, [13], completed)

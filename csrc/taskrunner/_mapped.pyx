@@ -1044,6 +1044,7 @@ cdef bint _result_into(list results, Py_ssize_t i, TaskFuture fut, double deadli
 # -- taken runs -----------------------------------------------------------------
 
 @cython.final
+@cython.no_gc_clear     # a view's __dealloc__ tells it from an owner by `base`
 cdef class RunList:
     """Runs a consumer elsewhere took, in order: futures and mapped items,
     with no future made for an item.  Slicing gives a RunList of its own;
