@@ -21,9 +21,19 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional, Tuple
 
-__all__ = ["Timer", "TimerEntry"]
+__all__ = ["Timer", "TimerEntry", "deadline_of", "remaining"]
 
 _log = logging.getLogger("taskrunner.timer")
+
+
+def deadline_of(timeout: Optional[float]) -> Optional[float]:
+    """The time.monotonic() time `timeout` seconds from now (None: no limit)."""
+    return None if timeout is None else time.monotonic() + max(0.0, float(timeout))
+
+
+def remaining(deadline: Optional[float]) -> Optional[float]:
+    """The seconds left until `deadline` (None: no limit), at least 0."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 @dataclass(order=True)

@@ -11,6 +11,7 @@ from typing import Iterable, Iterator, NamedTuple, Optional, Set, TypeVar
 
 from taskrunner._futures import TaskFuture, blocking
 from taskrunner._mapped import FutureList
+from taskrunner._timer import deadline_of, remaining
 
 __all__ = ["TaskFuture", "FutureList", "wait", "as_completed", "DoneAndNotDoneFutures"]
 
@@ -23,28 +24,16 @@ class DoneAndNotDoneFutures(NamedTuple):
     not_done: Set[TaskFuture]
 
 
-def _deadline(timeout):
-    import time
-
-    return None if timeout is None else time.monotonic() + max(0.0, float(timeout))
-
-
-def _remaining(deadline):
-    import time
-
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
 def wait(futures: Iterable[TaskFuture], timeout: Optional[float] = None) -> DoneAndNotDoneFutures:
     """Wait until every future is final or `timeout` seconds pass.
 
     Returns a named tuple of two sets, (done, not_done).
     """
     futures = set(futures)
-    deadline = _deadline(timeout)
+    deadline = deadline_of(timeout)
     for future in futures:
-        future.wait(_remaining(deadline))
-        if deadline is not None and _remaining(deadline) == 0:
+        future.wait(remaining(deadline))
+        if deadline is not None and remaining(deadline) == 0:
             break
     done = {f for f in futures if f.done()}
     return DoneAndNotDoneFutures(done, futures - done)
@@ -56,7 +45,7 @@ def as_completed(futures: Iterable[F], timeout: Optional[float] = None) -> Itera
     Raises TimeoutError if some are still unfinished after `timeout` seconds
     from the call.
     """
-    deadline = _deadline(timeout)
+    deadline = deadline_of(timeout)
     futures = list(dict.fromkeys(futures))
     finished: queue.SimpleQueue = queue.SimpleQueue()
     for future in futures:
@@ -66,7 +55,7 @@ def as_completed(futures: Iterable[F], timeout: Optional[float] = None) -> Itera
             # A task of a runner iterating over its own runner's futures
             # makes room while it waits, as result() does.
             with blocking():
-                future = finished.get(timeout=_remaining(deadline))
+                future = finished.get(timeout=remaining(deadline))
         except queue.Empty:
             raise TimeoutError(
                 f"{len(futures) - count} (of {len(futures)}) futures unfinished") from None

@@ -20,8 +20,9 @@ The backend's state, under `lock`:
                 their Dask tasks to the recall, in
     deferred    Dask task key -> its dask future, ended while a run of it
                 was being recalled: the recall has the watcher see it again
-    kept        the Handles of completed runs (fetched when the runner exits),
-                and their dask futures (see results.Kept)
+    releaser    the Handles of completed runs (fetched when the runner exits),
+                and their dask futures, let go of on its own thread
+                (results.Releaser)
 
 A run placed and not yet named never reached Dask: a recall takes it back
 at once, and send() skips it.  A named one may be on the cluster: the
@@ -47,9 +48,8 @@ from taskrunner._dask import worker
 from taskrunner._dask.calls import CallDumper, SharedValues
 from taskrunner._dask.results import (
     Handle,
-    Kept,
     PackValues,
-    deadline_of,
+    Releaser,
     fetch,
     gather_each,
     items_alone,
@@ -69,6 +69,7 @@ from taskrunner._dask.worker import (
 )
 from taskrunner._mapped import join_runs
 from taskrunner._pickling import dumps, unsendable_call_error
+from taskrunner._timer import deadline_of
 from taskrunner.exceptions import CrashedRun, TaskRunnerError
 from taskrunner.remote import COMPLETED, CRASHED, FAILED, Backend
 
@@ -144,7 +145,7 @@ class DaskBackend(Backend):
         self.tasks = {}
         self.recalling = set()
         self.deferred = {}
-        self.kept = Kept()
+        self.releaser = Releaser()
         self.shared = SharedValues(client)
         self.marks_installed = False
         self.completions = None
@@ -187,7 +188,7 @@ class DaskBackend(Backend):
         except Exception:
             _log.exception("could not settle the Dask results on exit")
         finally:
-            self.kept.close()
+            self.releaser.close()
             close_quietly(self.client, self.cluster)
 
     # -- handing runs over --------------------------------------------------------------
@@ -393,7 +394,7 @@ class DaskBackend(Backend):
                     continue
                 value, state = outcome
                 if state == COMPLETED:
-                    self.kept.add(value)
+                    self.releaser.add(value)
                 elif state == CRASHED:
                     future = sent.runs[0]
                     value = CrashedRun(f"task run {future.task_name!r} ({future.task_run_id}): "
@@ -585,10 +586,10 @@ class DaskBackend(Backend):
         return values
 
     def _fetch_held(self):
-        alive = self.kept.handles()
+        alive = self.releaser.handles()
         for handle in alive:
             if handle.kept:
-                handle.future = None    # Kept lets go of it, on its own thread
+                handle.future = None    # the releaser lets go of it, on its thread
         handles = [h for h in alive if h.future is not None]
         if handles and self.client.status != "running":
             lost = TaskRunnerError("the client lost its connection to the Dask scheduler")

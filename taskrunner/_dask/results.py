@@ -11,7 +11,7 @@ closed.
 Two rules keep a Ctrl-C from being lost or doing harm on the way:
 - results are gathered by `gather`, whose wait is ours, not distributed's
   (a Ctrl-C or a timeout there would cancel every gather in flight);
-- no dask future dies on the thread that drops a Handle (see Kept).
+- no dask future dies on the thread that drops a Handle (see Releaser).
 """
 
 import asyncio
@@ -19,14 +19,14 @@ import concurrent.futures
 import pickle
 import queue
 import threading
-import time
 import weakref
 
 from taskrunner._dask.worker import pickled_items
+from taskrunner._timer import deadline_of, remaining
 from taskrunner.exceptions import TaskRunnerError
 
-__all__ = ["Handle", "Kept", "PackValues", "fetch", "gather", "gather_each", "items_alone",
-           "remaining", "within"]
+__all__ = ["Handle", "PackValues", "Releaser", "fetch", "gather", "gather_each", "items_alone",
+           "within"]
 
 
 class Handle:
@@ -60,7 +60,7 @@ class Handle:
         return fetched if self.pack is None else fetched[self.index]
 
 
-class Kept:
+class Releaser:
     """The dask futures of the live Handles, each let go of on this
     registry's own thread once its Handle dies.
 
@@ -205,7 +205,7 @@ def gather(client, futures, timeout=None):
         try:
             return transfer.result(WAIT_SLICE if left is None else min(left, WAIT_SLICE))
         except concurrent.futures.TimeoutError:     # not the builtin one before 3.11
-            if deadline is not None and time.monotonic() >= deadline:
+            if left is not None and remaining(deadline) == 0:
                 raise TimeoutError(f"the gather did not end within {timeout} s") from None
             # A client closed meanwhile (by another thread) may never
             # answer: a gather of its stopped loop stays pending.
@@ -219,8 +219,8 @@ WAIT_SLICE = 1.0    # how often a gather's wait looks whether its client is stil
 
 
 def _client_closed():
-    return TaskRunnerError("the Dask client closed while results kept on the cluster were "
-                           "being fetched")
+    return TaskRunnerError("the Dask client closed (or cancelled the transfer) while results "
+                           "kept on the cluster were being fetched")
 
 
 def _running_loop():
@@ -232,15 +232,6 @@ def _running_loop():
 
 async def _gathered(client, futures):
     return await client.gather(futures, asynchronous=True)
-
-
-def deadline_of(timeout):
-    return None if timeout is None else time.monotonic() + timeout
-
-
-def remaining(deadline):
-    """The seconds left until `deadline` (None: no limit), at least 0."""
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def within(timeout, fn, *args, **kwargs):
