@@ -827,3 +827,27 @@ def meet(x, folder, count):
     if not wait_until(lambda: len(os.listdir(folder)) >= count, timeout=GATE_TIMEOUT):
         raise TimeoutError(f"only {len(os.listdir(folder))} of {count} workers met")
     return x
+
+
+def hold_dask_starts(gate, entered):
+    """On a Dask worker (through Client.run): each of taskrunner's Dask
+    tasks there, a run alone or a pack, writes `entered` and waits for
+    `gate` before its first look at the recall marks, as a thread slow to
+    start would.  Its Dask task is executing meanwhile."""
+    from taskrunner._dask import worker
+
+    run, claim = worker.run, worker._Pack.claim
+
+    def slow_run(*args, **kwargs):
+        append_line(entered, "run")
+        wait_path(gate)
+        return run(*args, **kwargs)
+
+    def slow_claim(pack):
+        if pack.next == 0:
+            append_line(entered, "pack")
+            wait_path(gate)
+        return claim(pack)
+
+    worker.run = slow_run
+    worker._Pack.claim = slow_claim

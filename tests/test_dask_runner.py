@@ -666,6 +666,48 @@ def test_a_run_recalled_while_a_worker_joins_never_calls_its_task(make_path, mon
     assert not os.path.exists(path)
 
 
+# One worker process with one thread: packs form (worker.py), and the
+# test can reach into the worker's process.
+ONE_WORKER_PROCESS = {"n_workers": 1, "threads_per_worker": 1, "processes": True,
+                      "dashboard_address": None}
+
+
+def _executing(client):
+    return [key for keys in client.run(
+        lambda dask_worker: [str(k) for k in dask_worker.state.executing]).values()
+        for key in keys]
+
+
+@pytest.mark.parametrize("how", ["alone", "pack"])
+def test_a_run_recalled_as_its_dask_task_starts_is_cancelled_and_never_called(
+        how, make_gate, make_path):
+    # issue 9, point 5; found by a full-suite run (test_streaming's
+    # test_an_iterator_let_go_without_close_cancels_its_runs[dask-cluster]).
+    # The run's Dask task is executing but has not looked at the marks yet:
+    # the recall cannot know whether it started, so the runner keeps it;
+    # but it is marked, and once it turns out not to have started it ends
+    # CANCELLED instead of running after the cancel_all() that asked.
+    gate = make_gate()
+    entered = make_path("entered")
+    with DaskTaskRunner(cluster_kwargs=ONE_WORKER_PROCESS) as runner:
+        runner.client.run(rt.hold_dask_starts, gate.path, entered)
+        if how == "alone":
+            paths = [make_path()]
+            futures = [runner.submit(rt.record, {"path": paths[0], "x": 0})]
+        else:
+            paths = [make_path() for _ in range(40)]
+            futures = list(runner.map(rt.record, {"path": paths, "x": range(40)}))
+        rt.wait_path(entered, timeout=60)
+        executing = _executing(runner.client)
+        assert len(executing) == 1 and ("pack" in executing[0]) == (how == "pack"), executing
+        runner.cancel_all()
+        gate.open()
+        for future in futures:
+            future.wait(timeout=60)
+        assert all(f.state.is_cancelled() for f in futures), [f.state for f in futures]
+    assert not [path for path in paths if os.path.exists(path)]
+
+
 def test_the_cluster_helper_leaves_no_process_behind():
     from dask_cluster import DaskCluster, _running
 

@@ -90,6 +90,9 @@ MAX_BATCH = 5_000       # runs in one message to the scheduler at most
 PACKS_PER_THREAD = 4
 MAX_PACK = 1_000
 HOLD_BACK_SECONDS = 3.0     # a recall waits this long for the workers to answer
+# The outcome of a run a recall was told may have started, which a mark then
+# kept from starting (worker.py, WITHHELD): it ends cancelled.
+WITHHELD_RUN = object()
 
 
 class Sent:
@@ -364,7 +367,7 @@ class DaskBackend(Backend):
 
     def _ended(self, batch):
         ended, values, states = [], [], []
-        requeue, rewatch = [], []
+        requeue, withheld, rewatch = [], [], []
         for dask_future in batch:
             with self.lock:
                 sents = self.tasks.get(dask_future.key)
@@ -386,6 +389,11 @@ class DaskBackend(Backend):
                 ours = [(sent, outcome) for sent, outcome in zip(sents, outcomes)
                         if self._forget(sent)]
             for sent, outcome in ours:
+                if outcome is WITHHELD_RUN:
+                    # A recall asked for it, and was told it may have
+                    # started; it never did.
+                    withheld.append(sent.runs)
+                    continue
                 if outcome is None:
                     # Marks left by a recall that found the run may have
                     # started elsewhere; this attempt did not start: run it
@@ -406,12 +414,14 @@ class DaskBackend(Backend):
             self._watch_again(rewatch)
         if requeue:
             self.outbox.give_back(join_runs(requeue), False)
+        if withheld:
+            self.outbox.give_back(join_runs(withheld), True)
         if ended:
             self.outbox.finish(join_runs(ended), values, states)
 
     def _outcomes(self, dask_future, sents):
-        """(value, state), or None for a run to run again, for each run of
-        an ended Dask task."""
+        """(value, state), None for a run to run again, or WITHHELD_RUN for
+        one to cancel, for each run of an ended Dask task."""
         status = dask_future.status
         name = sents[0].name
         if status == "finished":
@@ -426,7 +436,9 @@ class DaskBackend(Backend):
         error = _error_of(dask_future)
         if isinstance(error, PackEnded):
             return [_pack_outcome(state, value, name) for state, value in error.outcomes]
-        return [None if isinstance(error, Recalled) else _outcome_of(error)] * len(sents)
+        if isinstance(error, Recalled):
+            return [WITHHELD_RUN if error.withheld else None] * len(sents)
+        return [_outcome_of(error)] * len(sents)
 
     def _lost_reason(self):
         if self.client.status != "running":
@@ -655,6 +667,8 @@ def _pack_outcome(state, value, name):
         return Handle.holding(value, name), COMPLETED
     if state == worker.FAILED:
         return value.reraised(), FAILED
+    if state == worker.WITHHELD:
+        return WITHHELD_RUN
     return None         # held back: marks a recall left, for an attempt that did not start
 
 

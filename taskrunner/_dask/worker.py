@@ -19,6 +19,13 @@ the first recall); one that joined before step 2 is asked in it.  `run`
 checks the marks of this process before it calls a task.  The marks of a
 session go when the runner exits (the plugin's teardown).
 
+A run whose Dask task is executing here but has claimed nothing yet (its
+thread is starting, or the task has just ended) may or may not have
+started: the recall is told it may have, so the runner keeps the run, but
+it is marked too.  If its thread had not reached the check, the mark
+stops it, and the run's outcome, WITHHELD, tells the runner that it never
+started: it ends CANCELLED, as its recall asked, instead of running later.
+
 Packs.  Runs of one task whose calls need no Dask dependency (the items of
 a map over plain values, most often) go several to a Dask task, a pack,
 run by `run_pack`: the scheduler's cost is per Dask task, and it is most
@@ -50,14 +57,16 @@ from taskrunner._pickling import PLAIN_TYPES, with_remote_traceback
 from taskrunner._timer import Timer
 from taskrunner.exceptions import TaskRunnerError, run_timed_out
 
-__all__ = ["COMPLETED", "FAILED", "RECALLED", "MarksPlugin", "PackEnded", "Recalled",
+__all__ = ["COMPLETED", "FAILED", "RECALLED", "WITHHELD", "MarksPlugin", "PackEnded", "Recalled",
            "TaskRaised", "collect_times", "dep", "dep_item", "forget_marks", "hold_back",
            "marks_key", "pickled_items", "run", "run_pack"]
 
 # Dask's worker states of a run that has not started.
 _NOT_STARTED = frozenset(("waiting", "ready", "constrained", "released"))
 _marks_lock = threading.Lock()
-_held_back: set = set()         # keys this worker process must not run
+# Keys this worker process must not run -> whether the recall that marked
+# the key was told the run may have started (see the module docstring).
+_held_back: dict = {}
 _progress: dict = {}            # pack key -> index of the last run it claimed, while it runs
 _loading = threading.local()    # the dependencies of the arguments being unpickled
 
@@ -80,16 +89,24 @@ class TaskRaised(Exception):
 
 
 class Recalled(Exception):
-    """A recalled run reached a worker: it was not run."""
+    """A recalled run reached a worker: it was not run.  `withheld`: the
+    recall was told that it may have started (see the module docstring)."""
+
+    def __init__(self, key, withheld=False):
+        super().__init__(key, withheld)
+        self.withheld = withheld
 
 
-# A pack's outcome for each of its runs (PackEnded.outcomes).
-COMPLETED, FAILED, RECALLED = "completed", "failed", "recalled"
+# A pack's outcome for each of its runs (PackEnded.outcomes).  RECALLED and
+# WITHHELD runs were not called: held back by a recall's mark, WITHHELD when
+# that recall was told the run may have started here.
+COMPLETED, FAILED, RECALLED, WITHHELD = "completed", "failed", "recalled", "withheld"
 
 
 class PackEnded(Exception):
     """Not every run of a pack completed: `outcomes[i]` is run i's, a pair
-    (COMPLETED, its value), (FAILED, a TaskRaised) or (RECALLED, None)."""
+    (COMPLETED, its value), (FAILED, a TaskRaised), (RECALLED, None) or
+    (WITHHELD, None)."""
 
     def __init__(self, outcomes):
         super().__init__(outcomes)
@@ -106,8 +123,7 @@ def run(fn, is_async, key, blob, deps, traced=False):
     client keeps a run trace (see collect_times)."""
     with _marks_lock:
         if key in _held_back:
-            _held_back.discard(key)
-            raise Recalled(key)
+            raise Recalled(key, _held_back.pop(key))
     return (_timed if traced else _call)(fn, is_async, key, blob, deps, _Seceder())
 
 
@@ -222,8 +238,8 @@ class _Pack:
                 self.next += 1
                 _progress[self.key] = i
                 if self.keys[i] in _held_back:
-                    _held_back.discard(self.keys[i])
-                    self.outcomes[i] = (RECALLED, None)
+                    withheld = _held_back.pop(self.keys[i])
+                    self.outcomes[i] = (WITHHELD if withheld else RECALLED, None)
                     continue
                 return i
             return None
@@ -403,8 +419,9 @@ def marks_key(session):
 
 def hold_back(runs, dask_worker):
     """On a worker, in its event loop (where Dask tasks start): mark the
-    runs not to be run, except those that may have started here, and return
-    the keys of those.  `runs` are (Dask task key, index in its pack, run
+    runs not to be run, and return the keys of those that may have started
+    here (marked too if their Dask task has claimed nothing yet: see the
+    module docstring).  `runs` are (Dask task key, index in its pack, run
     key) triples; a run alone is its own Dask task, index 0."""
     tasks = dask_worker.state.tasks
     maybe_started = []
@@ -414,9 +431,11 @@ def hold_back(runs, dask_worker):
             claimed = _progress.get(task_key)     # None unless a pack runs here now
             if (state is None or state.state in _NOT_STARTED
                     or (claimed is not None and index > claimed)):
-                _held_back.add(key)
-            else:
-                maybe_started.append(key)
+                _held_back[key] = False
+                continue
+            if state.state == "executing" and claimed is None:
+                _held_back[key] = True
+            maybe_started.append(key)
     return maybe_started
 
 
@@ -424,7 +443,8 @@ def forget_marks(session):
     """On a worker: drop the marks of one runner session's keys."""
     tag = f"-{session}-"
     with _marks_lock:
-        _held_back.difference_update([key for key in _held_back if tag in key])
+        for key in [key for key in _held_back if tag in key]:
+            del _held_back[key]
 
 
 class MarksPlugin(WorkerPlugin):
@@ -440,7 +460,7 @@ class MarksPlugin(WorkerPlugin):
         batches = await worker.scheduler.get_metadata(keys=[self.name], default=None)
         with _marks_lock:
             for keys in (batches or {}).values():
-                _held_back.update(keys)
+                _held_back.update(dict.fromkeys(keys, False))
 
     def teardown(self, worker):
         forget_marks(self.session)
