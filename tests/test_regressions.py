@@ -674,3 +674,40 @@ def test_three_runs_released_at_once_each_start_while_the_others_block():
             for gate in gates:
                 gate.set()
     assert [f.result() for f in futures] == list(range(7))
+
+
+@pytest.mark.timeout(120)
+def test_an_allow_failure_downstream_of_a_run_failed_by_another_runners_run_starts():
+    # Found by the runner state machine's long run.  Run 1 (runner B)
+    # waits for run 0 (runner A); run 2 (runner B) waits for
+    # allow_failure(run 1).  Run 0 fails, so run 1 ends NOT_READY when A's
+    # future lets go of it, and that releases run 2: but the release woke
+    # no consumer for it, so it waited READY, with B's threads idle, for
+    # ever (and B's exit with it).  Five rounds: a consumer that happens
+    # to be awake could hide it once.
+    for _ in range(5):
+        _allow_failure_after_an_outside_failure()
+
+
+def _allow_failure_after_an_outside_failure():
+    started, gate = threading.Event(), threading.Event()
+
+    def fails_at_the_gate():
+        assert gate.wait(60)
+        raise ValueError("upstream")
+
+    def ran(x=None):
+        started.set()
+        return "ran"
+
+    with ThreadPoolTaskRunner(max_workers=4) as a, ThreadPoolTaskRunner(max_workers=4) as b:
+        try:
+            up = a.submit(fails_at_the_gate, {})
+            down = b.submit(ran, {}, wait_for=[up])
+            tolerant = b.submit(ran, {"x": allow_failure(down)})
+            gate.set()
+            assert started.wait(10), f"the allow_failure run never started ({tolerant.state!r})"
+            assert tolerant.result(timeout=10) == "ran"
+            assert down.state.name == "NotReady"
+        finally:
+            gate.set()

@@ -246,17 +246,21 @@ cdef class Graph:
             self._demand()
 
     cdef bint _release(self, int32_t run, int32_t cause, RunVec* out) noexcept nogil:
-        # True if the run went to the ready ring: the caller wakes a consumer.
+        # True if a run went to the ready ring: the caller wakes a consumer.
         cdef Run* r = &self.runs[run]
+        cdef int32_t ready
         r.npending -= 1
         if r.state >= COMPLETED:
             # Finalised while held (an upstream failed, or cancel_all).
             self._maybe_free(run)
             return False
         if cause != -1:
+            # The run ends NOT_READY, and its allow_failure downstreams may
+            # go to the ready ring: they need a consumer as much as it would.
+            ready = self.n_ready
             self._end_downstream(run, cause, out)
             self._fail_downstream(out.len - 1, out)
-            return False
+            return self.n_ready > ready
         if r.npending == 0:
             self._push_ready(run)
             return True
