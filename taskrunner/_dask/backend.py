@@ -90,9 +90,11 @@ MAX_BATCH = 5_000       # runs in one message to the scheduler at most
 PACKS_PER_THREAD = 4
 MAX_PACK = 1_000
 HOLD_BACK_SECONDS = 3.0     # a recall waits this long for the workers to answer
-# The outcome of a run a recall was told may have started, which a mark then
-# kept from starting (worker.py, WITHHELD): it ends cancelled.
-WITHHELD_RUN = object()
+# The outcomes of a run that a recall's mark kept from starting (worker.py):
+# RUN_AGAIN, a mark left where the run was not (it may have started
+# elsewhere), so it is run again; WITHHELD_RUN, a mark set where it was, by a
+# recall told it may have started: it never did, and ends cancelled.
+RUN_AGAIN, WITHHELD_RUN = object(), object()
 
 
 class Sent:
@@ -367,7 +369,8 @@ class DaskBackend(Backend):
 
     def _ended(self, batch):
         ended, values, states = [], [], []
-        requeue, withheld, rewatch = [], [], []
+        unstarted = {RUN_AGAIN: [], WITHHELD_RUN: []}
+        rewatch = []
         for dask_future in batch:
             with self.lock:
                 sents = self.tasks.get(dask_future.key)
@@ -389,16 +392,8 @@ class DaskBackend(Backend):
                 ours = [(sent, outcome) for sent, outcome in zip(sents, outcomes)
                         if self._forget(sent)]
             for sent, outcome in ours:
-                if outcome is WITHHELD_RUN:
-                    # A recall asked for it, and was told it may have
-                    # started; it never did.
-                    withheld.append(sent.runs)
-                    continue
-                if outcome is None:
-                    # Marks left by a recall that found the run may have
-                    # started elsewhere; this attempt did not start: run it
-                    # again.
-                    requeue.append(sent.runs)
+                if outcome is RUN_AGAIN or outcome is WITHHELD_RUN:
+                    unstarted[outcome].append(sent.runs)
                     continue
                 value, state = outcome
                 if state == COMPLETED:
@@ -412,16 +407,15 @@ class DaskBackend(Backend):
                 states.append(state)
         if rewatch:
             self._watch_again(rewatch)
-        if requeue:
-            self.outbox.give_back(join_runs(requeue), False)
-        if withheld:
-            self.outbox.give_back(join_runs(withheld), True)
+        for outcome, runs in unstarted.items():
+            if runs:
+                self.outbox.give_back(join_runs(runs), outcome is WITHHELD_RUN)
         if ended:
             self.outbox.finish(join_runs(ended), values, states)
 
     def _outcomes(self, dask_future, sents):
-        """(value, state), None for a run to run again, or WITHHELD_RUN for
-        one to cancel, for each run of an ended Dask task."""
+        """(value, state), RUN_AGAIN or WITHHELD_RUN for each run of an
+        ended Dask task."""
         status = dask_future.status
         name = sents[0].name
         if status == "finished":
@@ -437,7 +431,7 @@ class DaskBackend(Backend):
         if isinstance(error, PackEnded):
             return [_pack_outcome(state, value, name) for state, value in error.outcomes]
         if isinstance(error, Recalled):
-            return [WITHHELD_RUN if error.withheld else None] * len(sents)
+            return [WITHHELD_RUN if error.withheld else RUN_AGAIN] * len(sents)
         return [_outcome_of(error)] * len(sents)
 
     def _lost_reason(self):
@@ -669,7 +663,7 @@ def _pack_outcome(state, value, name):
         return value.reraised(), FAILED
     if state == worker.WITHHELD:
         return WITHHELD_RUN
-    return None         # held back: marks a recall left, for an attempt that did not start
+    return RUN_AGAIN
 
 
 def _outcome_of(error):
