@@ -31,3 +31,23 @@ def alternate(rounds, trees, one_round):
         for tree in trees:
             results[tree].append(one_round(tree))
     return results
+
+
+def timed_pair(code, name):
+    """A round for alternate(): `code` run in the tree prints our time and
+    the peer's, last, and the round returns them as (ours, peer)."""
+    def one_round(tree):
+        ours, peer = map(float, run_in_tree(tree, code, name).split()[-2:])
+        return ours, peer
+    return one_round
+
+
+def report(results, peer):
+    """Per tree, the median of our times and of the ratios peer/ours."""
+    import statistics
+
+    for tree, samples in results.items():
+        ours = statistics.median(o for o, _ in samples)
+        ratios = [round(p / o, 2) for o, p in samples]
+        print(f"{tree}: ours {ours * 1000:.0f} ms, {peer}/ours {statistics.median(ratios)} "
+              f"(rounds: {ratios})")

@@ -10,10 +10,9 @@ ratio measured in one process, seconds apart, is much steadier here than
 either time.  Prints, per tree, the median of our times and of the ratios.
 """
 
-import statistics
 import sys
 
-from _ab import alternate, run_in_tree
+from _ab import alternate, report, timed_pair
 
 SIZE = 1_000_000
 ROUND = """
@@ -28,19 +27,9 @@ print(statistics.median(ours), statistics.median(pool))
 """
 
 
-def one_round(tree):
-    out = run_in_tree(tree, ROUND.format(size=SIZE), "ab_round")
-    ours, pool = map(float, out.split()[-2:])
-    return ours, pool
-
-
 def main():
-    results = alternate(int(sys.argv[1]), sys.argv[2:], one_round)
-    for tree, samples in results.items():
-        ours = statistics.median(o for o, _ in samples)
-        ratios = [round(p / o, 2) for o, p in samples]
-        print(f"{tree}: ours {ours * 1000:.0f} ms, Pool/ours {statistics.median(ratios)} "
-              f"(rounds: {ratios})")
+    one_round = timed_pair(ROUND.format(size=SIZE), "ab_round")
+    report(alternate(int(sys.argv[1]), sys.argv[2:], one_round), "Pool")
 
 
 if __name__ == "__main__":
