@@ -589,6 +589,42 @@ def test_after_cancel_all_the_worker_runs_new_work(make_gate, make_path):
         assert r.map(rt.inc, {"x": range(50)}).result(timeout=20) == list(range(1, 51))
 
 
+def in_flight(r):
+    """Runs sent to the worker processes and not yet answered (a look
+    inside: which runs are still here is not public)."""
+    return sum(worker.count for worker in r._active.workers.workers)
+
+
+@pytest.mark.timeout(60)
+def test_cancelling_scattered_runs_of_a_batch_in_flight_takes_back_exactly_those(
+        make_gate, make_path):
+    """One worker busy with a gated run, 40 quick runs batched to it behind
+    that one (it has learned that runs are quick).  cancel() of the even
+    ones, then of those at 1, 5, 9, ... (between runs given up already)
+    takes back exactly those: they end CANCELLED and never run, and the
+    other 10 complete, each once, when the gate opens."""
+    started, ran = make_path(), make_path("ran")
+    with ProcessPoolTaskRunner(max_workers=1) as r, make_gate() as gate:
+        assert r.map(rt.inc, {"x": range(5000)}).result(timeout=30)[-1] == 5000  # big batches
+        busy = r.submit(rt.gated, {"value": "busy", "gate": gate.path, "started": started})
+        wait_path(started, 20)
+        queued = r.map(rt.store, {"path": ran, "payload": range(40)})
+        assert wait_until(lambda: in_flight(r) == 41, 20), in_flight(r)
+        for n, i in enumerate([*range(0, 40, 2), *range(1, 40, 4)], 1):
+            assert queued[i].cancel() is True, i
+            # The runs taken back with it are sent again, numbered after
+            # those given up: the next take-back spans both.
+            left = 41 - n
+            assert wait_until(lambda left=left: in_flight(r) == left, 20), (i, in_flight(r))
+        gate.open()
+        kept = [i for i in range(40) if i % 4 == 3]
+        assert [queued[i].result(timeout=20) for i in kept] == kept
+        assert busy.result(timeout=20) == "busy"
+        for i in set(range(40)) - set(kept):
+            assert queued[i].state.is_cancelled(), (i, queued[i].state)
+    assert sorted(int(line) for line in read_lines(ran)) == kept
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("how", ["normal", "exception", "cancel_all"])
 def test_no_worker_process_outlives_the_runner(how, make_path):

@@ -191,27 +191,8 @@ class Receiver:
             back = cancel = ()
             states = COMPLETED
             if worker.given_up or errors or skipped:
-                ours, kept_values, states = [], [], []
-                back, cancel = [], []
-                skipped = set(skipped)
-                for i in range(len(runs)):
-                    number = first + i
-                    if worker.answer_dropped(number):
-                        continue
-                    one = runs[i:i + 1]
-                    if number in skipped:
-                        (cancel if number in worker.cancel_if_skipped else back).append(one)
-                        worker.cancel_if_skipped.discard(number)
-                        continue
-                    worker.cancel_if_skipped.discard(number)
-                    ours.append(one)
-                    if number in errors:
-                        kept_values.append(with_remote_traceback(*errors[number]))
-                        states.append(FAILED)
-                    else:
-                        kept_values.append(values[i])
-                        states.append(COMPLETED)
-                runs, values = join_runs(ours), kept_values
+                runs, values, states, back, cancel = _sorted_answers(
+                    worker, first, runs, values, errors, skipped)
             # The dispatcher sends whole batches (Feeder.room_of): waking it
             # for an answer that opens no room would only cost a switch.
             if pool.feeder.free_room():
@@ -336,6 +317,42 @@ class Receiver:
                     first += 1
             _, requeued = busiest.take_back(first, None, cancel=False)
         pool.give_back([], requeued)
+
+
+def _sorted_answers(worker, first, runs, values, errors, skipped):
+    """A batch's answers that are not all results: (the runs to end, their
+    values, their states, the runs to give back, the runs to cancel), the
+    runs as RunLists.  Answers to runs given up are dropped; a skipped run
+    goes back to be run again, or is cancelled if cancel_all() asked.  Runs
+    between the exceptions end COMPLETED as stretches (views): after a
+    rebalance took back half of a batch, a Python step per run of it would
+    cost more than the runs."""
+    numbers = range(first, first + len(runs))
+    dropped = worker.given_up.intersection(numbers)
+    if dropped:
+        # take_answered counted them out of `count` a second time.
+        worker.given_up -= dropped
+        worker.count += len(dropped)
+    skipped = set(skipped) - dropped
+    failed = errors.keys() - dropped - skipped
+    ours, kept_values, states, back, cancel = [], [], [], [], []
+    at = 0                  # the next index not yet sorted
+    for number in sorted(dropped | skipped | failed) + [numbers.stop]:
+        i = number - first
+        if i > at:
+            ours.append(runs.view(at, i))
+            kept_values.extend(values[at:i])
+            states.extend([COMPLETED] * (i - at))
+        at = i + 1
+        if number in failed:
+            ours.append(runs.view(i, i + 1))
+            kept_values.append(with_remote_traceback(*errors[number]))
+            states.append(FAILED)
+        elif number in skipped:
+            (cancel if number in worker.cancel_if_skipped else back).append(runs.view(i, i + 1))
+    if worker.cancel_if_skipped:
+        worker.cancel_if_skipped.difference_update(numbers)
+    return join_runs(ours), kept_values, states, back, cancel
 
 
 def how_it_ended(code):
