@@ -333,8 +333,8 @@ def _sorted_answers(worker, first, runs, values, errors, skipped):
         # take_answered counted them out of `count` a second time.
         worker.given_up -= dropped
         worker.count += len(dropped)
-    skipped = set(skipped) - dropped
-    failed = errors.keys() - dropped - skipped
+    skipped = {n for n in skipped if n in numbers} - dropped
+    failed = {n for n in errors if n in numbers} - dropped - skipped
     ours, kept_values, states, back, cancel = [], [], [], [], []
     at = 0                  # the next index not yet sorted
     for number in sorted(dropped | skipped | failed) + [numbers.stop]:
