@@ -3,6 +3,7 @@ interpreter that imports taskrunner from a checkout, and alternating the
 checkouts round by round."""
 
 import os
+import statistics
 import subprocess
 import sys
 
@@ -44,8 +45,6 @@ def timed_pair(code, name):
 
 def report(results, peer):
     """Per tree, the median of our times and of the ratios peer/ours."""
-    import statistics
-
     for tree, samples in results.items():
         ours = statistics.median(o for o, _ in samples)
         ratios = [round(p / o, 2) for o, p in samples]

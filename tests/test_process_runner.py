@@ -37,6 +37,7 @@ from taskrunner import (
     ProcessPoolTaskRunner,
     StateType,
     TaskRunner,
+    ThreadPoolTaskRunner,
     UpstreamTaskError,
     task,
     unmapped,
@@ -587,6 +588,55 @@ def test_after_cancel_all_the_worker_runs_new_work(make_gate, make_path):
         assert busy.result(timeout=20) == 1
         assert all(f.state.is_cancelled() for f in queued)
         assert r.map(rt.inc, {"x": range(50)}).result(timeout=20) == list(range(1, 51))
+
+
+@pytest.mark.timeout(60)
+def test_an_upstream_result_that_cannot_be_pickled_fails_only_the_run_it_goes_to():
+    """A thread runner's run returns what cannot be pickled (it holds a
+    lock), and it is an item of a process runner's map: that run fails with
+    a TypeError naming its parameter, and the runs batched with it complete."""
+    with ThreadPoolTaskRunner(1) as threads, ProcessPoolTaskRunner(max_workers=1) as r:
+        lock = threads.submit(rt.produce_unpicklable, {"kind": "result-holding-a-lock"})
+        lock.wait(20)
+        runs = r.map(rt.identity, {"x": [1, 2, lock, 4, 5]})
+        assert [runs[i].result(timeout=20) for i in (0, 1, 3, 4)] == [1, 2, 4, 5]
+        runs[2].wait(20)
+        assert runs[2].state.is_failed(), runs[2].state
+        with pytest.raises(TypeError, match="parameter 'x' of task run 'identity' cannot be "
+                                            "pickled to go to a worker process"):
+            runs[2].result(timeout=1)
+        assert r.map(rt.inc, {"x": range(3)}).result(timeout=20) == [1, 2, 3]
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_that_fails_to_be_sent_fails_its_runs_and_the_runner_goes_on(monkeypatch):
+    """A bug while a batch is sent (Feeder.send_batch raising, once): each
+    run of that batch ends FAILED with that error, none hangs, and the runs
+    of the other batches, and later ones, complete."""
+    from taskrunner._process import feeder
+
+    real, sizes = feeder.Feeder.send_batch, []
+
+    def send_batch(self, batch):
+        sizes.append(len(batch.runs))
+        if len(sizes) == 1:
+            raise RuntimeError("a bug in sending")
+        return real(self, batch)
+
+    with ProcessPoolTaskRunner(max_workers=1) as r:
+        assert r.map(rt.inc, {"x": range(5000)}).result(timeout=30)[-1] == 5000  # big batches
+        monkeypatch.setattr(feeder.Feeder, "send_batch", send_batch)
+        runs = r.map(rt.inc, {"x": range(30)})
+        for f in runs:
+            f.wait(20)
+        lost = sizes[0]
+        assert lost > 1, sizes      # a batch of several runs
+        for f in runs[:lost]:
+            assert f.state.is_failed(), f.state
+            with pytest.raises(RuntimeError, match="a bug in sending"):
+                f.result(timeout=1)
+        assert [f.result(timeout=1) for f in runs[lost:]] == list(range(lost + 1, 31))
+        assert r.map(rt.inc, {"x": range(3)}).result(timeout=20) == [1, 2, 3]
 
 
 def in_flight(r):

@@ -170,8 +170,8 @@ class Feeder:
                                       [kwargs] if group.kwargs else None, group.single,
                                       group.timed))
         with self.pool.lock:
-            ours = [(number, one) for number, one in worker.runs_from(min(bad), max(bad) + 1)
-                    if number in bad and number not in worker.given_up]
+            ours = [(number, worker.run_numbered(number)) for number in sorted(bad)]
+            ours = [(number, one) for number, one in ours if one is not None]
             worker.give_up(bad)
         if ours:
             self.pool.outbox.finish(join_runs(one for _, one in ours),
@@ -184,14 +184,13 @@ class Feeder:
         worker = batch.worker
         numbers = range(batch.first, batch.first + len(batch.runs))
         with self.pool.lock:
-            ours = [one for number, one in worker.runs_from(numbers.start, numbers.stop)
-                    if number not in worker.given_up]
+            ours = join_runs(runs for _, runs in worker.stretches(numbers.start, numbers.stop))
             worker.give_up(numbers)
         worker.outbox.put(pickle.dumps(
             Batch([], dumps([Group(SKIP, batch.first, range(len(batch.runs)), None, True)])),
             pickle.HIGHEST_PROTOCOL))
         if ours:
-            self.pool.outbox.finish(join_runs(ours), [error] * len(ours), FAILED)
+            self.pool.outbox.finish(ours, [error] * len(ours), FAILED)
 
     def resend_by_value(self, worker, text):
         """The worker could not unpickle its next batch (an object of a
@@ -203,11 +202,12 @@ class Feeder:
             batch = worker.in_flight[0]
             numbers = range(batch.first + batch.answered, batch.first + len(batch.runs))
             answered = worker.take_answered(numbers.start, len(numbers))
+            dropped = worker.drop_answers(numbers)
             ours, cancelled = [], []
             for number, i in zip(numbers, range(len(answered))):
-                one = answered[i:i + 1]
-                if worker.answer_dropped(number):
+                if number in dropped:
                     continue
+                one = answered[i:i + 1]
                 if number in worker.cancel_if_skipped:
                     cancelled.append(one)   # cancel_all() meant it: it never started
                 else:

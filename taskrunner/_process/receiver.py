@@ -328,11 +328,7 @@ def _sorted_answers(worker, first, runs, values, errors, skipped):
     rebalance took back half of a batch, a Python step per run of it would
     cost more than the runs."""
     numbers = range(first, first + len(runs))
-    dropped = worker.given_up.intersection(numbers)
-    if dropped:
-        # take_answered counted them out of `count` a second time.
-        worker.given_up -= dropped
-        worker.count += len(dropped)
+    dropped = worker.drop_answers(numbers)
     skipped = {n for n in skipped if n in numbers} - dropped
     failed = {n for n in errors if n in numbers} - dropped - skipped
     ours, kept_values, states, back, cancel = [], [], [], [], []

@@ -102,14 +102,15 @@ class Worker:
         self.given_up |= fresh
         self.count -= len(fresh)
 
-    def answer_dropped(self, number):
-        """The answer to a run given up came: forget the number.  True if it
-        was one (take_answered counted it out of `count` a second time)."""
-        if number not in self.given_up:
-            return False
-        self.given_up.discard(number)
-        self.count += 1
-        return True
+    def drop_answers(self, numbers):
+        """The answers to `numbers` (a range of one message) came: forget
+        those of runs given up, and return them (a set).  take_answered
+        counted them out of `count` a second time."""
+        dropped = self.given_up.intersection(numbers)
+        if dropped:
+            self.given_up -= dropped
+            self.count += len(dropped)
+        return dropped
 
     def first_of(self, run_ids):
         """The lowest number of a run of `run_ids` (a set of engine ids) in
@@ -128,20 +129,12 @@ class Worker:
                 return batch.runs.run_facts(number - batch.first)
         return None
 
-    def runs_from(self, first, end=None):
-        """(number, that run as a RunList) for every run in flight numbered
-        `first` or later (and before `end`), one at a time: for the few runs
-        of an error path (see stretches for many)."""
-        for batch in self.in_flight:
-            stop = len(batch.runs) if end is None else min(len(batch.runs), end - batch.first)
-            for i in range(max(batch.answered, first - batch.first), stop):
-                yield batch.first + i, batch.runs[i:i + 1]
-
     def stretches(self, first, end):
         """(number, RunList) for each stretch of consecutive runs in flight,
         numbered first .. end-1 and still ours (not given up), the RunList a
         view of its batch's: no per-run work but for the runs given up, so
-        that taking back half a batch of 20,000 costs no 20,000 objects."""
+        that taking back half a batch of 20,000 costs no 20,000 objects.
+        In order of their numbers."""
         gaps = sorted(n for n in self.given_up if first <= n < end)
         for batch in self.in_flight:
             lo = max(batch.first + batch.answered, first)
@@ -197,19 +190,20 @@ class Worker:
                     (cancelled if is_target else requeued).append(part)
         return cancelled, requeued
 
-    def _run_numbered(self, number):
-        for _, one in self.runs_from(number, number + 1):
+    def run_numbered(self, number):
+        """Run `number` in flight and ours, as a RunList, or None."""
+        for _, one in self.stretches(number, number + 1):
             return one
         return None
 
     def timeout_of(self, number):
         """The timeout_seconds of the task of run `number` in flight (0: none)."""
-        one = self._run_numbered(number)
+        one = self.run_numbered(number)
         return one.timeout_at(0) if one is not None else 0.0
 
     def run_facts_of(self, number):
         """(task name, run id, attempt) of run `number` in flight, for logs."""
-        one = self._run_numbered(number)
+        one = self.run_numbered(number)
         return one.run_facts(0) if one is not None else ("?", "?", 0)
 
     def crashed_and_rest(self):
