@@ -39,7 +39,7 @@ from taskrunner._graph cimport (
     runvec_free,
 )
 from taskrunner._mapped cimport (
-    FutureList, MapBlock, RunList, detach, fill_args, hold_payload, item_payload, new_block,
+    FutureList, MapBlock, RunList, detach, fill_args, handed, hold_payload, item_payload, new_block,
     new_runlist, runlist_of, settle_ended,
 )
 from taskrunner._params cimport (
@@ -587,24 +587,24 @@ cdef class Engine(EngineBase):
         cdef RunVec out = RunVec(NULL, 0, 0)
         cdef MapBlock block = futures._block
         cdef TaskFuture fut
-        cdef list handed
+        cdef list futures_made
         cdef list sent_items = []
         cdef RunList sent
         cdef Py_ssize_t i
         if block is not None:
             if block.detached or block.engine is not self:
                 return
-            handed = [<object>block.futures[i] for i in range(block.registered)
-                      if block.futures[i] != NULL]
+            futures_made = [<object>handed(block, i) for i in range(block.registered)
+                            if handed(block, i) != NULL]
         else:
-            handed = [f for f in list.__iter__(futures) if type(f) is TaskFuture
-                      and (<TaskFuture>f)._engine is self and (<TaskFuture>f)._run >= 0]
+            futures_made = [f for f in list.__iter__(futures) if type(f) is TaskFuture
+                            and (<TaskFuture>f)._engine is self and (<TaskFuture>f)._run >= 0]
         if graph.released:
             return
         graph.lock()
         if block is not None:
             block.cancel_unstarted_locked(&out)
-        for f in handed:
+        for f in futures_made:
             graph.cancel_locked((<TaskFuture>f)._run, &out)
         self.unlock_and_settle(&out)
         if self._recall is None or not recall:
@@ -613,18 +613,18 @@ cdef class Engine(EngineBase):
         # takes back those that surely never started.
         if block is not None:
             for i in range(block.registered):
-                if (block.futures[i] == NULL and not block.ended[i]
+                if (handed(block, i) == NULL and not block.ended[i]
                         and graph.state_of(block.runs[i]) == RUNNING):
                     sent_items.append(i)
-        handed = [f for f in handed if (<TaskFuture>f)._state() == RUNNING]
-        if not sent_items and not handed:
+        futures_made = [f for f in futures_made if (<TaskFuture>f)._state() == RUNNING]
+        if not sent_items and not futures_made:
             return
-        sent = new_runlist(len(sent_items) + len(handed))
+        sent = new_runlist(len(sent_items) + len(futures_made))
         for i in range(len(sent_items)):
             sent.items[i] = item_payload(block, <Py_ssize_t>sent_items[i])
             hold_payload(sent.items[i])
-        for i in range(len(handed)):
-            fut = <TaskFuture>handed[i]
+        for i in range(len(futures_made)):
+            fut = <TaskFuture>futures_made[i]
             Py_INCREF(fut)
             sent.items[len(sent_items) + i] = <void*>fut
         self.unstart(self._recall(sent), True)

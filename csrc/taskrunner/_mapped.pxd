@@ -28,7 +28,7 @@ cdef class MapBlock:
     cdef int32_t* runs          # item i's run
     cdef uint8_t* ended         # item i's final state once the block saw it end, else 0
     cdef PyObject** values      # item i's result, exception, or NOT_READY cause (owned)
-    cdef PyObject** futures     # item i's future once handed over (owned)
+    cdef PyObject** futures     # item i's future once handed over (owned); see handed()
     cdef void** tags            # tags[i] is this block: item i's payload points here
     cdef int32_t* retried       # item i's retries so far (as TaskFuture._retried); NULL: none yet
     # The calls: the template's bound arguments with mapped positions taken
@@ -75,6 +75,13 @@ cdef tuple fill_args(tuple template, list column_at, list row)
 
 cdef inline void* item_payload(MapBlock block, Py_ssize_t i) noexcept:
     return <void*>(<uintptr_t>&block.tags[i] | ITEM_TAG)
+
+
+cdef inline PyObject* handed(MapBlock block, Py_ssize_t i) noexcept:
+    """Item i's future, borrowed, if it was handed over; else NULL.  Most
+    maps never hand one over: the array is made at the first (hand_over),
+    so that they neither allocate nor read it."""
+    return block.futures[i] if block.futures != NULL else NULL
 
 
 cdef inline void* untagged(void* payload) noexcept nogil:

@@ -48,11 +48,11 @@ cdef class MapBlock:
             # future's to give back, and must no longer point here.
             graph.lock()
             for i in range(self.registered):
-                if self.futures[i] == NULL:
+                if handed(self, i) == NULL:
                     graph.drop_locked(self.runs[i])
                 else:
                     graph.swap_payload_locked(self.runs[i], item_payload(self, i),
-                                              <void*>self.futures[i], True)
+                                              <void*>handed(self, i), True)
             graph.unlock()
         if self.values != NULL:
             for i in range(self.n):
@@ -87,16 +87,16 @@ cdef class MapBlock:
 
     cdef TaskFuture future_at(self, Py_ssize_t i):
         """Item i's future, made on first use (see hand_over)."""
-        if self.futures[i] == NULL:
+        if handed(self, i) == NULL:
             self.hand_over(i, i + 1, False)
-        return <TaskFuture>self.futures[i]
+        return <TaskFuture>handed(self, i)
 
     cdef TaskFuture take_over(self, Py_ssize_t i):
         """future_at(), by the consumer that took item i: it holds the only
         copy of the running item's payload, so the future becomes the run's
         payload now, and the consumer may end it through the future alone."""
         self.hand_over(i, i + 1, True)
-        return <TaskFuture>self.futures[i]
+        return <TaskFuture>handed(self, i)
 
     cdef int hand_over(self, Py_ssize_t lo, Py_ssize_t hi, bint taker) except -1:
         """Make the futures of items lo .. hi-1 that have none.  An
@@ -109,9 +109,13 @@ cdef class MapBlock:
         cdef Graph graph = self.engine.graph
         cdef TaskFuture fut
         cdef Py_ssize_t i, unfinished = 0, swapped = 0
+        if self.futures == NULL:
+            self.futures = <PyObject**>calloc(self.n + 1, sizeof(PyObject*))
+            if self.futures == NULL:
+                raise MemoryError()
         # The futures first: nothing may allocate under the graph's lock.
         for i in range(lo, hi):
-            if self.futures[i] != NULL:
+            if handed(self, i) != NULL:
                 unfinished += not self.ended[i]
                 continue
             # Whatever allocates comes before the test of ended[i]: an
@@ -157,7 +161,7 @@ cdef class MapBlock:
             graph.lock()
             for i in range(lo, min(hi, self.registered)):
                 if not self.ended[i] and graph.swap_payload_locked(
-                        self.runs[i], item_payload(self, i), <void*>self.futures[i], taker):
+                        self.runs[i], item_payload(self, i), <void*>handed(self, i), taker):
                     swapped += 1
             graph.unlock()
             self.pending -= swapped
@@ -167,7 +171,7 @@ cdef class MapBlock:
             # tells the consumer (who may hear of an item twice).
             for i in range(lo, min(hi, self.registered)):
                 if not self.ended[i]:
-                    (<TaskFuture>self.futures[i]).add_done_callback(
+                    (<TaskFuture>handed(self, i)).add_done_callback(
                         _EndNote(self.on_end, self.on_end_base + i))
         return 0
 
@@ -214,7 +218,7 @@ cdef class MapBlock:
         lock held)."""
         cdef Py_ssize_t i
         for i in range(self.registered):
-            if self.futures[i] == NULL:
+            if handed(self, i) == NULL:
                 self.engine.graph.cancel_locked(self.runs[i], out)
 
     cdef void let_go_if_done(self) noexcept:
@@ -257,10 +261,9 @@ cdef MapBlock new_block(EngineBase engine, CallSpec spec, Py_ssize_t n):
     block.runs = <int32_t*>malloc(n * sizeof(int32_t) + 1)
     block.ended = <uint8_t*>calloc(n + 1, sizeof(uint8_t))
     block.values = <PyObject**>calloc(n + 1, sizeof(PyObject*))
-    block.futures = <PyObject**>calloc(n + 1, sizeof(PyObject*))
     block.tags = <void**>malloc(n * sizeof(void*) + 1)
     if (block.runs == NULL or block.ended == NULL or block.values == NULL
-            or block.futures == NULL or block.tags == NULL):
+            or block.tags == NULL):
         raise MemoryError()
     for i in range(n):
         block.tags[i] = <void*>block
@@ -300,13 +303,13 @@ cdef class TakenCall:
         if is_item(payload):
             block = block_of(payload)
             i = index_of(payload, block)
-            if block.futures[i] == NULL:
+            if handed(block, i) == NULL:
                 self.spec = block.spec
                 self.args = block.args_at(i)
                 self.kwargs = block.kwargs_at(i)
                 self.flags = block.flags
                 return 0
-            fut = <TaskFuture>block.futures[i]
+            fut = <TaskFuture>handed(block, i)
         else:
             fut = <TaskFuture>payload
         self.spec = fut._spec
@@ -336,7 +339,7 @@ cdef TaskFuture record_end(void* payload, uint8_t state, object value, bint kept
     if is_item(payload):
         block = block_of(payload)
         i = index_of(payload, block)
-        if block.futures[i] == NULL and not kept_elsewhere:
+        if handed(block, i) == NULL and not kept_elsewhere:
             block.item_ended(i, state, value)
             return None
         fut = block.future_at(i)
@@ -361,7 +364,7 @@ cdef inline TaskFuture _future_if_made(void* payload):
     if not is_item(payload):
         return <TaskFuture>payload
     block = block_of(payload)
-    fut = block.futures[index_of(payload, block)]
+    fut = handed(block, index_of(payload, block))
     return <TaskFuture>fut if fut != NULL else None
 
 
@@ -408,13 +411,31 @@ cdef Py_ssize_t end_items(void** payloads, Py_ssize_t n, uint8_t* states, list v
     states[j] with values[offset + j]; its run goes into runs[j].  Returns
     the stretch's length: 0 if payloads[0] is no such item."""
     cdef MapBlock block
-    cdef Py_ssize_t j = 0, k
+    cdef Py_ssize_t j = 0, k, limit
+    cdef PyObject* value
     if not is_item(payloads[0]):
         return 0
     block = block_of(payloads[0])
     k = index_of(payloads[0], block)
+    if block.futures == NULL and block.on_end is None:
+        # No item has a future and no stream waits on them: item_ended()
+        # for each completed one, the counts kept once for the stretch.
+        # Nothing here runs Python code, which could hand an item over:
+        # anything else (a failure, which is logged) goes the long way.
+        limit = min(n, block.registered - k)
+        while (j < limit and states[j] == COMPLETED and block.values[k + j] == NULL
+               and payloads[j] == item_payload(block, k + j)):
+            value = PyList_GET_ITEM(values, offset + j)
+            if value != <PyObject*>None:
+                Py_INCREF(<object>value)
+                block.values[k + j] = value
+            block.ended[k + j] = COMPLETED
+            runs[j] = block.runs[k + j]
+            j += 1
+        block.pending -= j
+        block.n_ended += j
     while (j < n and k + j < block.registered and payloads[j] == item_payload(block, k + j)
-           and block.futures[k + j] == NULL):
+           and handed(block, k + j) == NULL):
         if states[j] != COMPLETED:
             _log_end(payloads[j], states[j], <object>PyList_GET_ITEM(values, offset + j))
         block.item_ended(k + j, states[j], <object>PyList_GET_ITEM(values, offset + j))
@@ -449,7 +470,7 @@ cdef void settle_ended(RunVec* out):
         if is_item(payload):
             block = block_of(payload)
             k = index_of(payload, block)
-            if block.futures[k] == NULL:
+            if handed(block, k) == NULL:
                 if out.items[i].cause == -1:
                     block.item_ended(k, CANCELLED, None)
                 elif out.items[i].cause_payload != NULL and is_item(out.items[i].cause_payload):
@@ -469,7 +490,7 @@ cdef void settle_ended(RunVec* out):
             block.notify_end(k)
             out.items[i].run = -2
             Py_INCREF(block)
-            payload = <void*>block.futures[k]
+            payload = <void*>handed(block, k)
         fut = <TaskFuture>payload
         if out.items[i].cause_payload != NULL and is_item(out.items[i].cause_payload):
             cause = future_of(out.items[i].cause_payload)   # kept by its block
@@ -505,7 +526,7 @@ cdef void detach(void* payload, uint8_t state) noexcept:
         block.detached = True
         # A future made while a consumer held the item's payload ended as
         # the future, but the slot still points at the item.
-        fut = block.futures[index_of(payload, block)]
+        fut = handed(block, index_of(payload, block))
         if fut == NULL:
             return
     else:
@@ -609,11 +630,11 @@ cdef MapBlock plain_stretch(void** payloads, Py_ssize_t n, Py_ssize_t* first,
         return None
     block = block_of(payloads[0])
     k = index_of(payloads[0], block)
-    if (block.futures[k] != NULL or not block.one_column or block.static_kwargs is not None
+    if (handed(block, k) != NULL or not block.one_column or block.static_kwargs is not None
             or block.flags & NEEDS_RESOLVE):
         return None
     while (count < n and payloads[count] == item_payload(block, k + count)
-           and block.futures[k + count] == NULL):
+           and handed(block, k + count) == NULL):
         count += 1
     first[0] = k
     length[0] = count
@@ -636,7 +657,7 @@ cdef class FutureList(list):
             return 0
         block.hand_over(0, block.n, False)
         for i in range(block.n):
-            list.append(self, <object>block.futures[i])
+            list.append(self, <object>handed(block, i))
         self._block = None
         return 0
 
@@ -665,8 +686,8 @@ cdef class FutureList(list):
                     return 0
             return 0
         for i in range(block.n):
-            if block.futures[i] != NULL:
-                (<TaskFuture>block.futures[i]).wait(remaining(deadline))
+            if handed(block, i) != NULL:
+                (<TaskFuture>handed(block, i)).wait(remaining(deadline))
             elif not block.ended[i] and not wait_run(block.engine.graph, block.runs[i], deadline):
                 return 0
         return 0
@@ -795,15 +816,15 @@ cdef class FutureList(list):
         for i in range(block.n):
             if self._is_final(i):
                 queue.put(base + i)
-            elif block.futures[i] != NULL:
-                (<TaskFuture>block.futures[i]).add_done_callback(_EndNote(queue, base + i))
+            elif handed(block, i) != NULL:
+                (<TaskFuture>handed(block, i)).add_done_callback(_EndNote(queue, base + i))
 
     cdef int _wait_item(self, Py_ssize_t i) except -1:
         cdef MapBlock block = self._block
         if block is None:
             (<object>PyList_GET_ITEM(self, i)).wait()
-        elif block.futures[i] != NULL:
-            (<TaskFuture>block.futures[i]).wait()
+        elif handed(block, i) != NULL:
+            (<TaskFuture>handed(block, i)).wait()
         elif not block.ended[i]:
             wait_run(block.engine.graph, block.runs[i], -1.0)
         return 0
@@ -812,8 +833,8 @@ cdef class FutureList(list):
         cdef MapBlock block = self._block
         if block is None:
             fut = <object>PyList_GET_ITEM(self, i)
-        elif block.futures[i] != NULL:
-            fut = <object>block.futures[i]
+        elif handed(block, i) != NULL:
+            fut = <object>handed(block, i)
         else:
             return block.ended[i] != 0
         if type(fut) is TaskFuture:
@@ -836,8 +857,8 @@ cdef class FutureList(list):
             i = lo + k if indexes is None else <Py_ssize_t>indexes[lo + k]
             if block is None:
                 fut = <object>PyList_GET_ITEM(self, i)
-            elif block.futures[i] != NULL:
-                fut = <TaskFuture>block.futures[i]
+            elif handed(block, i) != NULL:
+                fut = <TaskFuture>handed(block, i)
             else:
                 state = block.ended[i]
                 if not state:
@@ -846,7 +867,7 @@ cdef class FutureList(list):
                             f"task run {block.spec.name!r} did not finish within "
                             f"{timeout} seconds")
                     state = block.ended[i]
-                if state == COMPLETED and block.futures[i] == NULL:
+                if state == COMPLETED and handed(block, i) == NULL:
                     if block.values[i] != NULL:
                         # In place of the None there: the block's reference
                         # is moved (`clear`) or shared.

@@ -41,7 +41,7 @@ from libc.stdlib cimport free, malloc, realloc
 
 from taskrunner._futures cimport EngineBase, TaskFuture, is_item
 from taskrunner._graph cimport COMPLETED, CRASHED, FAILED, tr_monotonic
-from taskrunner._mapped cimport MapBlock, RunList, block_of, index_of
+from taskrunner._mapped cimport MapBlock, RunList, block_of, handed, index_of
 from taskrunner._params cimport Upstream, Upstreams
 
 import heapq
@@ -145,8 +145,8 @@ cdef class Trace:
             return self.key_of_future(<TaskFuture>payload)
         block = block_of(payload)
         i = index_of(payload, block)
-        if block.futures[i] != NULL:
-            return self.key_of_future(<TaskFuture>block.futures[i])
+        if handed(block, i) != NULL:
+            return self.key_of_future(<TaskFuture>handed(block, i))
         if not block.traced:
             self._number_block(block)
         return block.trace_key + i

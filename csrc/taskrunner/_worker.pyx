@@ -31,6 +31,20 @@ from libc.math cimport NAN
 from taskrunner._calls cimport TaskLoop, awaited
 from taskrunner._params cimport is_plain
 
+cdef extern from *:
+    """
+    #if defined(__GLIBC__)
+    #include <malloc.h>
+    static void tr_keep_freed(int bytes) {
+        mallopt(M_TRIM_THRESHOLD, bytes);
+        mallopt(M_MMAP_THRESHOLD, bytes / 2);
+    }
+    #else
+    static void tr_keep_freed(int bytes) { (void)bytes; }
+    #endif
+    """
+    void tr_keep_freed(int nbytes) nogil
+
 cdef extern from "sync.h" nogil:
     void tr_store64(volatile long long*, long long)
     void tr_release64(volatile long long*, long long)
@@ -48,6 +62,10 @@ import traceback
 from taskrunner._logging import Forwarder, install_forwarder
 from taskrunner._pickling import dumps
 from taskrunner._process.wire import BATCH_SECONDS, SKIP, Answers, BadBatch, Done, InitFailed, Logged, Ready
+
+# What a worker keeps of the memory it frees (see the module docstring);
+# blocks of half that or more are mapped apart, and freed at once.
+cdef int KEEP_FREED_BYTES = 64 << 20
 
 cdef Py_ssize_t _BLOCK_WORDS = 8    # a 64-byte cache line per worker: no false sharing
 BLOCK_WORDS = _BLOCK_WORDS
@@ -400,6 +418,7 @@ def serve(task_conn, result_conn, shared, Py_ssize_t index, bytes setup, bint tr
     cdef _Results results = _Results(result_conn, traced)
     cdef TaskLoop loop = TaskLoop()
     cdef dict functions = {}
+    tr_keep_freed(KEEP_FREED_BYTES)
     flusher = threading.Thread(target=results.flush_late, name="taskrunner-flusher", daemon=True)
     install_forwarder(Forwarder(_RecordSender(results), _RunNow(block, results)), log_config)
     try:
