@@ -195,6 +195,10 @@ cdef class Graph:
 
     # Building runs: add (held), add its edges, then release.
     cdef int32_t add_run_locked(self, void* payload, uint8_t flags, uint8_t lim) noexcept nogil
+    # Or, for a run with no upstream, no limit and nothing to hold it: add
+    # it READY at once, then wake consumers once for all (ready_added_locked).
+    cdef int32_t add_ready_run_locked(self, void* payload) noexcept nogil
+    cdef void ready_added_locked(self) noexcept nogil
     cdef int add_edge_locked(self, int32_t up, int32_t down, bint allow) noexcept nogil
     cdef void release_locked(self, int32_t run, int32_t cause, RunVec* out) noexcept nogil
     cdef void release_added_locked(self, int32_t* runs, Py_ssize_t n, bint cancel,

@@ -201,6 +201,19 @@ cdef class Graph:
         self.n_unfinished += 1
         return run
 
+    cdef int32_t add_ready_run_locked(self, void* payload) noexcept nogil:
+        """add_run_locked() and its release in one step, for a run that
+        waits for nothing: no upstream, no limit, not cancelled at birth."""
+        cdef int32_t run = self.add_run_locked(payload, 0, 0)
+        if run >= 0:
+            self.runs[run].npending = 0
+            self._push_ready(run)
+        return run
+
+    cdef void ready_added_locked(self) noexcept nogil:
+        """After add_ready_run_locked(): wake consumers for the new runs."""
+        self._demand()
+
     cdef int add_edge_locked(self, int32_t up, int32_t down, bint allow) noexcept nogil:
         cdef uint8_t state = self.runs[up].state
         cdef int32_t e
@@ -486,6 +499,7 @@ cdef class Graph:
         critical section on: until the consumer marks them sent, cancelling
         one is done here; after, only the consumer can take it back."""
         cdef int32_t n = 0, run
+        cdef Run* r
         self.lock()
         run = self._take_waiting_locked(payloads, deadline)
         if run < 0:
@@ -496,6 +510,21 @@ cdef class Graph:
             n += 1
             if n == max_n:
                 break
+            # _pop_ready(), inline for the common entry: a READY run of no
+            # limit at the head of the ring (a map's items, thousands a take).
+            if not self._can_take():
+                break
+            run = self.ring[self.ring_head]
+            r = &self.runs[run]
+            if r.state == READY and not r.lim:
+                self.ring_head = (self.ring_head + 1) & self.ring_mask
+                self.ring_len -= 1
+                r.flags &= ~F_QUEUED
+                r.state = RUNNING
+                self.n_ready -= 1
+                self.n_running += 1
+                payloads[n] = self.payloads[run]
+                continue
             run = self._pop_ready(&payloads[n])
             if run < 0:
                 break
@@ -627,8 +656,9 @@ cdef class Graph:
         # complete_locked() but for waking consumers.
         cdef Py_ssize_t start = out.len
         self._finish(run, state)
-        self._fire_edges(run, state == COMPLETED, out)
-        self._fail_downstream(start, out)
+        if self.runs[run].succ >= 0:       # most runs (a map's items) have no downstream
+            self._fire_edges(run, state == COMPLETED, out)
+            self._fail_downstream(start, out)
         self._maybe_free(run)
 
     cdef void complete_taken_many_locked(self, int32_t* runs, uint8_t* states, Py_ssize_t n,
