@@ -11,6 +11,7 @@ them back, so the next test gets the whole cluster.
 
 import contextlib
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -664,6 +665,38 @@ def test_a_run_recalled_while_a_worker_joins_never_calls_its_task(make_path, mon
         assert type(refusal).__name__ == "Recalled", refusal    # refused on the worker
         assert runner.submit(rt.inc, {"x": 1}).result(timeout=30) == 2
     assert not os.path.exists(path)
+
+
+def test_a_worker_refuses_the_runs_of_a_runner_that_has_exited():
+    # Found as a flake of test_streaming's imap-failure test on Dask: a
+    # recall's Client.cancel reaches the scheduler some milliseconds late,
+    # and the runner's exit had dropped the run's mark meanwhile, so the
+    # worker it was handed to ran it.  Once a runner has exited (its marks
+    # plugin torn down, not its worker closing) no run of its session
+    # starts on a worker, alone or in a pack; another session's runs do.
+    import uuid
+
+    from taskrunner._dask import worker as on_worker
+    from taskrunner._dask.worker import RECALLED, PackEnded, Recalled
+
+    ended, closing = uuid.uuid4().hex, uuid.uuid4().hex
+    on_worker.forget_marks(ended)                   # the runner's exit
+    on_worker.forget_marks(closing, ended=False)    # a worker closing mid-session
+    called = []
+
+    def task(x):
+        called.append(x)
+        return x
+
+    blob = pickle.dumps(((1,), None))
+    with pytest.raises(Recalled):
+        on_worker.run(task, False, f"task-{ended}-1", blob, ())
+    with pytest.raises(PackEnded) as pack:
+        on_worker.run_pack(task, False, f"task-{ended}-pack2", [f"task-{ended}-3"], [blob])
+    assert pack.value.outcomes == [(RECALLED, None)]
+    assert called == []
+    assert on_worker.run(task, False, f"task-{closing}-4", blob, ()) == 1
+    assert called == [1]
 
 
 # One worker process with one thread: packs form (worker.py), and the

@@ -17,7 +17,13 @@ cancels the others.  A worker that joins later reads the marks of step 1
 when it registers, before it takes any run (the MarksPlugin, installed on
 the first recall); one that joined before step 2 is asked in it.  `run`
 checks the marks of this process before it calls a task.  The marks of a
-session go when the runner exits (the plugin's teardown).
+session go when the runner exits (the plugin's teardown); the session is
+then remembered as ended, and no run of it starts here any more: its
+engine has closed, so a run of it that a worker is handed now was recalled
+(or is a leftover).  The recall's Client.cancel is not awaited by the
+scheduler (it travels on the client's batched stream, some milliseconds
+late), so the scheduler may still hand such a run to a worker after the
+runner has exited: without this, it would find no mark, and run.
 
 A run whose Dask task is executing here but has claimed nothing yet (its
 thread is starting, or the task has just ended) may or may not have
@@ -49,6 +55,7 @@ import traceback
 
 import cloudpickle
 import distributed
+from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from taskrunner._calls import TaskLoop, call_task
@@ -63,11 +70,16 @@ __all__ = ["COMPLETED", "FAILED", "RECALLED", "WITHHELD", "MarksPlugin", "PackEn
 
 # Dask's worker states of a run that has not started.
 _NOT_STARTED = frozenset(("waiting", "ready", "constrained", "released"))
+_CLOSING = frozenset((Status.closing, Status.closed, Status.failed))   # a worker's, as it closes
 _marks_lock = threading.Lock()
 # Keys this worker process must not run -> whether the recall that marked
 # the key was told the run may have started (see the module docstring).
 _held_back: dict = {}
 _progress: dict = {}            # pack key -> index of the last run it claimed, while it runs
+# The sessions whose marks were dropped (their runner exited), oldest first,
+# the last MAX_ENDED_SESSIONS of them: no run of theirs starts here.
+_ended_sessions: dict = {}
+MAX_ENDED_SESSIONS = 1024
 _loading = threading.local()    # the dependencies of the arguments being unpickled
 
 
@@ -124,6 +136,8 @@ def run(fn, is_async, key, blob, deps, traced=False):
     with _marks_lock:
         if key in _held_back:
             raise Recalled(key, _held_back.pop(key))
+        if _ended_sessions and _session_of(key) in _ended_sessions:
+            raise Recalled(key)
     return (_timed if traced else _call)(fn, is_async, key, blob, deps, _Seceder())
 
 
@@ -240,6 +254,9 @@ class _Pack:
                 if self.keys[i] in _held_back:
                     withheld = _held_back.pop(self.keys[i])
                     self.outcomes[i] = (WITHHELD if withheld else RECALLED, None)
+                    continue
+                if _ended_sessions and _session_of(self.keys[i]) in _ended_sessions:
+                    self.outcomes[i] = (RECALLED, None)
                     continue
                 return i
             return None
@@ -439,12 +456,23 @@ def hold_back(runs, dask_worker):
     return maybe_started
 
 
-def forget_marks(session):
-    """On a worker: drop the marks of one runner session's keys."""
+def _session_of(key):
+    """The runner session of a run key, "{task name}-{session}-{number}"."""
+    return key.rsplit("-", 2)[-2]
+
+
+def forget_marks(session, ended=True):
+    """On a worker: drop the marks of one runner session's keys; if the
+    session has `ended` (its runner exited), hold back every run of it from
+    now on (see the module docstring)."""
     tag = f"-{session}-"
     with _marks_lock:
         for key in [key for key in _held_back if tag in key]:
             del _held_back[key]
+        if ended:
+            _ended_sessions[session] = None
+            while len(_ended_sessions) > MAX_ENDED_SESSIONS:
+                del _ended_sessions[next(iter(_ended_sessions))]
 
 
 class MarksPlugin(WorkerPlugin):
@@ -463,4 +491,6 @@ class MarksPlugin(WorkerPlugin):
                 _held_back.update(dict.fromkeys(keys, False))
 
     def teardown(self, worker):
-        forget_marks(self.session)
+        # Called when the runner exits (it unregisters the plugin), and
+        # when the worker closes: only the former ends the session.
+        forget_marks(self.session, ended=worker.status not in _CLOSING)
