@@ -671,17 +671,18 @@ def test_a_worker_refuses_the_runs_of_a_runner_that_has_exited():
     # Found as a flake of test_streaming's imap-failure test on Dask: a
     # recall's Client.cancel reaches the scheduler some milliseconds late,
     # and the runner's exit had dropped the run's mark meanwhile, so the
-    # worker it was handed to ran it.  Once a runner has exited (its marks
-    # plugin torn down, not its worker closing) no run of its session
-    # starts on a worker, alone or in a pack; another session's runs do.
+    # worker it was handed to ran it.  Once a runner has exited (its exit
+    # says so, after its engine closed) no run of its session starts on a
+    # worker, alone or in a pack; a session whose marks plugin was only
+    # torn down (a worker closing, the plugin registered again) runs on.
     import uuid
 
     from taskrunner._dask import worker as on_worker
     from taskrunner._dask.worker import RECALLED, PackEnded, Recalled
 
     ended, closing = uuid.uuid4().hex, uuid.uuid4().hex
-    on_worker.forget_marks(ended)                   # the runner's exit
-    on_worker.forget_marks(closing, ended=False)    # a worker closing mid-session
+    on_worker.end_session(ended)            # the runner's exit, its engine closed
+    on_worker.forget_marks(closing)         # a plugin torn down mid-session (a worker closing)
     called = []
 
     def task(x):

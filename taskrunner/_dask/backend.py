@@ -61,6 +61,7 @@ from taskrunner._dask.worker import (
     Recalled,
     TaskRaised,
     collect_times,
+    end_session,
     hold_back,
     marks_key,
     run,
@@ -531,9 +532,12 @@ class DaskBackend(Backend):
         client = self.client
         client.set_metadata([marks_key(self.session), str(next(self.numbers))],
                             [key for _, _, key in entries])
-        if not self.marks_installed:
+        # Once a session: registering the plugin again would tear the first
+        # down on every worker, with the marks it brought.
+        with self.lock:
+            install, self.marks_installed = not self.marks_installed, True
+        if install:
             client.register_plugin(MarksPlugin(self.session))
-            self.marks_installed = True
         return client.run(hold_back, entries, on_error="return")
 
     def _collect_times(self):
@@ -559,6 +563,7 @@ class DaskBackend(Backend):
                                      state)
 
     def _forget_marks(self):
+        self.client.run(end_session, self.session, on_error="return")
         self.client.unregister_worker_plugin(marks_key(self.session))
         self.client.set_metadata([marks_key(self.session)], None)
 

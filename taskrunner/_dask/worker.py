@@ -17,8 +17,8 @@ cancels the others.  A worker that joins later reads the marks of step 1
 when it registers, before it takes any run (the MarksPlugin, installed on
 the first recall); one that joined before step 2 is asked in it.  `run`
 checks the marks of this process before it calls a task.  The marks of a
-session go when the runner exits (the plugin's teardown); the session is
-then remembered as ended, and no run of it starts here any more: its
+session go when the runner exits (end_session, then the plugin's teardown);
+the session is then remembered as ended, and no run of it starts here any more: its
 engine has closed, so a run of it that a worker is handed now was recalled
 (or is a leftover).  The recall's Client.cancel is not awaited by the
 scheduler (it travels on the client's batched stream, some milliseconds
@@ -55,7 +55,6 @@ import traceback
 
 import cloudpickle
 import distributed
-from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from taskrunner._calls import TaskLoop, call_task
@@ -65,12 +64,11 @@ from taskrunner._timer import Timer
 from taskrunner.exceptions import TaskRunnerError, run_timed_out
 
 __all__ = ["COMPLETED", "FAILED", "RECALLED", "WITHHELD", "MarksPlugin", "PackEnded", "Recalled",
-           "TaskRaised", "collect_times", "dep", "dep_item", "forget_marks", "hold_back",
+           "TaskRaised", "collect_times", "dep", "dep_item", "end_session", "forget_marks", "hold_back",
            "marks_key", "pickled_items", "run", "run_pack"]
 
 # Dask's worker states of a run that has not started.
 _NOT_STARTED = frozenset(("waiting", "ready", "constrained", "released"))
-_CLOSING = frozenset((Status.closing, Status.closed, Status.failed))   # a worker's, as it closes
 _marks_lock = threading.Lock()
 # Keys this worker process must not run -> whether the recall that marked
 # the key was told the run may have started (see the module docstring).
@@ -461,10 +459,10 @@ def _session_of(key):
     return key.rsplit("-", 2)[-2]
 
 
-def forget_marks(session, ended=True):
+def forget_marks(session, ended=False):
     """On a worker: drop the marks of one runner session's keys; if the
-    session has `ended` (its runner exited), hold back every run of it from
-    now on (see the module docstring)."""
+    session has `ended` (end_session), hold back every run of it from now
+    on (see the module docstring)."""
     tag = f"-{session}-"
     with _marks_lock:
         for key in [key for key in _held_back if tag in key]:
@@ -473,6 +471,14 @@ def forget_marks(session, ended=True):
             _ended_sessions[session] = None
             while len(_ended_sessions) > MAX_ENDED_SESSIONS:
                 del _ended_sessions[next(iter(_ended_sessions))]
+
+
+def end_session(session, dask_worker=None):
+    """On a worker, asked by the runner's exit once its engine has closed:
+    the session's marks go, and no run of it starts here from now on.
+    Only the exit says so: a plugin's teardown also comes when a worker
+    closes, or when the plugin is registered again, mid-session."""
+    forget_marks(session, ended=True)
 
 
 class MarksPlugin(WorkerPlugin):
@@ -491,6 +497,4 @@ class MarksPlugin(WorkerPlugin):
                 _held_back.update(dict.fromkeys(keys, False))
 
     def teardown(self, worker):
-        # Called when the runner exits (it unregisters the plugin), and
-        # when the worker closes: only the former ends the session.
-        forget_marks(self.session, ended=worker.status not in _CLOSING)
+        forget_marks(self.session)
