@@ -691,12 +691,13 @@ def test_a_worker_refuses_the_runs_of_a_runner_that_has_exited():
 
     blob = pickle.dumps(((1,), None))
     with pytest.raises(Recalled):
-        on_worker.run(task, False, f"task-{ended}-1", blob, ())
+        on_worker.run(task, False, on_worker.run_key("task", ended, 1), blob, ())
     with pytest.raises(PackEnded) as pack:
-        on_worker.run_pack(task, False, f"task-{ended}-pack2", [f"task-{ended}-3"], [blob])
+        on_worker.run_pack(task, False, on_worker.run_key("task", ended, "pack2"),
+                           [on_worker.run_key("task", ended, 3)], [blob])
     assert pack.value.outcomes == [(RECALLED, None)]
     assert called == []
-    assert on_worker.run(task, False, f"task-{closing}-4", blob, ()) == 1
+    assert on_worker.run(task, False, on_worker.run_key("task", closing, 4), blob, ()) == 1
     assert called == [1]
 
 

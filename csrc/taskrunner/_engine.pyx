@@ -482,34 +482,26 @@ cdef class Engine(EngineBase):
         cdef Graph graph = self.graph
         cdef RunVec out = RunVec(NULL, 0, 0)
         cdef Py_ssize_t i
-        cdef int32_t run = 0, cause
+        cdef int32_t run, cause
         cdef bint outside = False, oom = False
         cdef uint8_t lim = <uint8_t>block.spec.lim
+        # Items that wait for nothing go READY as they are added; the others
+        # are added held, get their edges, and are released together.
+        cdef bint ready_now = not shared.len and not lim and not self._cancel_new
         if self.trace is not None:
             self.trace.add_item_edges(self, block, lo, hi, shared)
         self._lock_open()
-        if not shared.len and not lim and not self._cancel_new:
-            # Items that wait for nothing go READY as they are added.
-            for i in range(lo, hi):
-                run = graph.add_ready_run_locked(item_payload(block, i))
-                if run < 0:
-                    break
-                block.item_added(i, run)
-            block.hold_while_pending()
-            if run < 0:
-                for i in range(lo, block.registered):
-                    graph.cancel_locked(block.runs[i], &out)
-            graph.ready_added_locked()
-            self.unlock_and_settle(&out)
-            if run < 0:
-                raise MemoryError("the scheduler cannot hold this many runs")
-            return 0
         for i in range(lo, hi):
-            run = graph.add_run_locked(item_payload(block, i), 0, lim)
+            if ready_now:
+                run = graph.add_ready_run_locked(item_payload(block, i))
+            else:
+                run = graph.add_run_locked(item_payload(block, i), 0, lim)
             if run < 0:
                 oom = True
                 break
             block.item_added(i, run)
+            if ready_now:
+                continue
             cause = -1
             if shared.len:
                 cause = self._add_edges_locked(run, shared.items, shared.len, -1, &outside)
@@ -518,8 +510,14 @@ cdef class Engine(EngineBase):
                 break
             graph.runs[run].cause = cause     # kept until the release below
         block.hold_while_pending()
-        graph.release_added_locked(block.runs + lo, block.registered - lo,
-                                   oom or self._cancel_new, &out)
+        if ready_now:
+            if oom:
+                for i in range(lo, block.registered):
+                    graph.cancel_locked(block.runs[i], &out)
+            graph.ready_added_locked()
+        else:
+            graph.release_added_locked(block.runs + lo, block.registered - lo,
+                                       oom or self._cancel_new, &out)
         self.unlock_and_settle(&out)
         if oom:
             raise MemoryError("the scheduler cannot hold this many runs or edges")

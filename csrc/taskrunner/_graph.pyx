@@ -447,28 +447,6 @@ cdef class Graph:
             self._demand()
         return run
 
-    cdef int32_t _pop_ready(self, void** payload) noexcept nogil:
-        # take_locked() but for waking the next consumer.
-        cdef int32_t run
-        if self.closed:
-            return TAKE_CLOSED
-        while self._can_take():
-            run = self.ring[self.ring_head]
-            self.ring_head = (self.ring_head + 1) & self.ring_mask
-            self.ring_len -= 1
-            self.runs[run].flags &= ~F_QUEUED
-            if self.runs[run].state != READY:
-                self._maybe_free(run)       # cancelled while queued
-                continue
-            if self.runs[run].lim and not self._limits_take(run):
-                continue                    # parked until its limit has room
-            self.runs[run].state = RUNNING
-            self.n_ready -= 1
-            self.n_running += 1
-            payload[0] = self.payloads[run]
-            return run
-        return TAKE_NONE
-
     cdef int wait_work(self, double deadline) noexcept nogil:
         """Block until a run could be taken (1), the deadline passes (0) or
         the graph closes (-1), taking none: a consumer elsewhere then takes
@@ -499,7 +477,6 @@ cdef class Graph:
         critical section on: until the consumer marks them sent, cancelling
         one is done here; after, only the consumer can take it back."""
         cdef int32_t n = 0, run
-        cdef Run* r
         self.lock()
         run = self._take_waiting_locked(payloads, deadline)
         if run < 0:
@@ -510,21 +487,6 @@ cdef class Graph:
             n += 1
             if n == max_n:
                 break
-            # _pop_ready(), inline for the common entry: a READY run of no
-            # limit at the head of the ring (a map's items, thousands a take).
-            if not self._can_take():
-                break
-            run = self.ring[self.ring_head]
-            r = &self.runs[run]
-            if r.state == READY and not r.lim:
-                self.ring_head = (self.ring_head + 1) & self.ring_mask
-                self.ring_len -= 1
-                r.flags &= ~F_QUEUED
-                r.state = RUNNING
-                self.n_ready -= 1
-                self.n_running += 1
-                payloads[n] = self.payloads[run]
-                continue
             run = self._pop_ready(&payloads[n])
             if run < 0:
                 break

@@ -65,6 +65,7 @@ from taskrunner._dask.worker import (
     hold_back,
     marks_key,
     run,
+    run_key,
     run_pack,
     sent_function,
 )
@@ -170,8 +171,8 @@ class DaskBackend(Backend):
 
     def stop(self):
         """After the engine closed: stop the watcher, fetch the results
-        still held, drop the marks, close the client (and the cluster if
-        ours)."""
+        still held, end the session on the workers, close the client (and
+        the cluster if ours)."""
         with self.lock:
             self.closing = True
             self.changed.notify_all()
@@ -187,7 +188,7 @@ class DaskBackend(Backend):
             if self.marks_installed and self.client.status == "running":
                 # Bounded, as the marks were: a lost scheduler must not hold
                 # the exit (the marks then go with the workers).
-                within(HOLD_BACK_SECONDS, self._forget_marks)
+                within(HOLD_BACK_SECONDS, self._end_session)
         except TimeoutError:
             _log.warning("the Dask workers did not answer within %s s on exit",
                          HOLD_BACK_SECONDS)
@@ -228,7 +229,7 @@ class DaskBackend(Backend):
             for sent, (spec, _, _) in zip(sents, calls):
                 if self.placed.get(sent.runs.run_ids()[0]) is sent:
                     sent.name = spec.name
-                    sent.key = f"{spec.name}-{self.session}-{next(self.numbers)}"
+                    sent.key = run_key(spec.name, self.session, next(self.numbers))
                     self.keys[sent.key] = sent
         todo = [(sent, call) for sent, call in zip(sents, calls) if sent.key is not None]
         if self.trace is not None:
@@ -298,7 +299,7 @@ class DaskBackend(Backend):
                 self.tasks[calls[i].sent.key] = (calls[i].sent,)
             else:
                 pack = calls[i:j]
-                key = f"{pack[0].spec.name}-{self.session}-pack{next(self.numbers)}"
+                key = run_key(pack[0].spec.name, self.session, f"pack{next(self.numbers)}")
                 for index, call in enumerate(pack):
                     call.sent.task_key, call.sent.index = key, index
                 self.tasks[key] = tuple(call.sent for call in pack)
@@ -562,7 +563,7 @@ class DaskBackend(Backend):
                 self.trace.add_keyed(found[0], found[1], track, start - offset, end - offset,
                                      state)
 
-    def _forget_marks(self):
+    def _end_session(self):
         self.client.run(end_session, self.session, on_error="return")
         self.client.unregister_worker_plugin(marks_key(self.session))
         self.client.set_metadata([marks_key(self.session)], None)

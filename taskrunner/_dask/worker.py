@@ -65,7 +65,7 @@ from taskrunner.exceptions import TaskRunnerError, run_timed_out
 
 __all__ = ["COMPLETED", "FAILED", "RECALLED", "WITHHELD", "MarksPlugin", "PackEnded", "Recalled",
            "TaskRaised", "collect_times", "dep", "dep_item", "end_session", "forget_marks", "hold_back",
-           "marks_key", "pickled_items", "run", "run_pack"]
+           "marks_key", "pickled_items", "run", "run_key", "run_pack"]
 
 # Dask's worker states of a run that has not started.
 _NOT_STARTED = frozenset(("waiting", "ready", "constrained", "released"))
@@ -74,8 +74,8 @@ _marks_lock = threading.Lock()
 # the key was told the run may have started (see the module docstring).
 _held_back: dict = {}
 _progress: dict = {}            # pack key -> index of the last run it claimed, while it runs
-# The sessions whose marks were dropped (their runner exited), oldest first,
-# the last MAX_ENDED_SESSIONS of them: no run of theirs starts here.
+# The sessions whose runner exited (end_session), oldest first, the last
+# MAX_ENDED_SESSIONS of them: no run of theirs starts here.
 _ended_sessions: dict = {}
 MAX_ENDED_SESSIONS = 1024
 _loading = threading.local()    # the dependencies of the arguments being unpickled
@@ -454,31 +454,35 @@ def hold_back(runs, dask_worker):
     return maybe_started
 
 
+def run_key(name, session, number):
+    """The Dask key of a run (or, with number "pack<n>", of a pack) of task
+    `name` in a runner session."""
+    return f"{name}-{session}-{number}"
+
+
 def _session_of(key):
-    """The runner session of a run key, "{task name}-{session}-{number}"."""
+    """The session of a run_key()."""
     return key.rsplit("-", 2)[-2]
 
 
-def forget_marks(session, ended=False):
-    """On a worker: drop the marks of one runner session's keys; if the
-    session has `ended` (end_session), hold back every run of it from now
-    on (see the module docstring)."""
+def forget_marks(session):
+    """On a worker: drop the marks of one runner session's keys."""
     tag = f"-{session}-"
     with _marks_lock:
         for key in [key for key in _held_back if tag in key]:
             del _held_back[key]
-        if ended:
-            _ended_sessions[session] = None
-            while len(_ended_sessions) > MAX_ENDED_SESSIONS:
-                del _ended_sessions[next(iter(_ended_sessions))]
 
 
-def end_session(session, dask_worker=None):
+def end_session(session):
     """On a worker, asked by the runner's exit once its engine has closed:
     the session's marks go, and no run of it starts here from now on.
-    Only the exit says so: a plugin's teardown also comes when a worker
-    closes, or when the plugin is registered again, mid-session."""
-    forget_marks(session, ended=True)
+    Only the exit says so: the marks plugin's teardown also comes when a
+    worker closes, or when the plugin is registered again, mid-session."""
+    forget_marks(session)
+    with _marks_lock:
+        _ended_sessions[session] = None
+        while len(_ended_sessions) > MAX_ENDED_SESSIONS:
+            del _ended_sessions[next(iter(_ended_sessions))]
 
 
 class MarksPlugin(WorkerPlugin):
