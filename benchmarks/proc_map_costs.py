@@ -24,35 +24,33 @@ from _ab import run_in_tree
 ITEMS = 1_000_000
 
 ROUND = """
-import os, resource, statistics, sys, threading, time
+import os, resource, statistics, sys, time
+sys.path.insert(0, {here!r})
+from proc_cpu_parent import thread_cpu
 from taskrunner.bench import square
 ITEMS, MAPS, KIND = {items}, {maps}, {kind!r}
 
-def proc_stat(pid, tid=None):
-    path = f"/proc/{{pid}}/task/{{tid}}/stat" if tid else f"/proc/{{pid}}/stat"
-    with open(path) as f:
+def proc_stat(pid):
+    with open(f"/proc/{{pid}}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
     return int(fields[7]), (int(fields[11]) + int(fields[12])) / ticks   # minflt, CPU s
 
-def threads():
-    return {{t.name: proc_stat(os.getpid(), t.native_id)[1] for t in threading.enumerate()}}
-
 def measure(run_map, workers):
     run_map(10_000)
     pids = [os.getpid()] + workers()
-    before, usage, thread_cpu = [proc_stat(p) for p in pids], resource.getrusage(0), threads()
+    before, usage, threads = [proc_stat(p) for p in pids], resource.getrusage(0), thread_cpu()
     walls = []
     for _ in range(MAPS):
         start = time.perf_counter()
         run_map(ITEMS)
         walls.append(time.perf_counter() - start)
-    after, usage2, thread_cpu2 = [proc_stat(p) for p in pids], resource.getrusage(0), threads()
+    after, usage2, threads2 = [proc_stat(p) for p in pids], resource.getrusage(0), thread_cpu()
     parent = (usage2.ru_utime + usage2.ru_stime - usage.ru_utime - usage.ru_stime) / MAPS
     workers_cpu = sum(a[1] - b[1] for a, b in zip(after[1:], before[1:])) / MAPS
     faults = [(a[0] - b[0]) // MAPS for a, b in zip(after, before)]
-    by_thread = {{name: (cpu - thread_cpu.get(name, 0.0)) / MAPS
-                  for name, cpu in thread_cpu2.items()}}
+    by_thread = {{name: (cpu - threads.get(name, 0.0)) / MAPS
+                  for name, cpu in threads2.items()}}
     print(repr((statistics.median(walls), parent, workers_cpu, faults, by_thread)))
 
 if KIND == "pool":
@@ -69,7 +67,8 @@ else:
 
 
 def one_round(tree, kind, maps):
-    out = run_in_tree(tree, ROUND.format(items=ITEMS, maps=maps, kind=kind), "costs_round")
+    out = run_in_tree(tree, ROUND.format(items=ITEMS, maps=maps, kind=kind,
+                                       here=os.path.dirname(os.path.abspath(__file__))), "costs_round")
     return eval(out.strip().splitlines()[-1])   # noqa: S307 (our own child's repr)
 
 
